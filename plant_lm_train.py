@@ -305,6 +305,7 @@ def read_fasta(path, block_size=1 << 22):
 class Chunk:
     key: tuple  # (species, file, record_index, segment_start, chunk_index): the chunk's stable identity
     n_tokens: int
+    record_id: str = ""
     tokens: np.ndarray = None  # uint16 6-mer ids
     repeat: np.ndarray = None  # bool per token: at least 3 of its 6 bases soft-masked (lowercase)
 
@@ -331,6 +332,7 @@ def chunk_file(path, species, file_label, cfg, wanted=None, stats=None):
     buffer = np.empty(cfg.chunk_size, dtype=np.uint8)
     fill = 0
     record_index = segment_start = chunk_index = 0
+    record_id = ""
     in_segment = False  # does the last base read continue an A/C/G/T run?
 
     def emit():
@@ -346,7 +348,7 @@ def chunk_file(path, species, file_label, cfg, wanted=None, stats=None):
         key = (species, file_label, record_index, segment_start, chunk_index)
         chunk_index += 1
         fill = 0
-        chunk = Chunk(key=key, n_tokens=usable // KMER)
+        chunk = Chunk(key=key, n_tokens=usable // KMER, record_id=record_id)
         if wanted is None or key in wanted:
             codes = buffer[:usable]
             chunk.tokens = tokenize(codes)
@@ -355,12 +357,12 @@ def chunk_file(path, species, file_label, cfg, wanted=None, stats=None):
 
     position = 0  # offset of the current piece within its record
     current_record = -1
-    for rec_index, _, piece in read_fasta(path):
+    for rec_index, rec_id, piece in read_fasta(path):
         if rec_index != current_record:
             if in_segment and (chunk := emit()):
                 yield chunk
             in_segment = False
-            current_record, record_index, position = rec_index, rec_index, 0
+            current_record, record_index, record_id, position = rec_index, rec_index, rec_id, 0
             stats.records += 1
         codes = BYTE_CODES[np.frombuffer(piece, dtype=np.uint8)]
         segments = acgt_segments(codes)
@@ -681,3 +683,866 @@ def load_validation(index, cfg):
     tokens = torch.from_numpy(np.concatenate([windows[k] for k in keys]).astype(np.int64))
     ids = torch.from_numpy(np.concatenate([np.full(len(windows[k]), species[k]) for k in keys]))
     return tokens, ids
+
+
+# ----------------------------------------------------------------------------- model
+
+def rotary_tables(n_positions, head_dim, device=None):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(n_positions, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate pairs of channels of x [B, H, T, D] by position: attention scores then depend on relative offsets."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+def local_window_mask(q_index, kv_index, window):
+    """Causal sliding window: query i sees keys j with i - window < j <= i, exactly `window` keys with itself."""
+    offset = q_index - kv_index
+    return (offset >= 0) & (offset < window)
+
+
+def flex_local_attention(q, k, v, block_mask):
+    from torch.nn.attention.flex_attention import flex_attention
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+class BucketAttention(nn.Module):
+    """Local sliding-window self-attention plus global attention over the bucket memory.
+
+    The memory's keys and values are projections of the bucket matrix (one row per 6-mer, a running average of
+    the model's own hidden states over the last ~global_context tokens). The local and global outputs are each
+    normalized over their own keys and summed with a learned per-head gate that starts at 0, so training starts
+    as a plain local model and opens the memory path as it proves useful.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        if cfg.use_global_memory:
+            self.memory_kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+            self.memory_gate = nn.Parameter(torch.zeros(cfg.n_heads))
+
+    def forward(self, x, rotary, local_mask, memory):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        cos, sin = rotary
+        local_q, local_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if isinstance(local_mask, torch.Tensor):
+            y = F.scaled_dot_product_attention(local_q, local_k, v, attn_mask=local_mask)
+        else:
+            y = flex_local_attention(local_q, local_k, v, local_mask)
+        if memory is not None:
+            # every query of the batch attends to the same 4096 memory rows: fold the batch into the sequence axis
+            memory_k, memory_v = self.memory_kv(memory).view(-1, 2, self.n_heads, self.head_dim).permute(1, 2, 0, 3)
+            global_q = q.transpose(0, 1).reshape(1, self.n_heads, B * T, self.head_dim)
+            global_y = F.scaled_dot_product_attention(global_q, memory_k[None], memory_v[None])
+            global_y = global_y.view(self.n_heads, B, T, self.head_dim).transpose(0, 1)
+            y = y + self.memory_gate.view(1, -1, 1, 1).to(y.dtype) * global_y
+        return self.dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(cfg.d_model)
+        self.attn = BucketAttention(cfg)
+        self.ln_mlp = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rotary, local_mask, memory):
+        x = x + self.attn(self.ln_attn(x), rotary, local_mask, memory)
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class PlantLM(nn.Module):
+    """Causal next-6-mer model: token + species embeddings, rotary local attention, a global bucket memory."""
+
+    def __init__(self, cfg, n_species, attention_kernel="sdpa"):
+        super().__init__()
+        self.cfg, self.attention_kernel = cfg, attention_kernel
+        self.token_embedding = nn.Embedding(VOCAB_SIZE, cfg.d_model)
+        self.species_embedding = nn.Embedding(n_species, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.ln_final = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, VOCAB_SIZE, bias=False)
+        self.head.weight = self.token_embedding.weight  # tied, as in GPT-2
+        cos, sin = rotary_tables(cfg.context_size, cfg.d_model // cfg.n_heads)
+        self.register_buffer("rotary_cos", cos, persistent=False)
+        self.register_buffer("rotary_sin", sin, persistent=False)
+        # The bucket memory: row b is the running mean of final hidden states at tokens with id b; its weight is
+        # the decayed count of those observations. Both are state, not parameters: saved, never trained.
+        self.register_buffer("bucket_memory", torch.zeros(cfg.n_buckets, cfg.d_model))
+        self.register_buffer("bucket_weight", torch.zeros(cfg.n_buckets))
+        self._block_masks = {}
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):  # GPT-2: residual projections scaled by depth
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def local_mask(self, T, device):
+        """The local attention mask, built once per (length, device) and shared by every layer."""
+        key = (T, str(device), self.attention_kernel)
+        if key not in self._block_masks:
+            window = self.cfg.local_attn_window
+            if self.attention_kernel == "flex":
+                from torch.nn.attention.flex_attention import create_block_mask
+                self._block_masks[key] = create_block_mask(
+                    lambda b, h, q, kv: local_window_mask(q, kv, window), None, None, T, T, device=device)
+            else:
+                index = torch.arange(T, device=device)
+                self._block_masks[key] = local_window_mask(index[:, None], index[None, :], window)
+        return self._block_masks[key]
+
+    def forward(self, tokens, species, targets=None):
+        """Logits [B, T, V] (or the mean fp32 cross-entropy when targets are given) and the final hidden states."""
+        B, T = tokens.shape
+        x = self.dropout(self.token_embedding(tokens) + self.species_embedding(species)[:, None, :])
+        rotary = (self.rotary_cos[:T], self.rotary_sin[:T])
+        mask = self.local_mask(T, tokens.device)
+        memory = self.bucket_memory if self.cfg.use_global_memory else None
+        for block in self.blocks:
+            x = block(x, rotary, mask, memory)
+        hidden = self.ln_final(x)
+        logits = self.head(hidden)
+        if targets is None:
+            return logits, hidden.detach()
+        loss = F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), targets.reshape(-1))
+        return loss, hidden.detach()
+
+    @torch.no_grad()
+    def bucket_observations(self, tokens, hidden):
+        """Per-bucket sums of hidden states and counts for one micro-batch: [n_buckets, d_model + 1] fp32."""
+        flat = tokens.reshape(-1)
+        stats = torch.zeros(self.cfg.n_buckets, self.cfg.d_model + 1, device=hidden.device)
+        stats[:, :-1].index_add_(0, flat, hidden.reshape(-1, hidden.shape[-1]).float())
+        stats[:, -1].index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+        return stats
+
+    @torch.no_grad()
+    def update_bucket_memory(self, observations, step):
+        """Fold one optimizer step's observations (summed over micro-batches and ranks) into the memory.
+
+        With n tokens observed this step and decay = exp(-n / global_context):
+            weight_b <- decay * weight_b + count_b
+            memory_b <- memory_b + (sum_b - count_b * memory_b) / weight_b     (rows with count_b > 0)
+        i.e. memory_b is the mean of its observations, each weighted by exp(-tokens seen since / global_context):
+        an observation counts 1/e as much as a new one after global_context tokens. Every bucket_norm_every
+        steps the rows are rescaled to unit RMS, since means of disagreeing vectors shrink over time.
+        """
+        sums, counts = observations[:, :-1], observations[:, -1]
+        decay = torch.exp(-counts.sum() / self.cfg.global_context)
+        self.bucket_weight.mul_(decay).add_(counts)
+        rate = torch.where(counts > 0, 1.0 / self.bucket_weight.clamp_min(1e-30), torch.zeros_like(counts))
+        self.bucket_memory.add_((sums - counts[:, None] * self.bucket_memory) * rate[:, None])
+        if step % self.cfg.bucket_norm_every == 0:
+            rms = self.bucket_memory.pow(2).mean(dim=1, keepdim=True).sqrt()
+            self.bucket_memory.div_(torch.where(rms > 0, rms, torch.ones_like(rms)))
+
+    def flops_per_step(self, n_tokens, batch_forwards):
+        """Real training FLOPs (forward + backward = 3x forward) for n_tokens in batch_forwards forward calls."""
+        cfg = self.cfg
+        d, L, T, W = cfg.d_model, cfg.n_layers, cfg.context_size, cfg.local_attn_window
+        keys_per_query = sum(min(i + 1, W) for i in range(T)) / T
+        per_token = L * (24 * d * d + 4 * keys_per_query * d) + 2 * d * VOCAB_SIZE
+        per_forward = 0
+        if cfg.use_global_memory:
+            per_token += L * 4 * cfg.n_buckets * d
+            per_forward = L * 2 * cfg.n_buckets * d * 2 * d
+        return 3 * (per_token * n_tokens + per_forward * batch_forwards)
+
+
+# ----------------------------------------------------------------------------- training
+
+BITS_PER_NAT_PER_BASE = 1 / (KMER * math.log(2))  # nats per 6-mer token -> bits per base
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+                   ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+                   ("RTX 4090", 165e12), ("V100", 125e12)]  # dense bf16 (fp16 on V100), from the datasheets
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+@dataclass
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def setup_distributed():
+    """torchrun's environment -> process group: NCCL on GPUs, gloo on the CPU."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if world_size < 1:
+        raise ValueError(f"WORLD_SIZE = {world_size}: must be >= 1")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return Runtime(rank, local_rank, world_size, device)
+
+
+def precision_settings(cfg, device):
+    """(autocast dtype or None, whether a GradScaler is needed)."""
+    wanted = cfg.precision
+    if wanted == "auto":
+        wanted = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if wanted == "fp16" and device.type != "cuda":
+        raise ValueError("Config.precision = 'fp16' needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[wanted], wanted == "fp16"
+
+
+def lr_at(step, cfg, total_steps):
+    """Linear warm-up, then cosine decay to learning_rate * min_lr_ratio at total_steps."""
+    warmup = min(cfg.warmup_steps, max(1, total_steps // 10))
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_optimizer(model, cfg, device):
+    """AdamW; no weight decay on embeddings, norms, biases or gates (anything not a weight matrix)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and "embedding" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def host_rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def gpu_state(device):
+    """Utilization, temperature and power through NVML, where it is installed."""
+    if device.type != "cuda":
+        return {}
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index)
+        return {"gpu_util": pynvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+                "gpu_temp_c": pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
+                "gpu_power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000}
+    except Exception:  # no NVML: the memory figures still come from torch
+        return {}
+
+
+def versions(device):
+    info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "cuda": torch.version.cuda, "host": platform.node()}
+    if device.type == "cuda":
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+class RunLog:
+    """Rank 0's record of a run: logs/training_TIMESTAMP.log, logs/metrics_TIMESTAMP.jsonl, a loss curve and wandb."""
+
+    def __init__(self, cfg, rt):
+        self.enabled = rt.is_main
+        self.history = {"train": [], "val": []}
+        self.wandb = None
+        if not self.enabled:
+            return
+        os.makedirs(cfg.log_dir, exist_ok=True)
+        stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+        self.log_path = os.path.join(cfg.log_dir, f"training_{stamp}.log")
+        self.metrics_path = os.path.join(cfg.log_dir, f"metrics_{stamp}.jsonl")
+        self.plot_path = os.path.join(cfg.log_dir, f"loss_{stamp}.png")
+        self.log_file = open(self.log_path, "a", buffering=1)
+        self.metrics_file = open(self.metrics_path, "a", buffering=1)
+
+    def info(self, message):
+        if self.enabled:
+            from tqdm import tqdm
+            tqdm.write(message)
+            self.log_file.write(f"{datetime.datetime.now().isoformat(timespec='seconds')} {message}\n")
+
+    def metrics(self, record):
+        if not self.enabled:
+            return
+        self.metrics_file.write(json.dumps(record) + "\n")
+        if "val_bits_per_base" in record:
+            self.history["val"].append((record["step"], record["val_bits_per_base"]))
+            self.plot()
+        elif "bits_per_base" in record:
+            self.history["train"].append((record["step"], record["bits_per_base"]))
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def start_wandb(self, cfg):
+        """Online when credentials exist; otherwise offline with one warning. Never prompts for a login."""
+        mode = os.environ.get("WANDB_MODE", "online").lower()
+        if not self.enabled or mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            self.info("warning: wandb is not installed; metrics go to the jsonl log only")
+            return
+        if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
+            self.info("warning: WANDB_MODE=online but no wandb credentials (WANDB_API_KEY or ~/.netrc); logging offline")
+            mode = "offline"
+        config = {k: v for k, v in dataclasses.asdict(cfg).items()}
+        try:
+            self.wandb = wandb.init(project=cfg.wandb_project, config=config, mode=mode,
+                                    settings=wandb.Settings(init_timeout=60, silent=True))
+        except Exception as e:
+            self.info(f"warning: wandb online start failed ({type(e).__name__}); logging offline")
+            self.wandb = wandb.init(project=cfg.wandb_project, config=config, mode="offline",
+                                    settings=wandb.Settings(silent=True))
+
+    def plot(self):
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for split, style in (("train", "-"), ("val", "o-")):
+            if self.history[split]:
+                steps, values = zip(*self.history[split])
+                ax.plot(steps, values, style, label=split, markersize=3)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("bits per base")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.plot_path + ".tmp.png", dpi=100)
+        plt.close(fig)
+        os.replace(self.plot_path + ".tmp.png", self.plot_path)
+
+    def close(self):
+        if self.enabled:
+            if self.wandb is not None:
+                self.wandb.finish()
+            self.log_file.close()
+            self.metrics_file.close()
+
+
+def _netrc_has_wandb():
+    path = os.path.expanduser("~/.netrc")
+    return os.path.exists(path) and "api.wandb.ai" in open(path, errors="ignore").read()
+
+
+ARCHITECTURE_FIELDS = ("d_model", "n_layers", "n_heads", "context_size", "local_attn_window", "n_buckets",
+                       "use_global_memory")
+
+
+def save_checkpoint(path, payload):
+    """Write to a temporary file in the same directory, fsync, then rename: a checkpoint exists only when whole."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    for name, tensor in payload["model_state_dict"].items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise RuntimeError(f"refusing to write {path}: {name} holds non-finite values")
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint is kept") from e
+
+
+def load_checkpoint(path):
+    """Load with weights_only=True: a checkpoint holds tensors and plain containers only, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a loadable Plant LM checkpoint ({type(e).__name__}: {str(e)[:300]})") from e
+
+
+def find_latest_checkpoint(folder, warn=print):
+    """The complete checkpoint with the most optimizer steps; temporary and unreadable files are passed over."""
+    if not os.path.isdir(folder):
+        return None
+    best = None
+    for name in sorted(os.listdir(folder)):
+        if not (name.startswith("model_") and name.endswith(".pt")):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+        except Exception as e:
+            warn(f"warning: {path}: unreadable checkpoint ({type(e).__name__}); passed over")
+            continue
+        if best is None or step > best[0]:
+            best = (step, path)
+    return best and best[1]
+
+
+def check_compatible(saved_config, cfg, saved_species, species, path):
+    diffs = [f"{k}: checkpoint {saved_config.get(k)!r} vs now {getattr(cfg, k)!r}"
+             for k in ARCHITECTURE_FIELDS if saved_config.get(k) != getattr(cfg, k)]
+    if saved_species != species:
+        diffs.append(f"species: checkpoint {saved_species} vs data now {species}")
+    if diffs:
+        raise ValueError(f"{path} does not match this run's model; differing fields:\n  " + "\n  ".join(diffs) +
+                         "\nSet the Config fields back, or start fresh with --resume=none (or RESUME=none).")
+
+
+def rng_states(device):
+    states = {"python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+              "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states, device):
+    random.setstate((states["python_version"], tuple(states["python"]), None))
+    np.random.set_state(("MT19937", states["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+@torch.no_grad()
+def evaluate(model, tokens, species, cfg, rt, autocast_dtype):
+    """Mean loss (nats/token) over the fixed validation windows; every rank scores its share, then all-reduce.
+
+    `model` is the bare (or compiled) module, not the DDP wrapper, so a rank with fewer rows joins no collective
+    but the final sum. Batches keep the training micro-batch shape, so compiled graphs are reused; padding rows
+    are ignored through the -100 target.
+    """
+    was_training = model.training
+    model.eval()
+    mine = torch.arange(rt.rank, len(tokens), rt.world_size)
+    total = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    for start in range(0, len(mine), cfg.batch_size):
+        rows = mine[start:start + cfg.batch_size]
+        valid = len(rows)
+        rows = torch.cat([rows, rows[:1].expand(cfg.batch_size - valid)])
+        batch = tokens[rows].to(rt.device)
+        targets = batch[:, 1:].clone()
+        targets[valid:] = -100
+        with torch.autocast(rt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss, _ = model(batch[:, :-1], species[rows].to(rt.device), targets)
+        n_targets = valid * cfg.context_size
+        total += torch.stack([loss.double() * n_targets, torch.full((), n_targets, device=rt.device).double()])
+    if rt.distributed:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1].clamp_min(1)).item()
+
+
+def data_summary(index, cfg):
+    lines = [f"species map (id: name, weight): " +
+             ", ".join(f"{i}: {s} ({w:g})" for i, (s, w) in enumerate(zip(index.species, index.weights)))]
+    for name in index.species:
+        st = index.stats[name]
+        train = [c for c in index.train if c.key[0] == name]
+        val = [c for c in index.val if c.key[0] == name]
+        lines.append(f"  {name}: {len(index.files[name])} file(s), {st.records} record(s), {st.bases:,} bases read, "
+                     f"{st.non_acgt:,} non-ACGT removed, {st.dropped_short:,} in too-short pieces dropped; "
+                     f"chunks {len(train)} train / {len(val)} val; windows {index.windows(train, cfg):,} train / "
+                     f"{index.windows(val, cfg):,} val")
+    for path, reason in index.skipped:
+        lines.append(f"  skipped {path}: {reason}")
+    return "\n".join(lines)
+
+
+def steps_per_epoch(index, cfg, world_size):
+    """An epoch draws as many windows as the training split holds (species-weighted), in whole optimizer steps."""
+    samples_per_step = cfg.batch_size * cfg.accumulation_steps * world_size
+    return max(1, index.windows(index.train, cfg) // samples_per_step)
+
+
+def train(cfg, build_model=None):
+    """Train on cfg.data_dir under torchrun (or as one plain process); returns the last validation loss."""
+    cfg.validate()
+    rt = setup_distributed()
+    log = RunLog(cfg, rt)
+    warn = log.info if rt.is_main else (lambda message: None)
+    torch.manual_seed(cfg.seed + rt.rank)
+    random.seed(cfg.seed + rt.rank)
+    np.random.seed(cfg.seed + rt.rank)
+    autocast_dtype, use_scaler = precision_settings(cfg, rt.device)
+    if rt.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        warn(f"no GPU found: training on the CPU with {rt.world_size} process(es) (gloo). This is slow; the progress "
+             f"bar's ETA is the real estimate. Use a smaller model (--d_model=128 --n_layers=2) to try things out.")
+
+    index = scan_genomes(cfg, warn=warn, progress=rt.is_main)
+    val_tokens, val_species = load_validation(index, cfg)
+    per_epoch = steps_per_epoch(index, cfg, rt.world_size)
+    total_steps = per_epoch * cfg.n_epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.n_epochs)
+
+    kernel = "flex" if rt.device.type == "cuda" and cfg.compile else "sdpa"
+    model = (build_model or PlantLM)(cfg, len(index.species), attention_kernel=kernel).to(rt.device)
+    optimizer = build_optimizer(model, cfg, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=use_scaler)
+    step, best_val = 0, float("inf")
+
+    resume = os.environ.get("RESUME", cfg.resume)
+    path = find_latest_checkpoint(cfg.checkpoint_dir, warn) if resume == "auto" else (None if resume == "none" else resume)
+    if path:
+        ckpt = load_checkpoint(path)
+        check_compatible(ckpt["config"], cfg, ckpt["species"], index.species, path)
+        model.load_state_dict(ckpt["model_state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+        scaler.load_state_dict(ckpt["scaler_state_dict"])
+        step, best_val = ckpt["step"], ckpt["best_val_loss"]
+        if ckpt["steps_per_epoch"] != per_epoch or ckpt["world_size"] != rt.world_size:
+            warn(f"warning: {path} was written with {ckpt['world_size']} rank(s) and {ckpt['steps_per_epoch']} "
+                 f"steps/epoch, now {rt.world_size} and {per_epoch}: the data order will not replay exactly")
+        elif rt.rank < len(ckpt["rng_states"]):
+            restore_rng_states(ckpt["rng_states"][rt.rank], rt.device)
+        warn(f"resumed from {path} at step {step}")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    effective = cfg.batch_size * cfg.accumulation_steps * rt.world_size
+    warn(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    warn(f"versions: {json.dumps(versions(rt.device))}")
+    warn(data_summary(index, cfg))
+    warn(f"model: {n_params:,} parameters ({n_params / 1e6:.1f}M), attention kernel {kernel}, "
+         f"precision {autocast_dtype or torch.float32}")
+    warn(f"effective batch: {cfg.batch_size} x {cfg.accumulation_steps} accumulation x {rt.world_size} rank(s) = "
+         f"{effective} windows = {effective * cfg.context_size:,} tokens per optimizer step; {per_epoch} steps per "
+         f"epoch, {total_steps} steps in all; {len(val_tokens)} validation windows")
+    log.start_wandb(cfg)
+
+    raw_model = model
+    forward_model = torch.compile(model) if cfg.compile and rt.device.type == "cuda" else model
+    ddp_model = forward_model
+    if rt.distributed:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            forward_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+            broadcast_buffers=False)  # the bucket memory is kept equal by its own all-reduce
+    micro_per_epoch = per_epoch * cfg.accumulation_steps
+    stream = GenomeStream(index, cfg, rt.rank, rt.world_size, micro_per_epoch, start_micro_batch=step * cfg.accumulation_steps)
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
+                        persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers else None)
+    batches = iter(loader)
+    peak = peak_flops(rt.device)
+    flops_per_step = raw_model.flops_per_step(effective * cfg.context_size, cfg.accumulation_steps * rt.world_size)
+
+    def save(name, epoch):
+        states = rng_states(rt.device)
+        all_states = [None] * rt.world_size
+        if rt.distributed:
+            dist.all_gather_object(all_states, states)
+        else:
+            all_states = [states]
+        if rt.is_main:
+            payload = {"model_state_dict": raw_model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+                       "scaler_state_dict": scaler.state_dict(), "epoch": epoch, "step": step,
+                       "config": dataclasses.asdict(cfg), "species": index.species, "steps_per_epoch": per_epoch,
+                       "world_size": rt.world_size, "data_position": {"micro_batch": step * cfg.accumulation_steps},
+                       "best_val_loss": best_val, "rng_states": all_states}
+            save_checkpoint(os.path.join(cfg.checkpoint_dir, name), payload)
+            log.info(f"saved {os.path.join(cfg.checkpoint_dir, name)} (step {step})")
+
+    def validate_now():
+        nonlocal best_val
+        val_loss = evaluate(forward_model, val_tokens, val_species, cfg, rt, autocast_dtype)
+        best_val = min(best_val, val_loss)
+        log.metrics({"step": step, "epoch": step / per_epoch, "val_loss": val_loss,
+                     "val_bits_per_base": val_loss * BITS_PER_NAT_PER_BASE, "best_val_loss": best_val,
+                     "elapsed_s": time.time() - t_start})
+        log.info(f"step {step}: validation loss {val_loss:.4f} nats/token = "
+                 f"{val_loss * BITS_PER_NAT_PER_BASE:.4f} bits/base (best {best_val * BITS_PER_NAT_PER_BASE:.4f})")
+        return val_loss
+
+    from tqdm import tqdm
+    t_start = time.time()
+    val_loss = float("nan")
+    bad_steps = skipped_steps = 0
+    window = {"t": time.time(), "steps": 0, "loss": torch.zeros((), device=rt.device), "data_wait": 0.0}
+    model.train()
+    while step < total_steps:
+        epoch = step // per_epoch
+        bar = tqdm(total=per_epoch, initial=step % per_epoch, desc=f"epoch {epoch + 1}/{cfg.n_epochs}",
+                   disable=not rt.is_main, dynamic_ncols=True, unit="step")
+        while step < total_steps and step // per_epoch == epoch:
+            lr = lr_at(step, cfg, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            observations = None
+            step_loss = torch.zeros((), device=rt.device)
+            for micro in range(cfg.accumulation_steps):
+                t_wait = time.time()
+                tokens, species = next(batches)
+                window["data_wait"] += time.time() - t_wait
+                tokens = tokens.to(rt.device, non_blocking=True).long()
+                species = species.to(rt.device, non_blocking=True)
+                inputs, targets = tokens[:, :-1], tokens[:, 1:]
+                last = micro == cfg.accumulation_steps - 1
+                # gradients are all-reduced only on the last micro-batch; no_sync must wrap the forward too
+                with (ddp_model.no_sync() if rt.distributed and not last else contextlib.nullcontext()):
+                    with torch.autocast(rt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        loss, hidden = ddp_model(inputs, species, targets)
+                    scaler.scale(loss / cfg.accumulation_steps).backward()
+                step_loss += loss.detach() / cfg.accumulation_steps
+                if cfg.use_global_memory:
+                    seen = raw_model.bucket_observations(inputs, hidden)
+                    observations = seen if observations is None else observations.add_(seen)
+            pending = dist.all_reduce(observations, async_op=True) if rt.distributed and cfg.use_global_memory else None
+            scaler.unscale_(optimizer)
+            grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            finite = bool(torch.isfinite(step_loss).item()) and (use_scaler or bool(torch.isfinite(grad_norm).item()))
+            if rt.distributed:  # a NaN on one rank must skip the step on every rank
+                flag = torch.tensor([float(finite)], device=rt.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                finite = bool(flag.item())
+            if finite:
+                scaler.step(optimizer)
+                scaler.update()
+                bad_steps = 0
+            else:
+                bad_steps += 1
+                skipped_steps += 1
+                warn(f"warning: step {step + 1}: non-finite loss or gradient; step skipped "
+                     f"({bad_steps} in a row, {skipped_steps} in all)")
+                if bad_steps >= cfg.max_bad_steps:
+                    last_ckpt = find_latest_checkpoint(cfg.checkpoint_dir, warn)
+                    raise RuntimeError(f"{bad_steps} consecutive non-finite steps at step {step + 1} "
+                                       f"(Config.max_bad_steps = {cfg.max_bad_steps}); last good checkpoint: "
+                                       f"{last_ckpt or 'none'}. Lower learning_rate or use bf16/fp32.")
+            optimizer.zero_grad(set_to_none=True)
+            if pending is not None:
+                pending.wait()
+            step += 1
+            if observations is not None and finite:
+                raw_model.update_bucket_memory(observations, step)
+            window["steps"] += 1
+            window["loss"] += step_loss
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == total_steps:
+                if rt.distributed:
+                    dist.all_reduce(window["loss"])
+                    window["loss"] /= rt.world_size
+                dt = time.time() - window["t"]
+                mean_loss = window["loss"].item() / window["steps"]
+                samples_s = window["steps"] * effective / dt
+                record = {"step": step, "epoch": step / per_epoch, "loss": mean_loss,
+                          "bits_per_base": mean_loss * BITS_PER_NAT_PER_BASE, "lr": lr, "grad_norm": grad_norm.item(),
+                          "samples_per_s": samples_s, "tokens_per_s": samples_s * cfg.context_size,
+                          "data_wait_frac": window["data_wait"] / dt, "skipped_steps": skipped_steps,
+                          "host_rss_mb": host_rss_mb(), "elapsed_s": time.time() - t_start}
+                if peak:
+                    record["mfu"] = flops_per_step * window["steps"] / dt / (peak * rt.world_size)
+                if rt.device.type == "cuda":
+                    record["gpu_mem_alloc_gb"] = torch.cuda.memory_allocated(rt.device) / 2**30
+                    record["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
+                    record.update(gpu_state(rt.device))
+                log.metrics(record)
+                log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+                bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_s']:.3g}")
+                window = {"t": time.time(), "steps": 0, "loss": torch.zeros((), device=rt.device), "data_wait": 0.0}
+            epoch_done = step % per_epoch == 0
+            if step % cfg.eval_every == 0 or epoch_done or step == total_steps:
+                val_loss = validate_now()
+            if epoch_done:
+                save(f"model_epoch_{step // per_epoch}.pt", step // per_epoch)
+            elif (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total_steps:
+                save("model_latest.pt", epoch)
+        bar.close()
+    log.info(f"done: {step} steps, last validation {val_loss * BITS_PER_NAT_PER_BASE:.4f} bits/base, "
+             f"best {best_val * BITS_PER_NAT_PER_BASE:.4f}; {skipped_steps} step(s) skipped")
+    log.close()
+    if rt.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return val_loss
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def scored_targets(n_tokens, context_size, stride):
+    """Windows (start, mask over its targets) that score every target of a chunk exactly once.
+
+    The first window scores all its targets; each later window scores only targets past the previous one's, so
+    most targets are predicted with at least context_size - stride tokens of context. A last window is added
+    flush with the chunk's end so that no tail is left out.
+    """
+    starts = window_starts(n_tokens, context_size, stride).tolist()
+    if starts and starts[-1] + context_size + 1 < n_tokens:
+        starts.append(n_tokens - context_size - 1)
+    windows, scored_until = [], 0  # targets are token positions 1..n_tokens-1
+    for start in starts:
+        positions = np.arange(start + 1, start + context_size + 1)
+        windows.append((start, positions > scored_until))
+        scored_until = start + context_size
+    return windows
+
+
+@torch.no_grad()
+def evaluate_fasta(model, cfg, paths, species_id, device, batch_size=64, progress=True):
+    """Per-record and per-file loss of a FASTA file, with the checkpoint's frozen bucket memory."""
+    from tqdm import tqdm
+    model.eval()
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    results = []
+    for path in paths:
+        totals = {}  # record id -> [nats, targets]
+        pending = []
+
+        def flush():
+            rows = torch.from_numpy(np.stack([w for w, _, _ in pending]).astype(np.int64)).to(device)
+            masks = torch.from_numpy(np.stack([m for _, m, _ in pending])).to(device)
+            species = torch.full((len(rows),), species_id, device=device)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits, _ = model(rows[:, :-1], species)
+            nats = F.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")
+            nats = (nats * masks).sum(1).double().cpu().numpy()
+            for (_, mask, record), value in zip(pending, nats):
+                entry = totals.setdefault(record, [0.0, 0])
+                entry[0] += float(value)
+                entry[1] += int(mask.sum())
+            pending.clear()
+
+        stats = FileStats()
+        bar = tqdm(desc=os.path.basename(path), unit=" windows", disable=not progress)
+        for chunk in chunk_file(path, "eval", path, cfg, stats=stats):
+            for start, mask in scored_targets(chunk.n_tokens, cfg.context_size, cfg.window_stride):
+                pending.append((chunk.tokens[start:start + cfg.context_size + 1], mask, chunk.record_id))
+                if len(pending) == batch_size:
+                    flush()
+                    bar.update(batch_size)
+        if pending:
+            bar.update(len(pending))
+            flush()
+        bar.close()
+        results.append({"file": path, "records": {r: {"nats_per_token": n / max(t, 1), "tokens": t}
+                                                   for r, (n, t) in totals.items()},
+                        "nats": sum(n for n, _ in totals.values()), "tokens": sum(t for _, t in totals.values()),
+                        "bases_read": stats.bases, "non_acgt_removed": stats.non_acgt})
+    return results
+
+
+def eval_main(argv):
+    import argparse
+    parser = argparse.ArgumentParser(prog="plant_lm_train.py eval",
+                                     description="Bits per base of a trained checkpoint on FASTA files.")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--species", required=True,
+                        help="species name known to the checkpoint, or 'average' for the mean species embedding")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("fasta", nargs="+")
+    args = parser.parse_args(argv)
+    ckpt = load_checkpoint(args.checkpoint)
+    known = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
+    cfg = Config(**known)
+    species = ckpt["species"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = PlantLM(cfg, len(species))
+    model.load_state_dict(ckpt["model_state_dict"])
+    if args.species == "average":
+        mean = model.species_embedding.weight.detach().mean(0, keepdim=True)
+        model.species_embedding = nn.Embedding.from_pretrained(mean)
+        species_id = 0
+    elif args.species in species:
+        species_id = species.index(args.species)
+    else:
+        raise SystemExit(f"error: species {args.species!r} is unknown to {args.checkpoint}; known species: "
+                         f"{', '.join(species)} (or 'average' for the mean species embedding)")
+    for path in args.fasta:
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {path}: no such file")
+    results = evaluate_fasta(model.to(device), cfg, args.fasta, species_id, device, args.batch_size)
+    print(f"{'file / record':60s} {'tokens':>12s} {'nats/token':>11s} {'bits/base':>10s}")
+    for result in results:
+        for record, r in result["records"].items():
+            print(f"  {record[:58]:58s} {r['tokens']:12,d} {r['nats_per_token']:11.4f} "
+                  f"{r['nats_per_token'] * BITS_PER_NAT_PER_BASE:10.4f}")
+        nats = result["nats"] / max(result["tokens"], 1)
+        result.update(nats_per_token=nats, bits_per_base=nats * BITS_PER_NAT_PER_BASE)
+        print(f"{os.path.basename(result['file'])[:60]:60s} {result['tokens']:12,d} {nats:11.4f} "
+              f"{nats * BITS_PER_NAT_PER_BASE:10.4f}")
+    total_tokens = sum(r["tokens"] for r in results)
+    overall = sum(r["nats"] for r in results) / max(total_tokens, 1)
+    print(f"{'overall':60s} {total_tokens:12,d} {overall:11.4f} {overall * BITS_PER_NAT_PER_BASE:10.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"checkpoint": args.checkpoint, "species": args.species, "files": results,
+                       "nats_per_token": overall, "bits_per_base": overall * BITS_PER_NAT_PER_BASE}, f, indent=1)
+    return overall
+
+
+# ----------------------------------------------------------------------------- entry point
+
+USAGE = """usage:
+  python plant_lm_train.py [train] [--field=value ...]   train (launch through run.sh / torchrun for several GPUs)
+  python plant_lm_train.py eval --checkpoint PATH --species NAME FASTA [FASTA ...]
+Config fields are the Config dataclass at the top of this file; --field=value overrides one for this run."""
+
+
+def main(argv):
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    try:
+        if argv and argv[0] == "eval":
+            eval_main(argv[1:])
+            return 0
+        overrides = parse_overrides(argv[1:] if argv and argv[0] == "train" else argv)
+        cfg = Config(**overrides).validate()
+        train(cfg)
+    except (DataError, ValueError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
