@@ -62,6 +62,7 @@ class Config:
     accumulation_steps: int = 4
     n_epochs: int = 10
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = run all epochs)
+    max_minutes: float = 0  # stop after this much training time, compilation and validation excluded (0 = no limit)
     learning_rate: float = 1e-4
     min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
     warmup_steps: int = 200
@@ -103,6 +104,7 @@ class Config:
             (self.accumulation_steps >= 1, "accumulation_steps", "must be >= 1"),
             (self.n_epochs >= 1, "n_epochs", "must be >= 1"),
             (self.max_steps >= 0, "max_steps", "must be >= 0"),
+            (self.max_minutes >= 0, "max_minutes", "must be >= 0"),
             (self.global_context >= 1, "global_context", "must be >= 1"),
             (self.bucket_norm_every >= 1, "bucket_norm_every", "must be >= 1"),
             (0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)"),
@@ -1259,6 +1261,8 @@ def train(cfg, build_model=None):
     log.start_wandb(cfg)
 
     raw_model = model
+    if isinstance(model, PlantLM):  # build the block mask eagerly: compiled graphs then read it as an input
+        model.local_mask(cfg.context_size, rt.device)
     forward_model = torch.compile(model) if cfg.compile and rt.device.type == "cuda" else model
     ddp_model = forward_model
     if rt.distributed:
@@ -1295,7 +1299,7 @@ def train(cfg, build_model=None):
         best_val = min(best_val, val_loss)
         log.metrics({"step": step, "epoch": step / per_epoch, "val_loss": val_loss,
                      "val_bits_per_base": val_loss * BITS_PER_NAT_PER_BASE, "best_val_loss": best_val,
-                     "elapsed_s": time.time() - t_start})
+                     "elapsed_s": time.time() - t_start, "train_s": train_seconds})
         log.info(f"step {step}: validation loss {val_loss:.4f} nats/token = "
                  f"{val_loss * BITS_PER_NAT_PER_BASE:.4f} bits/base (best {best_val * BITS_PER_NAT_PER_BASE:.4f})")
         return val_loss
@@ -1304,6 +1308,7 @@ def train(cfg, build_model=None):
     t_start = time.time()
     val_loss = float("nan")
     bad_steps = skipped_steps = 0
+    train_seconds = 0.0  # time in optimizer steps after the first (which compiles), for time budgets and plots
     window = {"t": time.time(), "steps": 0, "loss": torch.zeros((), device=rt.device), "data_wait": 0.0}
     model.train()
     while step < total_steps:
@@ -1311,6 +1316,7 @@ def train(cfg, build_model=None):
         bar = tqdm(total=per_epoch, initial=step % per_epoch, desc=f"epoch {epoch + 1}/{cfg.n_epochs}",
                    disable=not rt.is_main, dynamic_ncols=True, unit="step")
         while step < total_steps and step // per_epoch == epoch:
+            t_step = time.time()
             lr = lr_at(step, cfg, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -1364,6 +1370,8 @@ def train(cfg, build_model=None):
             window["steps"] += 1
             window["loss"] += step_loss
             bar.update(1)
+            if step > 1:
+                train_seconds += time.time() - t_step
 
             if step % cfg.log_every == 0 or step == total_steps:
                 if rt.distributed:
@@ -1376,7 +1384,7 @@ def train(cfg, build_model=None):
                           "bits_per_base": mean_loss * BITS_PER_NAT_PER_BASE, "lr": lr, "grad_norm": grad_norm.item(),
                           "samples_per_s": samples_s, "tokens_per_s": samples_s * cfg.context_size,
                           "data_wait_frac": window["data_wait"] / dt, "skipped_steps": skipped_steps,
-                          "host_rss_mb": host_rss_mb(), "elapsed_s": time.time() - t_start}
+                          "host_rss_mb": host_rss_mb(), "elapsed_s": time.time() - t_start, "train_s": train_seconds}
                 if peak:
                     record["mfu"] = flops_per_step * window["steps"] / dt / (peak * rt.world_size)
                 if rt.device.type == "cuda":
@@ -1387,6 +1395,13 @@ def train(cfg, build_model=None):
                 log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
                 bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_s']:.3g}")
                 window = {"t": time.time(), "steps": 0, "loss": torch.zeros((), device=rt.device), "data_wait": 0.0}
+                if cfg.max_minutes:  # decided together, so that every rank stops at the same step
+                    out_of_time = torch.tensor([float(train_seconds > 60 * cfg.max_minutes)], device=rt.device)
+                    if rt.distributed:
+                        dist.all_reduce(out_of_time, op=dist.ReduceOp.MAX)
+                    if out_of_time.item():
+                        log.info(f"max_minutes = {cfg.max_minutes} reached at step {step}")
+                        total_steps = step
             epoch_done = step % per_epoch == 0
             if step % cfg.eval_every == 0 or epoch_done or step == total_steps:
                 val_loss = validate_now()
