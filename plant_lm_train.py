@@ -73,6 +73,7 @@ class Config:
     # runtime
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     compile: bool = True  # torch.compile on CUDA (the CPU always runs eager)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     eval_every: int = 500  # optimizer steps between validations (also at each epoch end)
     log_every: int = 50
     checkpoint_every: int = 1000  # optimizer steps between rolling mid-epoch checkpoints (0 = epoch ends only)
@@ -113,6 +114,8 @@ class Config:
             (self.num_workers >= 0, "num_workers", "must be >= 0"),
             (0 <= self.dropout < 1, "dropout", "must be in [0, 1)"),
             (self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "must be auto, bf16, fp16 or fp32"),
+            (self.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+             "compile_mode", "must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs"),
             (self.default_species_weight >= 0, "default_species_weight", "must be >= 0"),
             (isinstance(self.species_distribution, dict), "species_distribution", "must map species name -> weight"),
             (self.log_every >= 1 and self.eval_every >= 1, "log_every/eval_every", "must be >= 1"),
@@ -191,7 +194,7 @@ def detokenize(tokens):
     """6-mer ids -> the bases they spell, as a str."""
     tokens = np.asarray(tokens, dtype=np.int64)
     digits = (tokens[:, None] >> (2 * np.arange(KMER - 1, -1, -1))) & 3
-    return np.frombuffer(np.array(b"ACGT")[digits].tobytes(), dtype="S1").tobytes().decode() if len(tokens) else ""
+    return np.frombuffer(b"ACGT", dtype=np.uint8)[digits].tobytes().decode()
 
 
 def acgt_segments(codes):
@@ -379,7 +382,7 @@ def chunk_file(path, species, file_label, cfg, wanted=None, stats=None):
             if in_segment and (chunk := emit()):
                 yield chunk
             in_segment = False
-        for start, end in segments:
+        for start, end in segments.tolist():
             if not in_segment:
                 segment_start, chunk_index = position + int(start), 0
             cursor = start
@@ -627,33 +630,36 @@ class EpochSampler:
 
 
 class GenomeStream(IterableDataset):
-    """The training stream of one rank: an endless run of micro-batches, epoch after epoch.
+    """The training stream of one rank: one item per optimizer step, epoch after epoch, without end.
 
-    Global micro-batch b of a rank comes from DataLoader worker b % num_workers (the DataLoader's round-robin),
-    and belongs to epoch b // micro_batches_per_epoch. Each (rank, worker) is a shard with its own chunks and seeds,
-    so the stream is reproducible, and it can restart at any micro-batch for an exact resume.
+    An item is the step's `accumulation_steps` micro-batches at once (tokens [A, B, context+1] int16, species
+    [A, B]), so the main process pays one hand-over and one host-to-device copy per step. A DataLoader polls its
+    workers round-robin from worker 0, so worker w serves global steps start + w, start + w + n_workers, ...;
+    the shard follows the steps it serves, which makes the stream the same whatever step it starts at.
     """
 
-    def __init__(self, index, cfg, rank, world_size, micro_batches_per_epoch, start_micro_batch=0):
+    def __init__(self, index, cfg, rank, world_size, steps_per_epoch, start_step=0):
         self.index, self.cfg, self.rank, self.world_size = index, cfg, rank, world_size
-        self.per_epoch, self.start = micro_batches_per_epoch, start_micro_batch
+        self.per_epoch, self.start = steps_per_epoch, start_step
 
     def __iter__(self):
         worker = get_worker_info()
         wid, n_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        shard, n_shards = self.rank * n_workers + wid, self.world_size * n_workers
-        batch = self.start + (wid - self.start) % n_workers
-        sampler = None
+        role = (self.start + wid) % n_workers  # the residue class of global steps this worker serves
+        shard, n_shards = self.rank * n_workers + role, self.world_size * n_workers
+        step, sampler = self.start + wid, None
+        micro, batch_size = self.cfg.accumulation_steps, self.cfg.batch_size
         while True:
-            epoch = batch // self.per_epoch
+            epoch = step // self.per_epoch
             if sampler is None or sampler.epoch != epoch:
                 sampler = EpochSampler(self.index, self.cfg, epoch, shard, n_shards)
-                first = epoch * self.per_epoch + (wid - epoch * self.per_epoch) % n_workers
-                for _ in range((batch - first) // n_workers):  # fast-forward to resume mid-epoch
-                    sampler.next_batch(self.cfg.batch_size)
-            tokens, species, _ = sampler.next_batch(self.cfg.batch_size)
-            yield torch.from_numpy(tokens), torch.from_numpy(species)
-            batch += n_workers
+                first = epoch * self.per_epoch + (role - epoch * self.per_epoch) % n_workers
+                for _ in range((step - first) // n_workers):  # fast-forward to resume mid-epoch
+                    sampler.next_batch(micro * batch_size)
+            tokens, species, _ = sampler.next_batch(micro * batch_size)
+            yield (torch.from_numpy(tokens).view(micro, batch_size, -1),
+                   torch.from_numpy(species).view(micro, batch_size))
+            step += n_workers
 
 
 def load_validation(index, cfg):
@@ -1229,7 +1235,10 @@ def train(cfg, build_model=None):
     kernel = "flex" if rt.device.type == "cuda" and cfg.compile else "sdpa"
     model = (build_model or PlantLM)(cfg, len(index.species), attention_kernel=kernel).to(rt.device)
     optimizer = build_optimizer(model, cfg, rt.device)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=use_scaler)
+    # The scaler also guards bf16 and fp32 runs: it skips a step whose gradients are not finite, on the device,
+    # with no host sync. Only fp16 needs its scale to move.
+    scaler = torch.amp.GradScaler(rt.device.type, init_scale=2.0**16 if use_scaler else 1.0,
+                                  growth_interval=2000 if use_scaler else 2**31 - 1)
     step, best_val = 0, float("inf")
 
     resume = os.environ.get("RESUME", cfg.resume)
@@ -1263,14 +1272,13 @@ def train(cfg, build_model=None):
     raw_model = model
     if isinstance(model, PlantLM):  # build the block mask eagerly: compiled graphs then read it as an input
         model.local_mask(cfg.context_size, rt.device)
-    forward_model = torch.compile(model) if cfg.compile and rt.device.type == "cuda" else model
+    forward_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile and rt.device.type == "cuda" else model
     ddp_model = forward_model
     if rt.distributed:
         ddp_model = nn.parallel.DistributedDataParallel(
             forward_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
             broadcast_buffers=False)  # the bucket memory is kept equal by its own all-reduce
-    micro_per_epoch = per_epoch * cfg.accumulation_steps
-    stream = GenomeStream(index, cfg, rt.rank, rt.world_size, micro_per_epoch, start_micro_batch=step * cfg.accumulation_steps)
+    stream = GenomeStream(index, cfg, rt.rank, rt.world_size, per_epoch, start_step=step)
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
                         persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers else None)
     batches = iter(loader)
@@ -1288,7 +1296,7 @@ def train(cfg, build_model=None):
             payload = {"model_state_dict": raw_model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
                        "scaler_state_dict": scaler.state_dict(), "epoch": epoch, "step": step,
                        "config": dataclasses.asdict(cfg), "species": index.species, "steps_per_epoch": per_epoch,
-                       "world_size": rt.world_size, "data_position": {"micro_batch": step * cfg.accumulation_steps},
+                       "world_size": rt.world_size, "data_position": {"step": step},
                        "best_val_loss": best_val, "rng_states": all_states}
             save_checkpoint(os.path.join(cfg.checkpoint_dir, name), payload)
             log.info(f"saved {os.path.join(cfg.checkpoint_dir, name)} (step {step})")
@@ -1307,9 +1315,11 @@ def train(cfg, build_model=None):
     from tqdm import tqdm
     t_start = time.time()
     val_loss = float("nan")
-    bad_steps = skipped_steps = 0
+    consecutive_bad = torch.zeros((), device=rt.device)
+    skipped_steps = torch.zeros((), device=rt.device)
     train_seconds = 0.0  # time in optimizer steps after the first (which compiles), for time budgets and plots
-    window = {"t": time.time(), "steps": 0, "loss": torch.zeros((), device=rt.device), "data_wait": 0.0}
+    window = {"t": time.time(), "steps": 0, "loss": torch.zeros((), device=rt.device), "data_wait": 0.0,
+                          "skipped": skipped_steps.item()}
     model.train()
     while step < total_steps:
         epoch = step // per_epoch
@@ -1322,13 +1332,14 @@ def train(cfg, build_model=None):
                 group["lr"] = lr
             observations = None
             step_loss = torch.zeros((), device=rt.device)
+            t_wait = time.time()
+            step_tokens, step_species = next(batches)
+            window["data_wait"] += time.time() - t_wait
+            step_tokens = step_tokens.to(rt.device, non_blocking=True).long()
+            step_species = step_species.to(rt.device, non_blocking=True)
             for micro in range(cfg.accumulation_steps):
-                t_wait = time.time()
-                tokens, species = next(batches)
-                window["data_wait"] += time.time() - t_wait
-                tokens = tokens.to(rt.device, non_blocking=True).long()
-                species = species.to(rt.device, non_blocking=True)
-                inputs, targets = tokens[:, :-1], tokens[:, 1:]
+                species = step_species[micro]
+                inputs, targets = step_tokens[micro, :, :-1], step_tokens[micro, :, 1:]
                 last = micro == cfg.accumulation_steps - 1
                 # gradients are all-reduced only on the last micro-batch; no_sync must wrap the forward too
                 with (ddp_model.no_sync() if rt.distributed and not last else contextlib.nullcontext()):
@@ -1339,33 +1350,23 @@ def train(cfg, build_model=None):
                 if cfg.use_global_memory:
                     seen = raw_model.bucket_observations(inputs, hidden)
                     observations = seen if observations is None else observations.add_(seen)
-            pending = dist.all_reduce(observations, async_op=True) if rt.distributed and cfg.use_global_memory else None
+            # the memory's all-reduce runs on NCCL's stream while the optimizer steps on the compute stream
+            pending = dist.all_reduce(observations, async_op=True) if rt.distributed and observations is not None \
+                else None
             scaler.unscale_(optimizer)
             grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            finite = bool(torch.isfinite(step_loss).item()) and (use_scaler or bool(torch.isfinite(grad_norm).item()))
-            if rt.distributed:  # a NaN on one rank must skip the step on every rank
-                flag = torch.tensor([float(finite)], device=rt.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                finite = bool(flag.item())
-            if finite:
-                scaler.step(optimizer)
-                scaler.update()
-                bad_steps = 0
-            else:
-                bad_steps += 1
-                skipped_steps += 1
-                warn(f"warning: step {step + 1}: non-finite loss or gradient; step skipped "
-                     f"({bad_steps} in a row, {skipped_steps} in all)")
-                if bad_steps >= cfg.max_bad_steps:
-                    last_ckpt = find_latest_checkpoint(cfg.checkpoint_dir, warn)
-                    raise RuntimeError(f"{bad_steps} consecutive non-finite steps at step {step + 1} "
-                                       f"(Config.max_bad_steps = {cfg.max_bad_steps}); last good checkpoint: "
-                                       f"{last_ckpt or 'none'}. Lower learning_rate or use bf16/fp32.")
+            finite = torch.isfinite(grad_norm)  # the same on every rank: gradients are all-reduced
+            scaler.step(optimizer)  # skipped when a gradient is not finite
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            if pending is not None:
-                pending.wait()
+            bad = (~finite).float()
+            consecutive_bad = consecutive_bad * bad + bad
+            skipped_steps += bad
             step += 1
-            if observations is not None and finite:
+            if observations is not None:
+                if pending is not None:
+                    pending.wait()
+                observations = torch.where(finite, observations, 0.0)  # a skipped step teaches the memory nothing
                 raw_model.update_bucket_memory(observations, step)
             window["steps"] += 1
             window["loss"] += step_loss
@@ -1374,6 +1375,14 @@ def train(cfg, build_model=None):
                 train_seconds += time.time() - t_step
 
             if step % cfg.log_every == 0 or step == total_steps:
+                if consecutive_bad.item() >= cfg.max_bad_steps:
+                    last_ckpt = find_latest_checkpoint(cfg.checkpoint_dir, warn)
+                    raise RuntimeError(f"{int(consecutive_bad.item())} consecutive non-finite steps up to step {step} "
+                                       f"(Config.max_bad_steps = {cfg.max_bad_steps}); last good checkpoint: "
+                                       f"{last_ckpt or 'none'}. Lower learning_rate, or use bf16 or fp32.")
+                if skipped_steps.item() > window["skipped"]:
+                    warn(f"warning: {int(skipped_steps.item() - window['skipped'])} step(s) up to step {step} had "
+                         f"non-finite gradients and were skipped ({int(skipped_steps.item())} in all)")
                 if rt.distributed:
                     dist.all_reduce(window["loss"])
                     window["loss"] /= rt.world_size
@@ -1383,7 +1392,7 @@ def train(cfg, build_model=None):
                 record = {"step": step, "epoch": step / per_epoch, "loss": mean_loss,
                           "bits_per_base": mean_loss * BITS_PER_NAT_PER_BASE, "lr": lr, "grad_norm": grad_norm.item(),
                           "samples_per_s": samples_s, "tokens_per_s": samples_s * cfg.context_size,
-                          "data_wait_frac": window["data_wait"] / dt, "skipped_steps": skipped_steps,
+                          "data_wait_frac": window["data_wait"] / dt, "skipped_steps": int(skipped_steps.item()),
                           "host_rss_mb": host_rss_mb(), "elapsed_s": time.time() - t_start, "train_s": train_seconds}
                 if peak:
                     record["mfu"] = flops_per_step * window["steps"] / dt / (peak * rt.world_size)
@@ -1394,7 +1403,8 @@ def train(cfg, build_model=None):
                 log.metrics(record)
                 log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
                 bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_s']:.3g}")
-                window = {"t": time.time(), "steps": 0, "loss": torch.zeros((), device=rt.device), "data_wait": 0.0}
+                window = {"t": time.time(), "steps": 0, "loss": torch.zeros((), device=rt.device), "data_wait": 0.0,
+                          "skipped": skipped_steps.item()}
                 if cfg.max_minutes:  # decided together, so that every rank stops at the same step
                     out_of_time = torch.tensor([float(train_seconds > 60 * cfg.max_minutes)], device=rt.device)
                     if rt.distributed:
@@ -1411,7 +1421,7 @@ def train(cfg, build_model=None):
                 save("model_latest.pt", epoch)
         bar.close()
     log.info(f"done: {step} steps, last validation {val_loss * BITS_PER_NAT_PER_BASE:.4f} bits/base, "
-             f"best {best_val * BITS_PER_NAT_PER_BASE:.4f}; {skipped_steps} step(s) skipped")
+             f"best {best_val * BITS_PER_NAT_PER_BASE:.4f}; {int(skipped_steps.item())} step(s) skipped")
     log.close()
     if rt.distributed:
         dist.barrier()

@@ -1,0 +1,768 @@
+"""Tests of the data section of plant_lm_train.py: tokenizing, FASTA streaming, chunking, sampling, splits.
+
+Synthetic genomes are written by the conftest helpers (seeded numpy DNA); the real-data tests read the bundled
+genomes ($PLANT_LM_REAL_DATA or <repo>/data) and fail, rather than skip, when they are missing.
+"""
+
+import collections
+import dataclasses
+import functools
+import gzip
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import plant_lm_train as plm
+from plant_lm_train import KMER
+
+TAIR10_BASES = 30_427_671
+ACGT_RUN = re.compile("[ACGTacgt]+")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def codes_of(seq):
+    return plm.BYTE_CODES[np.frombuffer(seq.encode(), dtype=np.uint8)]
+
+
+def kmer_index(kmer):
+    """The spec's formula, in plain Python: sum b_i * 4^(5-i) with A=0 C=1 G=2 T=3."""
+    return sum("ACGT".index(b) * 4 ** (KMER - 1 - i) for i, b in enumerate(kmer.upper()))
+
+
+def tokens_of(seq):
+    return plm.tokenize(codes_of(seq))
+
+
+def read_records(path, block_size=1 << 22):
+    """read_fasta's output regrouped: [(record_index, record_id, sequence str)] in file order."""
+    records = []
+    for index, record_id, piece in plm.read_fasta(path, block_size=block_size):
+        if not records or records[-1][0] != index:
+            records.append((index, record_id, []))
+        records[-1][2].append(piece)
+    return [(i, rid, b"".join(pieces).decode()) for i, rid, pieces in records]
+
+
+def biopython_records(path):
+    from Bio import SeqIO
+    with gzip.open(path, "rt") if str(path).endswith(".gz") else open(path) as handle:
+        return [(r.id, str(r.seq)) for r in SeqIO.parse(handle, "fasta")]
+
+
+def chunks_of(path, cfg, species="s", label="f", wanted=None, stats=None):
+    return list(plm.chunk_file(str(path), species, label, cfg, wanted=wanted, stats=stats))
+
+
+def reference_chunks(sequences, cfg, species="s", label="f"):
+    """What chunk_file must produce, computed independently with a regex over whole record sequences:
+    [(key, tokens list, repeat list)] for records given as a list of sequence strings (index = record index)."""
+    expected = []
+    for record_index, seq in enumerate(sequences):
+        for run in ACGT_RUN.finditer(seq):
+            start, length = run.start(), len(run.group())
+            chunk_index = 0
+            for offset in range(0, length, cfg.chunk_size):
+                bases = seq[start + offset:start + min(offset + cfg.chunk_size, length)]
+                if len(bases) < cfg.window_bases:
+                    continue
+                bases = bases[:len(bases) // KMER * KMER]
+                lower = np.array([b.islower() for b in bases]).reshape(-1, KMER).sum(1) >= 3
+                expected.append(((species, label, record_index, start, chunk_index), tokens_of(bases).tolist(),
+                                 lower.tolist()))
+                chunk_index += 1
+    return expected
+
+
+def window_rows(tokens, cfg):
+    """Every window of one chunk's tokens, as tuples."""
+    span = cfg.context_size + 1
+    return [tuple(int(t) for t in tokens[s:s + span])
+            for s in plm.window_starts(len(tokens), cfg.context_size, cfg.window_stride)]
+
+
+def full_chunks(index, species, cfg):
+    """key -> Chunk with tokens for every chunk of a species, read directly with chunk_file(wanted=None)."""
+    out = {}
+    for path, label in index.files[species]:
+        for chunk in plm.chunk_file(path, species, label, cfg, wanted=None):
+            out[chunk.key] = chunk
+    return out
+
+
+def loader_batches(stream, num_workers, n):
+    """The first n (tokens, species) items a DataLoader(batch_size=None) yields from a GenomeStream."""
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+    it = iter(loader)
+    out = [tuple(t.clone() for t in next(it)) for _ in range(n)]
+    del it
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenize / detokenize
+
+@pytest.mark.parametrize("kmer, expected", [
+    ("AAAAAA", 0), ("AAAAAC", 1), ("AAAAAG", 2), ("AAAAAT", 3), ("AAAACA", 4), ("CAAAAA", 1024),
+    ("TTTTTT", 4095), ("ACGTAC", 433), ("GATTCA", 2 * 1024 + 0 * 256 + 3 * 64 + 3 * 16 + 1 * 4 + 0),
+])
+def test_tokenize_known_6mer_ids(kmer, expected):
+    assert kmer_index(kmer) == expected
+    assert tokens_of(kmer).tolist() == [expected]
+
+
+def test_tokenize_is_the_place_value_formula_on_a_long_sequence(dna):
+    seq = dna(6 * 2000, seed=1)
+    tokens = tokens_of(seq)
+    assert tokens.shape == (2000,)
+    assert tokens.tolist() == [kmer_index(seq[i:i + KMER]) for i in range(0, len(seq), KMER)]
+    assert int(tokens.max()) < plm.VOCAB_SIZE
+
+
+@pytest.mark.parametrize("extra", range(KMER))
+def test_tokenize_drops_trailing_partial_kmer(dna, extra):
+    seq = dna(6 * 5 + extra, seed=2)
+    assert tokens_of(seq).tolist() == tokens_of(seq[:30]).tolist()
+    assert len(tokens_of(seq[:extra])) == 0
+
+
+def test_detokenize_round_trips_tokenize(dna):
+    seq = dna(6 * 50, seed=3)
+    assert plm.detokenize(tokens_of(seq)) == seq
+    assert plm.detokenize(np.array([0, 1, 433, 4095])) == "AAAAAA" + "AAAAAC" + "ACGTAC" + "TTTTTT"
+
+
+def test_lowercase_bases_tokenize_like_uppercase(dna):
+    seq = dna(6 * 40, seed=4)
+    assert tokens_of(seq.lower()).tolist() == tokens_of(seq).tolist()
+    mixed = "".join(c.lower() if i % 3 else c for i, c in enumerate(seq))
+    assert tokens_of(mixed).tolist() == tokens_of(seq).tolist()
+
+
+def test_repeat_flag_marks_kmers_with_at_least_3_lowercase_bases(tmp_path, dna, fasta_writer, make_config):
+    cfg = make_config(tmp_path)
+    lowercase_counts = [6, 5, 4, 3, 2, 1, 0, 3, 0, 6, 2]  # 11 tokens >= one 9-token window
+    rng = np.random.default_rng(5)
+    seq = ""
+    for i, n_lower in enumerate(lowercase_counts):
+        kmer = list(dna(KMER, seed=100 + i))
+        for at in rng.choice(KMER, size=n_lower, replace=False):
+            kmer[at] = kmer[at].lower()
+        seq += "".join(kmer)
+    path = fasta_writer(tmp_path / "r.fa", [("r", seq)])
+    (chunk,) = chunks_of(path, cfg)
+    assert chunk.repeat.tolist() == [n >= 3 for n in lowercase_counts]
+    assert chunk.tokens.tolist() == tokens_of(seq.upper()).tolist()
+
+
+# ----------------------------------------------------------------------------- splitting at non-ACGT
+
+def test_acgt_segments_are_maximal_acgt_runs_of_any_case():
+    assert plm.acgt_segments(codes_of("ACGTNNacgRYT")).tolist() == [[0, 4], [6, 9], [11, 12]]
+    assert plm.acgt_segments(codes_of("NNN")).shape == (0, 2)
+    assert plm.acgt_segments(codes_of("")).shape == (0, 2)
+    assert plm.acgt_segments(codes_of("acgtACGT")).tolist() == [[0, 8]]
+
+
+@pytest.mark.parametrize("gap", ["N", "n", "NNNNN", "R", "Y", "k", "-", "*", "7", " ", ".", "X"])
+def test_non_acgt_character_splits_the_sequence(tmp_path, dna, fasta_writer, make_config, gap):
+    cfg = make_config(tmp_path)
+    left, right = dna(203, seed=6), dna(300, seed=7)
+    path = fasta_writer(tmp_path / "g.fa", [("r", left + gap + right)], line_width=None)
+    stats = plm.FileStats()
+    chunks = chunks_of(path, cfg, stats=stats)
+    right_start = len(left) + len(gap)
+    assert [c.key for c in chunks] == [("s", "f", 0, 0, 0), ("s", "f", 0, right_start, 0)]
+    assert chunks[0].tokens.tolist() == tokens_of(left[:198]).tolist()
+    assert chunks[1].tokens.tolist() == tokens_of(right).tolist()
+    assert stats.non_acgt == len(gap)
+    assert stats.dropped_short == 203 - 198
+
+
+def test_no_chunk_contains_bases_from_both_sides_of_a_gap(tmp_path, dna, fasta_writer, make_config):
+    cfg = make_config(tmp_path)
+    p = [0.22] * 4 + [0.03, 0.03, 0.02, 0.02, 0.02, 0.02]
+    seq = dna(30_000, seed=8, alphabet="ACGTNRY-n*", p=np.array(p) / sum(p))
+    seq = seq[:5000] + dna(2000, seed=9) + seq[5000:]  # at least one run longer than a chunk
+    path = fasta_writer(tmp_path / "g.fa", [("r", seq)], line_width=61)
+    runs = {m.start(): m.end() for m in ACGT_RUN.finditer(seq)}
+    chunks = chunks_of(path, cfg)
+    assert chunks
+    for chunk in chunks:
+        _, _, _, segment_start, chunk_index = chunk.key
+        first = segment_start + chunk_index * cfg.chunk_size
+        last = first + chunk.n_tokens * KMER
+        assert segment_start in runs, f"{chunk.key} does not start at an A/C/G/T run"
+        assert last <= runs[segment_start], f"{chunk.key} runs past the end of its A/C/G/T run"
+        assert chunk.tokens.tolist() == tokens_of(seq[first:last]).tolist()
+
+
+def test_segments_shorter_than_a_window_are_dropped_and_counted(tmp_path, dna, fasta_writer, make_config):
+    cfg = make_config(tmp_path)
+    assert cfg.window_bases == 54
+    parts = [dna(300, seed=10), dna(48, seed=11), dna(53, seed=12), dna(54, seed=13)]
+    path = fasta_writer(tmp_path / "g.fa", [("r", "N".join(parts))])
+    stats = plm.FileStats()
+    chunks = chunks_of(path, cfg, stats=stats)
+    assert [c.key[3] for c in chunks] == [0, 300 + 1 + 48 + 1 + 53 + 1]
+    assert [c.n_tokens for c in chunks] == [50, 9]
+    assert stats.dropped_short == 48 + 53
+    assert stats.acgt_bases == stats.used_bases + stats.dropped_short
+    assert stats.non_acgt == 3
+
+
+@pytest.mark.parametrize("length, n_tokens", [(1530, [100, 100, 55]), (1230, [100, 100]), (1200, [100, 100])])
+def test_chunks_hold_chunk_size_bases_and_start_at_their_first_base(tmp_path, dna, fasta_writer, make_config,
+                                                                   length, n_tokens):
+    cfg = make_config(tmp_path)
+    seq = "NN" + dna(length, seed=14) + "N"
+    path = fasta_writer(tmp_path / "g.fa", [("r", seq)], line_width=50)
+    stats = plm.FileStats()
+    chunks = chunks_of(path, cfg, stats=stats)
+    assert [c.key for c in chunks] == [("s", "f", 0, 2, k) for k in range(len(n_tokens))]
+    assert [c.n_tokens for c in chunks] == n_tokens
+    for k, chunk in enumerate(chunks):
+        first = 2 + k * cfg.chunk_size
+        assert chunk.tokens.tolist() == tokens_of(seq[first:first + KMER * chunk.n_tokens]).tolist()
+        assert len(chunk.repeat) == chunk.n_tokens
+    assert stats.dropped_short == length - KMER * sum(n_tokens)
+
+
+@pytest.mark.parametrize("block_size", [3, 7, 64, 1 << 22])
+def test_chunk_file_matches_a_regex_reference_at_any_read_block_size(tmp_path, dna, fasta_writer, make_config,
+                                                                     monkeypatch, block_size):
+    cfg = make_config(tmp_path)
+    p = np.array([0.2] * 4 + [0.04] * 4 + [0.02, 0.01, 0.01, 0.01, 0.01])
+    records = [dna(n, seed=20 + i, alphabet="ACGTacgtNRY-n", p=p / p.sum()) for i, n in enumerate([4000, 0, 1800])]
+    records[0] = records[0][:1000] + dna(1500, seed=30) + records[0][1000:]
+    records.append(dna(1300, seed=31))  # a clean record: one segment across many lines and blocks
+    path = fasta_writer(tmp_path / "g.fa.gz", [(f"r{i}", s) for i, s in enumerate(records)], line_width=59)
+    monkeypatch.setattr(plm, "read_fasta", functools.partial(plm.read_fasta, block_size=block_size))
+    stats = plm.FileStats()
+    got = [(c.key, c.tokens.tolist(), c.repeat.tolist()) for c in chunks_of(path, cfg, stats=stats)]
+    assert got == reference_chunks(records, cfg)
+    assert stats.bases == sum(map(len, records))
+    assert stats.acgt_bases == sum(len(m.group()) for s in records for m in ACGT_RUN.finditer(s))
+    assert stats.acgt_bases == stats.used_bases + stats.dropped_short
+
+
+def test_wanted_chunks_carry_tokens_and_others_are_bare_keys(tmp_path, dna, fasta_writer, make_config):
+    cfg = make_config(tmp_path)
+    path = fasta_writer(tmp_path / "g.fa", [("r", dna(3000, seed=32))])
+    everything = chunks_of(path, cfg)
+    wanted = {everything[1].key, everything[3].key}
+    partial = chunks_of(path, cfg, wanted=wanted)
+    assert [c.key for c in partial] == [c.key for c in everything]
+    assert [c.n_tokens for c in partial] == [c.n_tokens for c in everything]
+    for full, part in zip(everything, partial):
+        if part.key in wanted:
+            assert part.tokens.tolist() == full.tokens.tolist()
+        else:
+            assert part.tokens is None and part.repeat is None
+
+
+# ----------------------------------------------------------------------------- windows
+
+@pytest.mark.parametrize("context, overlap, stride", [(8, 0.5, 4), (64, 0.5, 32), (64, 0.0, 64), (64, 0.75, 16)])
+def test_window_stride_is_context_times_one_minus_overlap(context, overlap, stride):
+    assert plm.Config(context_size=context, overlap_ratio=overlap).window_stride == stride
+
+
+@pytest.mark.parametrize("context, stride", [(8, 4), (8, 1), (8, 9), (64, 32)])
+def test_window_starts_agree_with_windows_per_chunk(context, stride):
+    span = context + 1
+    for n_tokens in range(0, 3 * span + 5):
+        starts = plm.window_starts(n_tokens, context, stride)
+        assert len(starts) == plm.windows_per_chunk(n_tokens, context, stride)
+        if n_tokens < span:
+            assert len(starts) == 0
+            continue
+        assert starts[0] == 0
+        assert (np.diff(starts) == stride).all()
+        assert starts[-1] + span <= n_tokens  # never crosses the chunk end
+        assert starts[-1] + stride + span > n_tokens  # and no further window fits
+
+
+def test_windows_never_cross_chunks(multi_species_index):
+    cfg, index = multi_species_index
+    windows_of = {}
+    for species in index.species:
+        for key, chunk in full_chunks(index, species, cfg).items():
+            windows_of[key] = set(window_rows(chunk.tokens, cfg))
+    sampler = plm.EpochSampler(index, cfg, epoch=0, shard=0, n_shards=1)
+    for _ in range(40):
+        tokens, species_ids, keys = sampler.next_batch(16)
+        assert tokens.shape == (16, cfg.context_size + 1)
+        for row, species_id, key in zip(tokens, species_ids, keys):
+            assert key[0] == index.species[species_id]
+            assert tuple(int(t) for t in row) in windows_of[key], f"window not inside chunk {key}"
+
+
+# ----------------------------------------------------------------------------- read_fasta vs Biopython
+
+def _fasta_cases(dna):
+    multi = [("chr1 first chromosome", dna(500, 40)), ("chr2", dna(61, 41)), ("chr3\tdesc", dna(1, 42)),
+             ("scaffold_4", dna(240, 43))]
+    mixed = [("m1", dna(400, 44, "ACGTacgtNn")), ("m2 soft-masked", dna(130, 45, "acgtn"))]
+    return {
+        "multi_record": dict(records=multi),
+        "crlf": dict(records=multi, newline="\r\n"),
+        "blank_lines": dict(records=multi, blank_lines=True),
+        "lowercase": dict(records=mixed),
+        "gzipped": dict(records=multi + mixed, gz=True),
+        "one_long_line": dict(records=[("long", dna(5000, 46)), ("short", dna(10, 47))], line_width=None),
+        "one_long_line_crlf_gz": dict(records=[("long", dna(3333, 48))], line_width=None, newline="\r\n", gz=True),
+        "record_multiple_of_block": dict(records=[("r448", dna(448, 49)), ("r64", dna(64, 50))], line_width=64),
+        "record_multiple_of_block_one_line": dict(records=[("r448", dna(448, 51)), ("r7", dna(7, 52))],
+                                                  line_width=None),
+    }
+
+
+@pytest.mark.parametrize("block_size", [7, 64, 1 << 22])
+@pytest.mark.parametrize("case", ["multi_record", "crlf", "blank_lines", "lowercase", "gzipped", "one_long_line",
+                                  "one_long_line_crlf_gz", "record_multiple_of_block",
+                                  "record_multiple_of_block_one_line"])
+def test_read_fasta_matches_biopython(tmp_path, dna, fasta_writer, case, block_size):
+    spec = dict(_fasta_cases(dna)[case])
+    name = "genome.fa.gz" if spec.pop("gz", False) else "genome.fa"
+    path = fasta_writer(tmp_path / name, spec.pop("records"), **spec)
+    expected = biopython_records(path)
+    got = read_records(path, block_size=block_size)
+    assert [i for i, _, _ in got] == list(range(len(expected)))
+    assert [(rid, seq) for _, rid, seq in got] == expected
+
+
+def test_read_fasta_handles_a_file_without_final_newline(tmp_path, dna):
+    path = tmp_path / "g.fa"
+    seq = dna(100, 53)
+    path.write_text(">a x\n" + seq[:60] + "\n" + seq[60:])
+    for block_size in (7, 64, 1 << 22):
+        assert read_records(str(path), block_size) == [(0, "a", seq)]
+
+
+def test_read_fasta_streams_a_one_line_record_in_bounded_pieces(tmp_path, dna, fasta_writer):
+    seq = dna(20_000, 54)
+    path = fasta_writer(tmp_path / "g.fa", [("chr", seq)], line_width=None)
+    pieces = [piece for _, _, piece in plm.read_fasta(path, block_size=64)]
+    assert b"".join(pieces).decode() == seq
+    assert max(map(len, pieces)) <= 2 * 64  # the record is never held whole
+
+
+def test_read_fasta_rejects_text_that_is_not_fasta(tmp_path):
+    path = tmp_path / "notes.fa"
+    path.write_text("hello world\nACGT\n")
+    with pytest.raises(plm.DataError, match=re.escape(str(path))):
+        list(plm.read_fasta(str(path)))
+
+
+def test_gz_name_without_gzip_content_is_a_data_error(tmp_path):
+    path = tmp_path / "g.fa.gz"
+    path.write_text(">r\nACGT\n")
+    with pytest.raises(plm.DataError, match="not gzip"):
+        list(plm.read_fasta(str(path)))
+
+
+def test_gzip_content_is_detected_whatever_the_name(tmp_path, dna):
+    path = tmp_path / "g.fa"
+    seq = dna(90, 55)
+    path.write_bytes(gzip.compress(f">r\n{seq}\n".encode()))
+    assert read_records(str(path)) == [(0, "r", seq)]
+
+
+# ----------------------------------------------------------------------------- Config
+
+def test_config_validate_rejects_chunk_size_not_multiple_of_6():
+    with pytest.raises(ValueError, match=r"Config\.chunk_size = 601: must be a multiple of 6"):
+        plm.Config(chunk_size=601).validate()
+
+
+def test_config_validate_accepts_the_defaults_and_small_test_config(tmp_path, make_config):
+    assert plm.Config().validate().chunk_size % KMER == 0
+    assert make_config(tmp_path).window_bases == (8 + 1) * KMER
+
+
+# ----------------------------------------------------------------------------- discover_genomes
+
+def _discover(cfg):
+    warnings = []
+    genomes, weights = plm.discover_genomes(cfg, warn=warnings.append)
+    return genomes, weights, warnings
+
+
+def test_discover_fails_on_missing_data_dir(tmp_path, make_config):
+    missing = tmp_path / "nope"
+    with pytest.raises(plm.DataError, match=re.escape(str(missing))):
+        plm.discover_genomes(make_config(missing), warn=lambda m: None)
+
+
+def test_discover_fails_on_empty_data_dir(tmp_path, make_config):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(plm.DataError, match=re.escape(str(empty)) + ".*no species directories"):
+        plm.discover_genomes(make_config(empty), warn=lambda m: None)
+
+
+def test_discover_fails_on_fasta_directly_in_data_dir(tmp_path, make_genomes, fasta_writer, make_config, dna):
+    root = make_genomes({"a": {"a.fa": [("r", dna(100, 1))]}})
+    fasta_writer(os.path.join(root, "loose.fna.gz"), [("r", dna(100, 2))])
+    with pytest.raises(plm.DataError, match=re.escape(root) + ".*loose.fna.gz"):
+        plm.discover_genomes(make_config(root), warn=lambda m: None)
+
+
+def test_discover_warns_about_species_dir_without_fasta(tmp_path, make_genomes, make_config, dna):
+    root = make_genomes({"a": {"a.fa": [("r", dna(100, 1))]}})
+    os.makedirs(os.path.join(root, "b"))
+    with open(os.path.join(root, "b", "README.md"), "w") as f:
+        f.write("not a genome")
+    genomes, weights, warnings = _discover(make_config(root, species_distribution={"a": 1.0}))
+    assert list(genomes) == ["a"]
+    assert any(os.path.join(root, "b") in w and "no FASTA" in w for w in warnings), warnings
+
+
+def test_discover_gives_unconfigured_species_the_default_weight_with_a_warning(tmp_path, make_genomes, make_config,
+                                                                               dna):
+    root = make_genomes({"a": {"a.fa": [("r", dna(100, 1))]}, "x": {"x.FNA": [("r", dna(100, 2))]}})
+    genomes, weights, warnings = _discover(make_config(root, species_distribution={"a": 3.0},
+                                                       default_species_weight=0.5))
+    assert weights == {"a": 3.0, "x": 0.5}
+    assert genomes["x"] == [os.path.join(root, "x", "x.FNA")]
+    assert any("'x'" in w and "species_distribution" in w for w in warnings), warnings
+    assert not any("'a'" in w for w in warnings), warnings
+
+
+def test_discover_excludes_species_of_weight_zero(tmp_path, make_genomes, make_config, dna):
+    root = make_genomes({"a": {"a.fa": [("r", dna(100, 1))]}, "b": {"b.fa.gz": [("r", dna(100, 2))]}})
+    genomes, weights, _ = _discover(make_config(root, species_distribution={"a": 1.0, "b": 0}))
+    assert list(genomes) == ["a"] and list(weights) == ["a"]
+
+
+def test_discover_warns_about_configured_species_without_data(tmp_path, make_genomes, make_config, dna):
+    root = make_genomes({"a": {"a.fa": [("r", dna(100, 1))]}})
+    genomes, _, warnings = _discover(make_config(root, species_distribution={"a": 1.0, "ghost": 2.0}))
+    assert list(genomes) == ["a"]
+    assert any("'ghost'" in w and "configured" in w for w in warnings), warnings
+
+
+def test_discover_lists_every_fasta_file_of_a_species(tmp_path, make_genomes, make_config, dna):
+    root = make_genomes({"a": {"one.fa": [("r", dna(60, 1))], "two.fasta.gz": [("r", dna(60, 2))],
+                               "three.fna": [("r", dna(60, 3))]}})
+    genomes, _, _ = _discover(make_config(root, species_distribution={"a": 1.0}))
+    assert sorted(os.path.basename(p) for p in genomes["a"]) == ["one.fa", "three.fna", "two.fasta.gz"]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def test_multi_species_fixture_has_enough_chunks(multi_species_index):
+    cfg, index = multi_species_index
+    assert index.species == ["a", "b", "c"]
+    assert index.weights == [1.0, 2.0, 1.0]
+    counts = collections.Counter(c.key[0] for c in index.train)
+    assert all(counts[s] >= 16 for s in "abc"), counts
+    assert len({c.key[1] for c in index.train if c.key[0] == "a"}) == 2  # species a: two files
+
+
+def test_species_mix_matches_weights_within_2_points(multi_species_index):
+    cfg, index = multi_species_index
+    sampler = plm.EpochSampler(index, cfg, epoch=0, shard=0, n_shards=1)
+    ids = np.concatenate([sampler.next_batch(16)[1] for _ in range(10_000 // 16)])
+    assert len(ids) == 10_000
+    mix = np.bincount(ids, minlength=3) / len(ids)
+    target = np.array([0.25, 0.5, 0.25])
+    assert np.abs(mix - target).max() <= 0.02, mix
+
+
+def test_batch_mixes_windows_from_at_least_8_chunks(tmp_path, make_genomes, make_config, dna):
+    root = make_genomes({"a": {"a.fa": [("r", dna(600 * 40, 60))]}})
+    cfg = make_config(root, species_distribution={"a": 1.0})
+    index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
+    assert len(index.train) >= 16
+    sampler = plm.EpochSampler(index, cfg, epoch=0, shard=0, n_shards=1)
+    distinct = [len(set(sampler.next_batch(16)[2])) for _ in range(20)]
+    assert distinct[0] >= 8, distinct
+    assert np.median(distinct) >= 8 and min(distinct) >= 4, distinct
+
+
+def test_windows_of_a_chunk_are_drawn_in_random_order(multi_species_index):
+    cfg, index = multi_species_index
+    cfg = dataclasses.replace(cfg, open_chunks_per_species=1)  # one chunk at a time: draws follow its window order
+    species = "b"
+    chunks = [c for c in index.train if c.key[0] == species]
+    start_of = {}
+    for key, chunk in full_chunks(index, species, cfg).items():
+        for i, row in enumerate(window_rows(chunk.tokens, cfg)):
+            start_of[key, row] = i
+    stream = plm.SpeciesStream(index.species.index(species), chunks, index.files[species], cfg,
+                               np.random.default_rng(0))
+    total = index.windows(chunks, cfg)
+    tokens, keys = stream.draw(total)
+    order = collections.defaultdict(list)
+    for row, key in zip(tokens, keys):
+        order[key].append(start_of[key, tuple(int(t) for t in row)])
+    assert set(order) == {c.key for c in chunks}
+    for key, starts in order.items():
+        assert sorted(starts) == list(range(len(starts))), key  # every window of the chunk, once
+    long_chunks = [starts for starts in order.values() if len(starts) >= 8]
+    assert len(long_chunks) >= 10
+    assert all(starts != sorted(starts) for starts in long_chunks)  # sorted by chance: p = 1/8! each
+
+
+@pytest.mark.parametrize("n_chunks", [4, 7, 50])
+@pytest.mark.parametrize("epoch", [0, 3])
+def test_assign_chunks_puts_every_chunk_in_exactly_one_shard(n_chunks, epoch):
+    n_shards = 4  # world 2 x 2 workers
+    shards = [plm.assign_chunks(n_chunks, shard, n_shards, epoch, seed=7, species_id=1) for shard in range(n_shards)]
+    flat = [i for shard in shards for i in shard]
+    assert sorted(flat) == list(range(n_chunks))
+    assert all(len(s) >= n_chunks // n_shards for s in shards)
+
+
+def test_assign_chunks_gives_every_shard_a_chunk_when_fewer_chunks_than_shards():
+    shards = [plm.assign_chunks(3, shard, 4, 0, seed=7, species_id=0) for shard in range(4)]
+    assert all(len(s) == 1 for s in shards)
+    assert {i for s in shards for i in s} == {0, 1, 2}
+
+
+def test_sharded_species_streams_draw_every_training_window_exactly_once(multi_species_index):
+    cfg, index = multi_species_index
+    species = "a"
+    species_id = index.species.index(species)
+    train_keys = {c.key for c in index.train if c.key[0] == species}
+    expected = collections.Counter()
+    for key, chunk in full_chunks(index, species, cfg).items():
+        if key in train_keys:
+            expected.update(window_rows(chunk.tokens, cfg))
+    assert max(expected.values()) == 1, "synthetic windows should be unique"
+
+    n_tokens = {c.key: c.n_tokens for c in index.train}
+    drawn, owned_by = collections.Counter(), collections.Counter()
+    for shard in range(4):
+        sampler = plm.EpochSampler(index, cfg, epoch=1, shard=shard, n_shards=4)
+        stream = sampler.streams[species_id]
+        owned_by.update(stream.owned)
+        remaining = sum(plm.windows_per_chunk(n_tokens[k], cfg.context_size, cfg.window_stride) for k in stream.owned)
+        while remaining:
+            tokens, keys = stream.draw(min(16, remaining))
+            assert all(k in stream.owned for k in keys)
+            drawn.update(tuple(int(t) for t in row) for row in tokens)
+            remaining -= len(tokens)
+    assert set(owned_by) == train_keys and max(owned_by.values()) == 1
+    assert drawn == expected
+
+
+def test_same_seed_epoch_and_shard_give_identical_batches(multi_species_index):
+    cfg, index = multi_species_index
+
+    def batches(epoch, shard):
+        sampler = plm.EpochSampler(index, cfg, epoch=epoch, shard=shard, n_shards=2)
+        return [sampler.next_batch(16) for _ in range(30)]
+
+    first, again = batches(0, 0), batches(0, 0)
+    for (t1, s1, k1), (t2, s2, k2) in zip(first, again):
+        assert np.array_equal(t1, t2) and np.array_equal(s1, s2) and k1 == k2
+    other_epoch = batches(1, 0)
+    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(first, other_epoch))
+    other_shard = batches(0, 1)
+    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(first, other_shard))
+
+
+def test_genome_stream_ranks_yield_equal_full_batches(multi_species_index):
+    cfg, index = multi_species_index
+    per_epoch = 6
+    out = {}
+    for rank in (0, 1):
+        stream = plm.GenomeStream(index, cfg, rank=rank, world_size=2, steps_per_epoch=per_epoch)
+        out[rank] = loader_batches(stream, num_workers=2, n=per_epoch)
+    for rank, batches in out.items():
+        assert len(batches) == per_epoch
+        for tokens, species in batches:
+            assert tokens.shape == (cfg.accumulation_steps, cfg.batch_size, cfg.context_size + 1)
+            assert species.shape == (cfg.accumulation_steps, cfg.batch_size)
+            assert int(tokens.min()) >= 0 and int(tokens.max()) < plm.VOCAB_SIZE
+            assert set(species.flatten().tolist()) <= {0, 1, 2}
+    assert not any(torch.equal(a[0], b[0]) for a, b in zip(out[0], out[1])), "ranks must read different shards"
+
+
+_FRESH = {}
+
+
+@pytest.mark.parametrize("num_workers, start", [(0, 3), (0, 7), (2, 2), (2, 4), (2, 3), (2, 7)])
+def test_genome_stream_resumes_at_the_exact_step(multi_species_index, num_workers, start):
+    """GenomeStream(start_step=k) yields the items of steps k, k+1, ... of a fresh stream (5 steps per epoch,
+    so start=7 resumes inside epoch 1)."""
+    cfg, index = multi_species_index
+    total = 12
+
+    def stream(k):
+        return plm.GenomeStream(index, cfg, rank=1, world_size=2, steps_per_epoch=5, start_step=k)
+
+    if num_workers not in _FRESH:
+        _FRESH[num_workers] = loader_batches(stream(0), num_workers, total)
+    fresh = _FRESH[num_workers]
+    resumed = loader_batches(stream(start), num_workers, total - start)
+    matches = [torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(resumed, fresh[start:])]
+    assert all(matches), f"resumed batch i == fresh batch {start}+i: {matches}"
+
+
+# ----------------------------------------------------------------------------- validation split
+
+def _fake_chunks(spec):
+    """{species: n_chunks} -> bare Chunks with distinct keys."""
+    return [plm.Chunk(key=(s, f"{s}/g.fa", i % 3, 1000 * i, i // 3), n_tokens=100)
+            for s, n in spec.items() for i in range(n)]
+
+
+def test_split_chunks_is_deterministic_and_disjoint():
+    chunks = _fake_chunks({"a": 200, "b": 37, "c": 2})
+    train, val = plm.split_chunks(chunks, 0.1)
+    train2, val2 = plm.split_chunks(list(reversed(chunks)), 0.1)
+    assert {c.key for c in train} == {c.key for c in train2}
+    assert {c.key for c in val} == {c.key for c in val2}
+    assert not {c.key for c in train} & {c.key for c in val}
+    assert len(train) + len(val) == len(chunks)
+    assert 5 <= sum(c.key[0] == "a" for c in val) <= 40  # about 10% of 200
+
+
+@pytest.mark.parametrize("val_fraction", [1e-9, 0.02, 0.999])
+def test_split_gives_every_species_with_two_chunks_train_and_val(val_fraction):
+    chunks = _fake_chunks({"a": 2, "b": 3, "c": 50, "d": 1})
+    train, val = plm.split_chunks(chunks, val_fraction)
+    for species in "abc":
+        assert any(c.key[0] == species for c in train), species
+        assert any(c.key[0] == species for c in val), species
+    assert sum(c.key[0] == "d" for c in train + val) == 1
+
+
+def test_scan_split_is_disjoint_and_covers_all_chunks(multi_species_index, multi_species_dir):
+    cfg, index = multi_species_index
+    train, val = {c.key for c in index.train}, {c.key for c in index.val}
+    assert not train & val
+    all_keys = set()
+    for species in index.species:
+        for path, label in index.files[species]:
+            all_keys.update(c.key for c in plm.chunk_file(path, species, label, cfg, wanted=set()))
+    assert train | val == all_keys
+    for species in index.species:
+        assert any(k[0] == species for k in val), species
+    again = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
+    assert [c.key for c in again.val] == [c.key for c in index.val]
+
+
+def test_load_validation_returns_the_same_tensors_twice(multi_species_index):
+    cfg, index = multi_species_index
+    tokens, ids = plm.load_validation(index, cfg)
+    tokens2, ids2 = plm.load_validation(index, cfg)
+    assert len(tokens) > 0
+    assert torch.equal(tokens, tokens2) and torch.equal(ids, ids2)
+
+
+def test_load_validation_holds_every_window_of_the_val_chunks(multi_species_index):
+    cfg, index = multi_species_index  # eval_windows = 0: all of them, in val order
+    chunks = {}
+    for species in index.species:
+        chunks.update(full_chunks(index, species, cfg))
+    expected = [row for c in index.val for row in window_rows(chunks[c.key].tokens, cfg)]
+    expected_ids = [index.species.index(c.key[0]) for c in index.val
+                    for _ in range(plm.windows_per_chunk(c.n_tokens, cfg.context_size, cfg.window_stride))]
+    tokens, ids = plm.load_validation(index, cfg)
+    assert [tuple(r) for r in tokens.tolist()] == expected
+    assert ids.tolist() == expected_ids
+    assert len(tokens) == index.windows(index.val, cfg)
+
+
+def test_load_validation_subsamples_to_eval_windows(multi_species_index):
+    cfg, index = multi_species_index
+    total = index.windows(index.val, cfg)
+    small = dataclasses.replace(cfg, eval_windows=total // 3)
+    tokens, ids = plm.load_validation(index, small)
+    assert tokens.shape == (total // 3, cfg.context_size + 1)
+    everything, _ = plm.load_validation(index, cfg)
+    rows = {tuple(r) for r in everything.tolist()}
+    assert all(tuple(r) in rows for r in tokens.tolist())
+
+
+# ----------------------------------------------------------------------------- real genomes
+
+def test_real_tair10_record_has_30427671_bases(tair10):
+    path, record_id, seq = tair10
+    assert len(seq) == TAIR10_BASES
+    records = read_records(path)
+    assert [(i, rid) for i, rid, _ in records] == [(0, record_id)]
+    assert len(records[0][2]) == TAIR10_BASES
+
+
+@pytest.mark.parametrize("species", ["arabidopsis", "arenosa", "lyrata"])
+def test_real_read_fasta_matches_biopython(real_genome, biopython_records, species):
+    path = real_genome(species)
+    expected = biopython_records(species)
+    got = [(rid, seq) for _, rid, seq in read_records(path)]
+    assert [rid for rid, _ in got] == [rid for rid, _ in expected]
+    for (rid, seq), (_, bio_seq) in zip(got, expected):
+        assert len(seq) == len(bio_seq), rid
+        assert seq == bio_seq, rid
+
+
+def test_real_tair10_acgt_segments_match_biopython_regex(tair10):
+    path, _, seq = tair10
+    segments, position = [], 0  # runs of each piece, joined where one piece's run meets the next piece's
+    for _, _, piece in plm.read_fasta(path):
+        codes = plm.BYTE_CODES[np.frombuffer(piece, dtype=np.uint8)]
+        for start, end in (plm.acgt_segments(codes) + position).tolist():
+            if segments and segments[-1][1] == start:
+                segments[-1] = (segments[-1][0], end)
+            else:
+                segments.append((start, end))
+        position += len(codes)
+    expected = [(m.start(), m.end()) for m in ACGT_RUN.finditer(seq)]
+    assert len(expected) > 100
+    assert [e - s for s, e in segments] == [e - s for s, e in expected]
+    assert segments == expected
+
+
+def test_real_tair10_chunks_match_biopython_sequence(tair10):
+    path, _, seq = tair10
+    cfg = plm.Config()
+    runs = {m.start(): m.end() for m in ACGT_RUN.finditer(seq)}
+    stats = plm.FileStats()
+    chunks = chunks_of(path, cfg, species="arabidopsis", label="tair10", stats=stats)
+    assert stats.bases == TAIR10_BASES
+    assert stats.acgt_bases == sum(e - s for s, e in runs.items())
+    assert stats.acgt_bases == stats.used_bases + stats.dropped_short
+    assert len(chunks) >= TAIR10_BASES // cfg.chunk_size
+    for chunk in chunks:
+        _, _, record_index, segment_start, chunk_index = chunk.key
+        first = segment_start + chunk_index * cfg.chunk_size
+        last = first + KMER * chunk.n_tokens
+        assert record_index == 0 and segment_start in runs and last <= runs[segment_start], chunk.key
+        assert chunk.n_tokens * KMER <= cfg.chunk_size
+        bases = seq[first:last]
+        assert np.array_equal(chunk.tokens, tokens_of(bases)), chunk.key
+        lower = np.frombuffer(bases.encode(), dtype=np.uint8) >= ord("a")
+        assert np.array_equal(chunk.repeat, lower.reshape(-1, KMER).sum(1) >= 3), chunk.key
+    long_runs = [s for s, e in runs.items() if e - s >= cfg.window_bases]
+    assert sorted({c.key[3] for c in chunks}) == long_runs
+
+
+def test_real_scan_finds_three_species_with_disjoint_splits(real_index):
+    cfg, index, warnings = real_index
+    assert index.species == ["arabidopsis", "arenosa", "lyrata"]
+    assert not index.skipped, index.skipped
+    assert not [w for w in warnings if w.startswith("warning")], warnings
+    train, val = {c.key for c in index.train}, {c.key for c in index.val}
+    assert train and val and not train & val
+    for species in index.species:
+        assert any(k[0] == species for k in train), species
+        assert any(k[0] == species for k in val), species
+    assert index.windows(index.val, cfg) > 0
+    assert index.stats["arabidopsis"].bases == TAIR10_BASES
+
+
+def test_real_validation_windows_are_tokens_of_all_species(real_index):
+    cfg, index, _ = real_index
+    tokens, ids = plm.load_validation(index, cfg)
+    total = index.windows(index.val, cfg)
+    assert tokens.shape == (min(cfg.eval_windows, total), cfg.context_size + 1)
+    assert tokens.dtype == torch.long and int(tokens.min()) >= 0 and int(tokens.max()) < plm.VOCAB_SIZE
+    assert set(ids.tolist()) == {0, 1, 2}
