@@ -34,13 +34,15 @@ def run_variant(label, args, steps, log_every, extra_env):
         return {"label": label, "args": args, "error": proc.stderr[-2000:], "returncode": proc.returncode}
     records = [json.loads(line) for path in glob.glob(f"{logs}/metrics_*.jsonl") for line in open(path)]
     train = [r for r in records if "tokens_per_s" in r]
+    val = [r for r in records if "val_bits_per_base" in r]
     steady = train[2:] or train
     result = {"label": label, "args": args, "steps": steps, "windows_used": len(steady), "wall_s": wall,
               "recompile_messages": recompiles,
               "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in steady),
               "tokens_per_s_windows": [r["tokens_per_s"] for r in train],
               "data_wait_frac_median": statistics.median(r["data_wait_frac"] for r in steady),
-              "final_train_bits_per_base": train[-1]["bits_per_base"]}
+              "final_train_bits_per_base": train[-1]["bits_per_base"],
+              "final_val_bits_per_base": val[-1]["val_bits_per_base"] if val else None}
     for key in ("mfu", "gpu_mem_peak_gb", "host_rss_mb"):
         if key in steady[-1]:
             result[key + ("_median" if key == "mfu" else "")] = (

@@ -1,0 +1,87 @@
+"""Where a training step's GPU time goes, at a given batch: kernels grouped into attention, matmuls, loss,
+optimizer, bucket-memory update and the rest, from torch.profiler.
+
+    python bench/profile_step.py --batch_size=4096 [--use_global_memory=false ...]  -> bench/results/profile_*.json
+Synthetic tokens (the data pipeline is measured separately, as data_wait in the throughput runs); the step is
+the trainer's: compiled forward/backward, clip, fused AdamW, memory observations and update.
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import plant_lm_train as plm  # noqa: E402
+
+GROUPS = [("attention", ("flash", "fmha", "flex", "attention", "sdpa", "triton_tem_fused")),
+          ("optimizer", ("adam", "multi_tensor", "foreach", "clip", "norm")),
+          ("memory update", ("index_add", "scatter", "bincount")),
+          ("loss", ("cross_entropy", "log_softmax", "nll")),
+          ("matmul (projections, MLP, head)", ("gemm", "cutlass", "xmma", "sm90", "nvjet", "cublas", "mm_")),
+          ("other elementwise/copies", ("",))]
+
+
+def main():
+    cfg = plm.Config(**plm.parse_overrides(sys.argv[1:])).validate()
+    device = torch.device("cuda")
+    model = plm.PlantLM(cfg, 3, attention_kernel="flex").to(device)
+    model.local_mask(cfg.context_size, device)
+    compiled = torch.compile(model, mode=cfg.compile_mode)
+    optimizer = plm.build_optimizer(model, cfg, device)
+    tokens = torch.randint(0, plm.VOCAB_SIZE, (cfg.batch_size, cfg.context_size + 1), device=device)
+    species = torch.randint(0, 3, (cfg.batch_size,), device=device)
+
+    def step(n):
+        for _ in range(n):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, hidden = compiled(tokens[:, :-1], species, tokens[:, 1:])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.use_global_memory:
+                model.update_bucket_memory(model.bucket_observations(tokens[:, :-1], hidden), 1)
+
+    step(5)
+    torch.cuda.synchronize()
+    t0 = time.time()
+    step(10)
+    torch.cuda.synchronize()
+    seconds_per_step = (time.time() - t0) / 10
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step(5)
+        torch.cuda.synchronize()
+    totals = {name: 0.0 for name, _ in GROUPS}
+    kernels = []
+    for event in prof.key_averages():
+        us = event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+        if us <= 0:
+            continue
+        kernels.append((event.key, us / 5))
+        lower = event.key.lower()
+        group = next(name for name, keys in GROUPS if any(k in lower for k in keys))
+        totals[group] += us / 5
+    kernel_total = sum(totals.values())
+    flops = model.flops_per_step(cfg.batch_size * cfg.context_size, 1)
+    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "command": " ".join(sys.argv), "batch_size": cfg.batch_size, "use_global_memory": cfg.use_global_memory,
+              "seconds_per_step_mean_of_10": seconds_per_step,
+              "tokens_per_s": cfg.batch_size * cfg.context_size / seconds_per_step,
+              "mfu_989": flops / seconds_per_step / 989e12,
+              "gpu_kernel_ms_per_step": kernel_total / 1000,
+              "share": {k: v / kernel_total for k, v in totals.items()},
+              "top_kernels_ms": [(k, us / 1000) for k, us in sorted(kernels, key=lambda x: -x[1])[:25]]}
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    name = f"profile_b{cfg.batch_size}{'' if cfg.use_global_memory else '_nomem'}.json"
+    with open(os.path.join(os.path.dirname(__file__), "results", name), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({k: v for k, v in result.items() if k != "top_kernels_ms"}, indent=1))
+    for k, ms in result["top_kernels_ms"][:15]:
+        print(f"{ms:8.3f} ms  {k[:110]}")
+
+
+if __name__ == "__main__":
+    main()
