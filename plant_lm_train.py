@@ -578,7 +578,10 @@ class SpeciesStream:
         while count:
             if not self.slots:
                 self._new_pass()
-            picks = np.bincount(self.rng.integers(len(self.slots), size=count), minlength=len(self.slots))
+            # slots are picked in proportion to the windows they have left, so a draw is uniform over the open
+            # windows: short chunks (often repeat arrays between assembly gaps) are not over-sampled
+            remaining = np.array([len(order) - pos for _, order, pos in self.slots], dtype=np.float64)
+            picks = self.rng.multinomial(count, remaining / remaining.sum())
             for i in np.flatnonzero(picks)[::-1]:
                 chunk, order, pos = self.slots[i]
                 take = min(int(picks[i]), len(order) - pos)
@@ -1342,6 +1345,8 @@ def train(cfg, build_model=None):
                 inputs, targets = step_tokens[micro, :, :-1], step_tokens[micro, :, 1:]
                 last = micro == cfg.accumulation_steps - 1
                 # gradients are all-reduced only on the last micro-batch; no_sync must wrap the forward too
+                if cfg.compile_mode == "reduce-overhead" and forward_model is not raw_model:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last call's graph outputs are consumed
                 with (ddp_model.no_sync() if rt.distributed and not last else contextlib.nullcontext()):
                     with torch.autocast(rt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                         loss, hidden = ddp_model(inputs, species, targets)
