@@ -62,7 +62,7 @@ class Config:
     accumulation_steps: int = 4
     n_epochs: int = 10
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = run all epochs)
-    max_minutes: float = 0  # stop after this much training time, compilation and validation excluded (0 = no limit)
+    max_minutes: float = 0.0  # stop after this much training time, compilation and validation excluded (0 = no limit)
     learning_rate: float = 1e-4
     min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
     warmup_steps: int = 200

@@ -57,7 +57,7 @@ def main():
                         "stderr_tail": open(os.path.join(r["logs"], "stderr.txt")).read()[-1500:]
                         if r["returncode"] else ""})
     markov_path = os.path.join(HERE, "results", "markov_baseline.json")
-    markov = json.load(open(markov_path))["validation_bits_per_base"] if os.path.exists(markov_path) else None
+    markov = json.load(open(markov_path))["validation"]["bits_per_base"] if os.path.exists(markov_path) else None
     meta = {"device": torch.cuda.get_device_name(0) if n_gpus else "cpu", "gpus_used": n_gpus,
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
             "statistic": "one run per variant; variants ran concurrently, one per GPU" if n_gpus > 1 else "one run"}
