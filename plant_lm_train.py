@@ -874,7 +874,8 @@ class PlantLM(nn.Module):
             self.bucket_memory.div_(torch.where(rms > 0, rms, torch.ones_like(rms)))
 
     def flops_per_step(self, n_tokens, batch_forwards):
-        """Real training FLOPs (forward + backward = 3x forward) for n_tokens in batch_forwards forward calls."""
+        """Real training FLOPs for n_tokens in batch_forwards forward calls: backward costs 2x forward, except for
+        the memory projection, whose input needs no gradient."""
         cfg = self.cfg
         d, L, T, W = cfg.d_model, cfg.n_layers, cfg.context_size, cfg.local_attn_window
         keys_per_query = sum(min(i + 1, W) for i in range(T)) / T
@@ -883,7 +884,8 @@ class PlantLM(nn.Module):
         if cfg.use_global_memory:
             per_token += L * 4 * cfg.n_buckets * d
             per_forward = L * 2 * cfg.n_buckets * d * 2 * d
-        return 3 * (per_token * n_tokens + per_forward * batch_forwards)
+        # the memory's key/value projection reads a buffer: its backward is the weight gradient only (1x, not 2x)
+        return 3 * per_token * n_tokens + 2 * per_forward * batch_forwards
 
 
 # ----------------------------------------------------------------------------- training

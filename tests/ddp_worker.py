@@ -1,0 +1,121 @@
+"""Two-process CPU (gloo) checks for tests/test_model.py; not a test module itself.
+
+    WANDB_MODE=disabled OMP_NUM_THREADS=1 \
+        python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py OUTDIR DATA_DIR
+
+Each rank writes its results to OUTDIR; the test compares them:
+  accumulation: the trainer's micro-batch loop (forward and backward inside DDP no_sync but for the last micro-batch,
+      loss / accumulation_steps) on DIFFERENT micro-batches per rank -> accum_rank{r}.pt with the all-reduced
+      gradients and the parameters after one SGD step, plus (rank 0) the initial state and every micro-batch, for a
+      single-process reference over the whole batch.
+  memory: the real plant_lm_train.train() on a tiny synthetic genome dir, with a PlantLM subclass that records the
+      training inputs it sees -> memory_rank{r}.pt with the rank's bucket memory after training and its inputs.
+"""
+
+import contextlib
+import dataclasses
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import plant_lm_train as plm  # noqa: E402
+
+ACCUMULATION_STEPS = 2
+MICRO_BATCH = 2
+SGD_LR = 0.5
+
+
+def tiny_config(**overrides):
+    values = dict(d_model=32, n_layers=2, n_heads=2, context_size=16, local_attn_window=4, dropout=0.0)
+    values.update(overrides)
+    return plm.Config(**values).validate()
+
+
+def accumulation_case(world_size):
+    """(cfg, model, tokens [world * accum, micro, T + 1], species [world * accum, micro]); the same on every rank."""
+    cfg = tiny_config(batch_size=MICRO_BATCH, accumulation_steps=ACCUMULATION_STEPS)
+    torch.manual_seed(0)
+    model = plm.PlantLM(cfg, 3)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a live memory path, so that memory_kv and memory_gate get gradients too
+        model.bucket_memory.normal_(generator=g)
+        for block in model.blocks:
+            block.attn.memory_gate.uniform_(0.5, 1.5, generator=g)
+    tokens = torch.randint(0, plm.VOCAB_SIZE, (world_size * ACCUMULATION_STEPS, MICRO_BATCH, cfg.context_size + 1),
+                           generator=g)
+    species = torch.randint(0, 3, (world_size * ACCUMULATION_STEPS, MICRO_BATCH), generator=g)
+    return cfg, model, tokens, species
+
+
+def run_accumulation(outdir, rank, world_size):
+    cfg, model, tokens, species = accumulation_case(world_size)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    ddp_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    mine = slice(rank * ACCUMULATION_STEPS, (rank + 1) * ACCUMULATION_STEPS)  # each rank its own micro-batches
+    step_tokens, step_species = tokens[mine], species[mine]
+    for micro in range(cfg.accumulation_steps):  # as in plant_lm_train.train
+        inputs, targets = step_tokens[micro, :, :-1], step_tokens[micro, :, 1:]
+        last = micro == cfg.accumulation_steps - 1
+        with ddp_model.no_sync() if not last else contextlib.nullcontext():  # forward inside no_sync too
+            loss, _ = ddp_model(inputs, step_species[micro], targets)
+            (loss / cfg.accumulation_steps).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR)
+    optimizer.step()
+    result = {"grads": grads, "params": {name: p.detach().clone() for name, p in model.named_parameters()},
+              "step_tokens": step_tokens}
+    if rank == 0:
+        result.update(initial=initial, tokens=tokens, species=species, config=dataclasses.asdict(cfg))
+    torch.save(result, os.path.join(outdir, f"accum_rank{rank}.pt"))
+
+
+class RecordingPlantLM(plm.PlantLM):
+    """PlantLM that keeps every training micro-batch it is given (inputs only), to show the ranks saw different data."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def forward(self, tokens, species, targets=None):
+        if self.training:
+            self.seen.append(tokens.detach().clone())
+        return super().forward(tokens, species, targets)
+
+
+def run_memory(outdir, data_dir, rank):
+    cfg = tiny_config(data_dir=data_dir, species_distribution={"a": 1.0, "b": 1.0}, chunk_size=600,
+                      overlap_ratio=0.5, val_fraction=0.1, dropout=0.1, batch_size=2, accumulation_steps=2,
+                      max_steps=4, num_workers=0, checkpoint_every=2, log_every=1, eval_every=2, eval_windows=16,
+                      global_context=100, bucket_norm_every=3, precision="fp32", compile=False,
+                      checkpoint_dir=os.path.join(outdir, "ckpt"), log_dir=os.path.join(outdir, "logs"),
+                      resume="none", seed=7)
+    built = []
+
+    def build_model(*args, **kwargs):
+        built.append(RecordingPlantLM(*args, **kwargs))
+        return built[0]
+
+    plm.train(cfg, build_model=build_model)  # destroys the process group at the end
+    model = built[0]
+    torch.save({"bucket_memory": model.bucket_memory.clone(), "bucket_weight": model.bucket_weight.clone(),
+                "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+                "seen": torch.stack(model.seen)}, os.path.join(outdir, f"memory_rank{rank}.pt"))
+
+
+def main(outdir, data_dir):
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    run_accumulation(outdir, rank, world_size)
+    dist.barrier()
+    run_memory(outdir, data_dir, rank)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
