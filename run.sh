@@ -15,7 +15,7 @@ PYTHON=${PYTHON:-.venv/bin/python}
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
 export NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1}
 
-[ -x "$PYTHON" ] || { echo "error: $PYTHON not found; run: bash setup_env.sh" >&2; exit 1; }
+command -v "$PYTHON" >/dev/null || { echo "error: $PYTHON not found; run: bash setup_env.sh" >&2; exit 1; }
 if ! [[ "$WORLD_SIZE" =~ ^[0-9]+$ ]] || [ "$WORLD_SIZE" -lt 1 ]; then
     echo "error: WORLD_SIZE=$WORLD_SIZE must be a whole number >= 1" >&2; exit 1
 fi
