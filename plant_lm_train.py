@@ -325,6 +325,7 @@ class FileStats:
     records: int = 0
     chunks: int = 0
     other_letters: int = 0  # letters that are neither ACGT nor N: many of them means protein, not DNA
+    duplicate_ids: int = 0  # records whose id an earlier record of the file already had
 
 
 def chunk_file(path, species, file_label, cfg, wanted=None, stats=None):
@@ -362,6 +363,7 @@ def chunk_file(path, species, file_label, cfg, wanted=None, stats=None):
 
     position = 0  # offset of the current piece within its record
     current_record = -1
+    seen_ids = set()
     for rec_index, rec_id, piece in read_fasta(path):
         if rec_index != current_record:
             if in_segment and (chunk := emit()):
@@ -369,6 +371,8 @@ def chunk_file(path, species, file_label, cfg, wanted=None, stats=None):
             in_segment = False
             current_record, record_index, record_id, position = rec_index, rec_index, rec_id, 0
             stats.records += 1
+            stats.duplicate_ids += rec_id in seen_ids
+            seen_ids.add(rec_id)
         codes = BYTE_CODES[np.frombuffer(piece, dtype=np.uint8)]
         segments = acgt_segments(codes)
         n_valid = int((segments[:, 1] - segments[:, 0]).sum()) if len(segments) else 0
@@ -505,6 +509,9 @@ def scan_genomes(cfg, warn=print, progress=True):
                 bar.update(os.path.getsize(path))
             if not found:
                 warn(f"warning: {path}: no A/C/G/T run of at least {cfg.window_bases} bases; nothing to train on")
+            if file_stats.duplicate_ids:
+                warn(f"warning: {path}: {file_stats.duplicate_ids} record(s) repeat an earlier record id; "
+                     f"all are used, told apart by their position in the file")
             chunks.extend(found)
             files.setdefault(name, []).append((path, label))
             for f in dataclasses.fields(FileStats):

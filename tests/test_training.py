@@ -231,19 +231,19 @@ def _straight_then_resumed(data_dir, tmp_path, nproc, total, resume_at, extra=()
 
 
 def test_resume_mid_epoch_single_process_is_bitwise_exact(data_dir, tmp_path):
-    """1 process, default dropout 0.1, resume at step 6 of 12 (mid-epoch: the data stream fast-forwards).
+    """1 process, default dropout 0.1, resume at step 4 of 8 (mid-epoch: the data stream fast-forwards).
 
     Fails while the dropout RNG drifts: train() restores the checkpoint's torch RNG state and only then calls
     iter(DataLoader), whose base seed is drawn from the global torch RNG, so the resumed run's dropout masks are
     one draw off those of the straight run (with --dropout=0 the same comparison is bitwise equal).
     """
-    _straight_then_resumed(data_dir, tmp_path, nproc=1, total=12, resume_at=6)
+    _straight_then_resumed(data_dir, tmp_path, nproc=1, total=8, resume_at=4)
 
 
 def test_resume_two_processes_with_loader_workers_at_an_odd_step_is_bitwise_exact(data_dir, tmp_path):
-    """2 ranks x 2 DataLoader workers, resume at step 3 of 8 (the workers' step residues swap); dropout 0, so
+    """2 ranks x 2 DataLoader workers, resume at step 3 of 6 (the workers' step residues swap); dropout 0, so
     this isolates the data order, DDP and bucket-memory state from the dropout RNG (see the test above)."""
-    _straight_then_resumed(data_dir, tmp_path, nproc=2, total=8, resume_at=3,
+    _straight_then_resumed(data_dir, tmp_path, nproc=2, total=6, resume_at=3,
                            extra=["--num_workers=2", "--dropout=0"])
 
 
