@@ -99,7 +99,11 @@ class Config:
             (0 <= self.overlap_ratio < 1, "overlap_ratio", "must be in [0, 1)"),
             (1 <= self.local_attn_window <= self.context_size, "local_attn_window", "must be in [1, context_size]"),
             (self.n_buckets == VOCAB_SIZE, "n_buckets", f"must be 4^{KMER} = {VOCAB_SIZE}, one bucket per 6-mer"),
-            (self.d_model % self.n_heads == 0, "d_model", "must be divisible by n_heads"),
+            (self.n_heads >= 1, "n_heads", "must be >= 1"),
+            (self.n_layers >= 1, "n_layers", "must be >= 1"),
+            (self.d_model >= 1, "d_model", "must be >= 1"),
+            (self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1"),
+            (self.n_heads >= 1 and self.d_model % self.n_heads == 0, "d_model", "must be divisible by n_heads"),
             ((self.d_model // max(self.n_heads, 1)) % 2 == 0, "d_model", "d_model / n_heads must be even (rotary)"),
             (self.batch_size >= 1, "batch_size", "must be >= 1"),
             (self.accumulation_steps >= 1, "accumulation_steps", "must be >= 1"),
@@ -1252,8 +1256,9 @@ def train(cfg, build_model=None):
     scaler = torch.amp.GradScaler(rt.device.type, init_scale=2.0**16 if use_scaler else 1.0,
                                   growth_interval=2000 if use_scaler else 2**31 - 1)
     step, best_val = 0, float("inf")
+    saved_rng = None
 
-    resume = os.environ.get("RESUME", cfg.resume)
+    resume = cfg.resume
     path = find_latest_checkpoint(cfg.checkpoint_dir, warn) if resume == "auto" else (None if resume == "none" else resume)
     if path:
         ckpt = load_checkpoint(path)
@@ -1266,7 +1271,7 @@ def train(cfg, build_model=None):
             warn(f"warning: {path} was written with {ckpt['world_size']} rank(s) and {ckpt['steps_per_epoch']} "
                  f"steps/epoch, now {rt.world_size} and {per_epoch}: the data order will not replay exactly")
         elif rt.rank < len(ckpt["rng_states"]):
-            restore_rng_states(ckpt["rng_states"][rt.rank], rt.device)
+            saved_rng = ckpt["rng_states"][rt.rank]
         warn(f"resumed from {path} at step {step}")
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -1294,6 +1299,8 @@ def train(cfg, build_model=None):
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
                         persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers else None)
     batches = iter(loader)
+    if saved_rng is not None:  # after iter(loader), which draws its base seed from the global torch RNG
+        restore_rng_states(saved_rng, rt.device)
     peak = peak_flops(rt.device)
     flops_per_step = raw_model.flops_per_step(effective * cfg.context_size, cfg.accumulation_steps * rt.world_size)
 
@@ -1572,6 +1579,8 @@ def main(argv):
             eval_main(argv[1:])
             return 0
         overrides = parse_overrides(argv[1:] if argv and argv[0] == "train" else argv)
+        if "RESUME" in os.environ and "resume" not in overrides:  # the command line beats the environment
+            overrides["resume"] = os.environ["RESUME"]
         cfg = Config(**overrides).validate()
         train(cfg)
     except (DataError, ValueError) as e:
