@@ -171,6 +171,10 @@ class DataError(Exception):
     """Bad input data; the message names the file or directory."""
 
 
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (non-finite steps, non-finite weights); the message says where and what is kept."""
+
+
 def _byte_table():
     # A C G T -> 0..3, a c g t -> 4..7 (soft-masked repeat), anything else -> 8 (splits the sequence)
     table = np.full(256, 8, dtype=np.uint8)
@@ -1102,12 +1106,12 @@ ARCHITECTURE_FIELDS = ("d_model", "n_layers", "n_heads", "context_size", "local_
 def save_checkpoint(path, payload):
     """Write to a temporary file in the same directory, fsync, then rename: a checkpoint exists only when whole."""
     folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
     for name, tensor in payload["model_state_dict"].items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise RuntimeError(f"refusing to write {path}: {name} holds non-finite values")
+            raise TrainingStopped(f"refusing to write {path}: {name} holds non-finite values")
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()
@@ -1396,7 +1400,7 @@ def train(cfg, build_model=None):
             if step % cfg.log_every == 0 or step == total_steps:
                 if consecutive_bad.item() >= cfg.max_bad_steps:
                     last_ckpt = find_latest_checkpoint(cfg.checkpoint_dir, warn)
-                    raise RuntimeError(f"{int(consecutive_bad.item())} consecutive non-finite steps up to step {step} "
+                    raise TrainingStopped(f"{int(consecutive_bad.item())} consecutive non-finite steps up to step {step} "
                                        f"(Config.max_bad_steps = {cfg.max_bad_steps}); last good checkpoint: "
                                        f"{last_ckpt or 'none'}. Lower learning_rate, or use bf16 or fp32.")
                 if skipped_steps.item() > window["skipped"]:
@@ -1476,7 +1480,7 @@ def evaluate_fasta(model, cfg, paths, species_id, device, batch_size=64, progres
     autocast_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     results = []
     for path in paths:
-        totals = {}  # record id -> [nats, targets]
+        totals = {}  # (record index, record id) -> [nats, targets]
         pending = []
 
         def flush():
@@ -1497,7 +1501,8 @@ def evaluate_fasta(model, cfg, paths, species_id, device, batch_size=64, progres
         bar = tqdm(desc=os.path.basename(path), unit=" windows", disable=not progress)
         for chunk in chunk_file(path, "eval", path, cfg, stats=stats):
             for start, mask in scored_targets(chunk.n_tokens, cfg.context_size, cfg.window_stride):
-                pending.append((chunk.tokens[start:start + cfg.context_size + 1], mask, chunk.record_id))
+                pending.append((chunk.tokens[start:start + cfg.context_size + 1], mask,
+                                (chunk.key[2], chunk.record_id)))
                 if len(pending) == batch_size:
                     flush()
                     bar.update(batch_size)
@@ -1505,8 +1510,10 @@ def evaluate_fasta(model, cfg, paths, species_id, device, batch_size=64, progres
             bar.update(len(pending))
             flush()
         bar.close()
-        results.append({"file": path, "records": {r: {"nats_per_token": n / max(t, 1), "tokens": t}
-                                                   for r, (n, t) in totals.items()},
+        ids = [record_id for _, record_id in totals]
+        names = {key: key[1] if ids.count(key[1]) == 1 else f"{key[1]} (record {key[0] + 1})" for key in totals}
+        results.append({"file": path, "records": {names[key]: {"nats_per_token": n / max(t, 1), "tokens": t}
+                                                   for key, (n, t) in totals.items()},
                         "nats": sum(n for n, _ in totals.values()), "tokens": sum(t for _, t in totals.values()),
                         "bases_read": stats.bases, "non_acgt_removed": stats.non_acgt})
     return results
@@ -1570,6 +1577,14 @@ USAGE = """usage:
 Config fields are the Config dataclass at the top of this file; --field=value overrides one for this run."""
 
 
+def error_message(error):
+    """The user's part of an error: a DataLoader worker's error arrives wrapped in the worker's traceback."""
+    message = str(error)
+    if "Original Traceback" in message:
+        return message.rstrip().rsplit("\n", 1)[-1].split(": ", 1)[-1]
+    return message
+
+
 def main(argv):
     if argv and argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -1583,9 +1598,9 @@ def main(argv):
             overrides["resume"] = os.environ["RESUME"]
         cfg = Config(**overrides).validate()
         train(cfg)
-    except (DataError, ValueError) as e:
+    except (DataError, ValueError, OSError, TrainingStopped) as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
     return 0
 

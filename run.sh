@@ -20,6 +20,16 @@ if ! [[ "$WORLD_SIZE" =~ ^[0-9]+$ ]] || [ "$WORLD_SIZE" -lt 1 ]; then
     echo "error: WORLD_SIZE=$WORLD_SIZE must be a whole number >= 1" >&2; exit 1
 fi
 
+# A Config error is not transient: report it once here, not from every rank of every torchrun restart.
+"$PYTHON" - --data_dir="$DATA_DIR" "$@" <<'EOF' || exit 2
+import sys
+import plant_lm_train as plm
+try:
+    plm.Config(**plm.parse_overrides(sys.argv[1:])).validate()
+except ValueError as e:
+    sys.exit(f"error: {e}")
+EOF
+
 gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 if [ "$gpus" -eq 0 ]; then
     procs=$WORLD_SIZE

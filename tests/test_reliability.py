@@ -222,6 +222,25 @@ def test_save_checkpoint_on_a_full_disk_keeps_the_previous_checkpoint(tmp_path, 
     assert os.listdir(tmp_path / "ckpt") == ["model_latest.pt"], "the partial temporary file was not removed"
 
 
+def test_save_checkpoint_into_a_path_under_a_regular_file_gives_the_clear_message(tmp_path):
+    """Root ignores permissions, so the unwritable directory is one whose parent is a regular file. Today
+    os.makedirs runs before the try block of save_checkpoint, so the raw NotADirectoryError escapes."""
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file")
+    path = str(blocker / "ckpt" / "model_latest.pt")
+    with pytest.raises(OSError, match=re.escape(f"cannot write checkpoint {path}") + ".*previous checkpoint is kept"):
+        plm.save_checkpoint(path, tiny_payload(plm.Config(**TINY_CFG)))
+
+
+def test_train_stops_with_a_clear_message_when_it_cannot_write_a_checkpoint(genome_dir, tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file")
+    ckpt_dir = blocker / "ckpt"
+    proc = run_train(train_args(genome_dir, "--max_steps=3", "--checkpoint_every=1", f"--checkpoint_dir={ckpt_dir}",
+                                f"--log_dir={tmp_path / 'logs'}"), cwd=tmp_path)
+    assert proc.returncode != 0, "training continued although no checkpoint could be written"
+    assert "done: 3 steps" not in proc.stdout
+    assert f"cannot write checkpoint {ckpt_dir / 'model_latest.pt'}" in proc.stderr, describe(proc)
 
 
 # ----------------------------------------------------------------------------- 13. non-finite weights
@@ -430,6 +449,21 @@ def test_entry_point_reports_bad_data_in_one_line_and_exits_2(tmp_path, case):
 
 
 # ----------------------------------------------------------------------------- 16. errors inside DataLoader workers
+
+def test_a_genome_corrupted_after_the_scan_fails_in_the_worker_with_a_one_line_message(tmp_path):
+    data = tmp_path / "data"
+    path = write_fasta_gz(data / "s" / "s.fa.gz", [("s_chr1", random_genome(6_000, seed=12))])
+    start = time.time()
+    proc = run_train(train_args(data, "--num_workers=1", "--max_steps=5", f"--log_dir={tmp_path / 'logs'}",
+                                f"--checkpoint_dir={tmp_path / 'ckpt'}"), cwd=tmp_path, timeout=120,
+                     script=os.path.join(TESTS, "_corrupt_after_scan.py"), script_args=[path])
+    assert time.time() - start < 120
+    assert proc.returncode == 2, describe(proc)
+    assert path in proc.stderr and "not gzip-compressed" in proc.stderr
+    # today: "error: Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):
+    # ... plant_lm_train.DataError: <path>: named .gz but is not gzip-compressed" (the worker's whole traceback)
+    assert "Traceback" not in proc.stderr, describe(proc)
+    assert error_lines(proc.stderr)[0] == f"error: {path}: named .gz but is not gzip-compressed"
 
 
 # ----------------------------------------------------------------------------- 17. Config errors before heavy work

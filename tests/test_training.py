@@ -375,6 +375,16 @@ def test_run_sh_trains_on_the_cpu_with_two_processes(data_dir, tmp_path):
     assert (ckpt["step"], ckpt["world_size"], ckpt["config"]["data_dir"]) == (2, 2, data_dir)
 
 
+def test_run_sh_rejects_an_unknown_key_once_without_restarts(data_dir, tmp_path):
+    """A Config error is not transient: run.sh should report it once, not let torchrun restart the job
+    MAX_RESTARTS times (3 by default: 4 attempts of every rank, ~40 s on this tiny config)."""
+    proc = run_sh(["--bogus_key=1"], tmp_path, WORLD_SIZE=1, DATA_DIR=data_dir, MAX_RESTARTS=1)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "unknown Config field 'bogus_key'" in out
+    assert out.count("unknown Config field 'bogus_key'") == 1, \
+        f"the error was reported {out.count('unknown Config field')} times: the launcher retried a Config error"
+
 
 # ----------------------------------------------------------------------------- 8. the eval subcommand
 
@@ -452,3 +462,15 @@ def test_eval_never_updates_the_bucket_memory(eval_files):
     assert torch.equal(model.bucket_weight, ckpt["model_state_dict"]["bucket_weight"])
 
 
+def test_eval_keeps_records_with_the_same_id_apart(eval_files, tmp_path):
+    """Two records named chr1 (two assemblies concatenated, say): scan_genomes warns and trains on both, but
+    evaluate_fasta keys its per-record totals by id, so both land in one entry of the per-record results."""
+    ckpt_path, _, _, _ = eval_files
+    ckpt = load(ckpt_path)
+    cfg = plm.Config(**ckpt["config"])
+    model = plm.PlantLM(cfg, len(ckpt["species"]))
+    model.load_state_dict(ckpt["model_state_dict"])
+    fasta = write_fasta_gz(tmp_path / "dup.fa.gz", [("chr1", motif_genome(1200, seed=1)),
+                                                    ("chr1", motif_genome(1800, seed=2))])
+    (result,) = plm.evaluate_fasta(model, cfg, [fasta], 0, torch.device("cpu"), progress=False)
+    assert len(result["records"]) == 2, f"records with the same id were merged: {list(result['records'])}"
