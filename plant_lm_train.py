@@ -396,7 +396,7 @@ def chunk_file(path, species, file_label, cfg, wanted=None, stats=None):
             in_segment = False
         for start, end in segments.tolist():
             if not in_segment:
-                segment_start, chunk_index = position + int(start), 0
+                segment_start, chunk_index = position + start, 0
             cursor = start
             while cursor < end:
                 take = min(end - cursor, cfg.chunk_size - fill)
@@ -406,10 +406,8 @@ def chunk_file(path, species, file_label, cfg, wanted=None, stats=None):
                 if fill == cfg.chunk_size and (chunk := emit()):
                     yield chunk
             in_segment = end == len(codes)
-            if not in_segment and fill and (chunk := emit()):
+            if not in_segment and (chunk := emit()):
                 yield chunk
-            elif not in_segment:
-                fill = 0
         position += len(codes)
     if in_segment and (chunk := emit()):
         yield chunk
@@ -554,8 +552,8 @@ class SpeciesStream:
     many chunks and consecutive samples are not near-duplicates. A pass ends when every owned window was drawn once.
     """
 
-    def __init__(self, species_id, chunks, files, cfg, rng):
-        self.species_id, self.cfg, self.rng = species_id, cfg, rng
+    def __init__(self, chunks, files, cfg, rng):
+        self.cfg, self.rng = cfg, rng
         self.owned = {c.key for c in chunks}
         labels = {c.key[1] for c in chunks}
         self.files = [(p, label) for p, label in files if label in labels]
@@ -626,7 +624,7 @@ class EpochSampler:
                 self.streams.append(None)
                 continue
             mine = assign_chunks(len(chunks), shard, n_shards, epoch, cfg.seed, species_id)
-            self.streams.append(SpeciesStream(species_id, [chunks[i] for i in mine], index.files[name], cfg,
+            self.streams.append(SpeciesStream([chunks[i] for i in mine], index.files[name], cfg,
                                               np.random.default_rng([cfg.seed, epoch, shard, 2, species_id])))
         if self.probs.sum() == 0:
             raise DataError(f"{cfg.data_dir}: no training chunks (every chunk went to validation)")
@@ -1056,7 +1054,7 @@ class RunLog:
         if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
             self.info("warning: WANDB_MODE=online but no wandb credentials (WANDB_API_KEY or ~/.netrc); logging offline")
             mode = "offline"
-        config = {k: v for k, v in dataclasses.asdict(cfg).items()}
+        config = dataclasses.asdict(cfg)
         try:
             self.wandb = wandb.init(project=cfg.wandb_project, config=config, mode=mode,
                                     settings=wandb.Settings(init_timeout=60, silent=True))
@@ -1262,8 +1260,10 @@ def train(cfg, build_model=None):
     step, best_val = 0, float("inf")
     saved_rng = None
 
-    resume = cfg.resume
-    path = find_latest_checkpoint(cfg.checkpoint_dir, warn) if resume == "auto" else (None if resume == "none" else resume)
+    if cfg.resume == "auto":
+        path = find_latest_checkpoint(cfg.checkpoint_dir, warn)
+    else:
+        path = None if cfg.resume == "none" else cfg.resume
     if path:
         ckpt = load_checkpoint(path)
         check_compatible(ckpt["config"], cfg, ckpt["species"], index.species, path)
@@ -1309,12 +1309,10 @@ def train(cfg, build_model=None):
     flops_per_step = raw_model.flops_per_step(effective * cfg.context_size, cfg.accumulation_steps * rt.world_size)
 
     def save(name, epoch):
-        states = rng_states(rt.device)
-        all_states = [None] * rt.world_size
+        all_states = [rng_states(rt.device)]
         if rt.distributed:
-            dist.all_gather_object(all_states, states)
-        else:
-            all_states = [states]
+            all_states = [None] * rt.world_size
+            dist.all_gather_object(all_states, rng_states(rt.device))
         if rt.is_main:
             payload = {"model_state_dict": raw_model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
                        "scaler_state_dict": scaler.state_dict(), "epoch": epoch, "step": step,
