@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -244,6 +245,42 @@ def test_resume_two_processes_with_loader_workers_at_an_odd_step_is_bitwise_exac
     this isolates the data order, DDP and bucket-memory state from the dropout RNG (see the test above)."""
     _straight_then_resumed(data_dir, tmp_path, nproc=2, total=6, resume_at=3,
                            extra=["--num_workers=2", "--dropout=0"])
+
+
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def test_a_rank_killed_mid_epoch_resumes_to_the_same_parameters_as_an_uninterrupted_run(data_dir, tmp_path):
+    """kill -9 one rank of a 2-process torchrun after its first rolling checkpoint; the same command run again
+    resumes from the latest complete checkpoint and ends bitwise equal to a run that was never interrupted."""
+    total = 30
+    args = base_args(data_dir, f"--max_steps={total}", "--checkpoint_every=5", "--eval_every=1000")
+    straight = run_train(args + [f"--checkpoint_dir={tmp_path / 'straight'}", f"--log_dir={tmp_path / 'logs_a'}"],
+                         cwd=tmp_path, nproc=2)
+    assert straight.returncode == 0, describe(straight)
+
+    crash_args = args + [f"--checkpoint_dir={tmp_path / 'crash'}", f"--log_dir={tmp_path / 'logs_b'}"]
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "--max_restarts=0", SCRIPT, *crash_args], cwd=str(tmp_path), env=train_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    first_checkpoint = tmp_path / "crash" / "model_latest.pt"
+    deadline = time.time() + 180
+    while not first_checkpoint.exists() and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first_checkpoint.exists() and launcher.poll() is None, "the run ended before its first checkpoint"
+    ranks = _children(launcher.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0
+    killed_at = load(str(plm.find_latest_checkpoint(str(tmp_path / "crash"))))["step"]
+    assert killed_at < total, "the kill came after the run had finished: nothing was interrupted"
+
+    again = run_train(crash_args, cwd=tmp_path, nproc=2)
+    assert again.returncode == 0, describe(again)
+    assert "resumed from" in again.stdout and f"at step {killed_at}" in again.stdout, describe(again)
+    assert_same_training_state(tmp_path / "straight" / "model_latest.pt", tmp_path / "crash" / "model_latest.pt")
 
 
 # ----------------------------------------------------------------------------- 4. parse_overrides
