@@ -1,14 +1,17 @@
 """Tokens/s, MFU and peak memory of training variants, each a fresh process, run one after another.
 
     python bench/throughput.py --name NAME --variant "LABEL:--model=plant --compile=true ..." [--variant ...]
+A variant with --nproc=N runs as N ranks under torchrun (DDP scaling: "--nproc=1 ..." against "--nproc=2 ...").
 Each variant trains through plant_lm_train.train (data pipeline, loop and all) for --steps optimizer steps;
-the figure is the median over log windows after the first two (warm-up and compilation left out).
+the figure is the median over log windows after the first two (warm-up and compilation left out), leaving out
+windows that hold an epoch end (validation and checkpoint).
 Writes bench/results/NAME.json.
 """
 
 import argparse
 import glob
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -21,7 +24,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def run_variant(label, args, steps, log_every, extra_env):
     logs = tempfile.mkdtemp(prefix=f"bench_{label}_")
-    command = [sys.executable, os.path.join(HERE, "train_variant.py"), *args, f"--max_steps={steps}",
+    nproc = next((int(a.split("=", 1)[1]) for a in args if a.startswith("--nproc=")), None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
+        else [sys.executable]
+    command = [*launcher, os.path.join(HERE, "train_variant.py"), *[a for a in args if not a.startswith("--nproc=")],
+               f"--max_steps={steps}",
                f"--log_every={log_every}", f"--eval_every={10**9}", "--checkpoint_every=0", f"--log_dir={logs}",
                f"--checkpoint_dir={logs}/ckpt", "--resume=none"]
     env = dict(os.environ, WANDB_MODE="disabled", TORCH_LOGS="recompiles", **extra_env)
@@ -35,8 +42,10 @@ def run_variant(label, args, steps, log_every, extra_env):
     records = [json.loads(line) for path in glob.glob(f"{logs}/metrics_*.jsonl") for line in open(path)]
     train = [r for r in records if "tokens_per_s" in r]
     val = [r for r in records if "val_bits_per_base" in r]
-    steady = train[2:] or train
-    result = {"label": label, "args": args, "steps": steps, "windows_used": len(steady), "wall_s": wall,
+    # Validation and the checkpoint run after an epoch's last step; a log window holding them is not a step rate.
+    steady = [b for a, b in zip(train[1:], train[2:]) if not math.ceil(a["epoch"] - 1e-9) < b["epoch"] - 1e-9]
+    steady = steady or train[2:] or train
+    result = {"label": label, "args": args, "steps": steps, "ranks": nproc or 1, "windows_used": len(steady), "wall_s": wall,
               "recompile_messages": recompiles,
               "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in steady),
               "tokens_per_s_windows": [r["tokens_per_s"] for r in train],
@@ -60,7 +69,8 @@ def main():
     import torch
     meta = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-            "statistic": "median over log windows after the first two, one run per variant"}
+            "statistic": "median over log windows after the first two, leaving out windows that hold an epoch end "
+                         "(validation, checkpoint); one run per variant"}
     results = []
     for spec in args.variant:
         label, _, arglist = spec.partition(":")
