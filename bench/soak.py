@@ -1,5 +1,6 @@
 """A long training run watched for leaks: host RSS of the trainer and of its DataLoader workers, GPU memory,
-recompiles after warm-up and worker deaths, sampled every --sample-s seconds from outside the trainer.
+recompiles after warm-up and worker deaths, sampled every --sample-s seconds from outside the trainer. The
+children are the DataLoader workers and, on a GPU, torch.compile's compile-worker process.
 
     python bench/soak.py --name soak_h100 --minutes 20 [--field=value ...]
 Runs bench/train_variant.py (Plant LM, batch 4096, epoch checkpoints and validation as in a real run) with
@@ -20,12 +21,14 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def rss_mb(pid):
+def memory_mb(pid):
+    """RSS, and the private part of it: RSS counts the pages a forked worker still shares with its parent."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-    except (OSError, StopIteration):  # the process ended between listing and reading
-        return 0.0
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            kb = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split()[-1] == "kB"}
+    except (OSError, ValueError):  # the process ended between listing and reading
+        return 0.0, 0.0
+    return kb.get("Rss", 0) / 1024, (kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) / 1024
 
 
 def child_pids(pid):
@@ -85,8 +88,10 @@ def main():
                                    for line in open(path)):
             warm_at = now
         workers = child_pids(proc.pid)
-        sample = {"t_s": now, "trainer_rss_mb": rss_mb(proc.pid), "worker_pids": workers,
-                  "workers_rss_mb": sum(rss_mb(w) for w in workers), "gpu_used_mb": gpu_used_mb(proc.pid),
+        trainer, children = memory_mb(proc.pid), [memory_mb(w) for w in workers]
+        sample = {"t_s": now, "trainer_rss_mb": trainer[0], "trainer_private_mb": trainer[1], "worker_pids": workers,
+                  "workers_rss_mb": sum(m[0] for m in children), "workers_private_mb": sum(m[1] for m in children),
+                  "gpu_used_mb": gpu_used_mb(proc.pid),
                   "after_warmup": warm_at is not None}
         samples.append(sample)
         print(json.dumps({k: v for k, v in sample.items() if k != "worker_pids"}), flush=True)
@@ -119,6 +124,8 @@ def main():
                                            if "DataLoader worker" in line or "killed by signal" in line],
                "trainer_rss_mb": {k: s["trainer_rss_mb"] for k, s in pick(warm_samples).items()},
                "workers_rss_mb": {k: s["workers_rss_mb"] for k, s in pick(warm_samples).items()},
+               "trainer_private_mb": {k: s["trainer_private_mb"] for k, s in pick(warm_samples).items()},
+               "workers_private_mb": {k: s["workers_private_mb"] for k, s in pick(warm_samples).items()},
                "gpu_used_mb": {k: s["gpu_used_mb"] for k, s in pick(warm_samples).items()},
                "gpu_mem_alloc_gb": {k: r.get("gpu_mem_alloc_gb") for k, r in pick(train[2:]).items()},
                "gpu_mem_peak_gb": {k: r.get("gpu_mem_peak_gb") for k, r in pick(train[2:]).items()}}
@@ -133,7 +140,8 @@ def main():
         fig, ax = plt.subplots(figsize=(7, 4.5))
         minutes = [s["t_s"] / 60 for s in samples]
         ax.plot(minutes, [s["trainer_rss_mb"] for s in samples], label="trainer host RSS (MB)")
-        ax.plot(minutes, [s["workers_rss_mb"] for s in samples], label="DataLoader workers host RSS, sum (MB)")
+        ax.plot(minutes, [s["workers_rss_mb"] for s in samples], label="child processes host RSS, sum (MB)")
+        ax.plot(minutes, [s["workers_private_mb"] for s in samples], label="child processes private memory, sum (MB)")
         if any(s["gpu_used_mb"] for s in samples):
             ax.plot(minutes, [s["gpu_used_mb"] or 0 for s in samples], label="GPU memory used, nvidia-smi (MB)")
         if warm_at:
