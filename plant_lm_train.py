@@ -1271,9 +1271,12 @@ def train(cfg, build_model=None):
         optimizer.load_state_dict(ckpt["optimizer_state_dict"])
         scaler.load_state_dict(ckpt["scaler_state_dict"])
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
-        if ckpt["steps_per_epoch"] != per_epoch or ckpt["world_size"] != rt.world_size:
-            warn(f"warning: {path} was written with {ckpt['world_size']} rank(s) and {ckpt['steps_per_epoch']} "
-                 f"steps/epoch, now {rt.world_size} and {per_epoch}: the data order will not replay exactly")
+        saved_workers = ckpt["config"].get("num_workers")
+        if (ckpt["steps_per_epoch"], ckpt["world_size"], saved_workers) != (per_epoch, rt.world_size, cfg.num_workers):
+            # Each rank's DataLoader workers own disjoint shards of the chunks, so any of the three reorders the data.
+            warn(f"warning: {path} was written with {ckpt['world_size']} rank(s), {saved_workers} DataLoader "
+                 f"worker(s) per rank and {ckpt['steps_per_epoch']} steps/epoch, now {rt.world_size} rank(s), "
+                 f"{cfg.num_workers} worker(s) and {per_epoch} steps/epoch: the data order will not replay exactly")
         elif rt.rank < len(ckpt["rng_states"]):
             saved_rng = ckpt["rng_states"][rt.rank]
         warn(f"resumed from {path} at step {step}")

@@ -247,6 +247,23 @@ def test_resume_two_processes_with_loader_workers_at_an_odd_step_is_bitwise_exac
                            extra=["--num_workers=2", "--dropout=0"])
 
 
+def test_resume_with_other_loader_workers_warns_that_the_data_order_changes(data_dir, tmp_path):
+    """DataLoader workers own disjoint shards, so a resume with another num_workers cannot replay the data."""
+    args = base_args(data_dir, f"--checkpoint_dir={tmp_path / 'ckpt'}", f"--log_dir={tmp_path / 'logs'}",
+                     "--checkpoint_every=2")
+    first = run_train(args + ["--max_steps=2"], cwd=tmp_path)
+    assert first.returncode == 0, describe(first)
+    same = run_train(args + ["--max_steps=3"], cwd=tmp_path, env=train_env(RESUME="auto"))
+    assert same.returncode == 0, describe(same)
+    assert "will not replay exactly" not in same.stdout + same.stderr
+    other = run_train(args + ["--max_steps=4", "--num_workers=1"], cwd=tmp_path, env=train_env(RESUME="auto"))
+    assert other.returncode == 0, describe(other)
+    output = other.stdout + other.stderr
+    assert "at step 3" in output
+    assert "0 DataLoader worker(s) per rank" in output and "now 1 rank(s), 1 worker(s)" in output
+    assert "will not replay exactly" in output
+
+
 def _children(pid):
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(c) for c in f.read().split()]
