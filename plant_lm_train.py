@@ -1153,6 +1153,27 @@ def find_latest_checkpoint(folder, warn=print):
     return best and best[1]
 
 
+def remove_stale_temporaries(folder):
+    """Delete the temporary files of saves whose process is gone (killed mid-write); returns their paths."""
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        stem, _, pid = name.rpartition(".tmp")
+        if not (name.startswith("model_") and stem.endswith(".pt") and pid.isdigit()):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            os.kill(int(pid), 0)
+            continue  # its writer is still alive (another run saving here): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, owned by another user
+        with contextlib.suppress(OSError):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
 def check_compatible(saved_config, cfg, saved_species, species, path):
     diffs = [f"{k}: checkpoint {saved_config.get(k)!r} vs now {getattr(cfg, k)!r}"
              for k in ARCHITECTURE_FIELDS if saved_config.get(k) != getattr(cfg, k)]
@@ -1260,6 +1281,9 @@ def train(cfg, build_model=None):
     step, best_val = 0, float("inf")
     saved_rng = None
 
+    if rt.is_main and os.path.isdir(cfg.checkpoint_dir):
+        for leftover in remove_stale_temporaries(cfg.checkpoint_dir):
+            warn(f"removed {leftover}: the temporary file of a save that was interrupted")
     if cfg.resume == "auto":
         path = find_latest_checkpoint(cfg.checkpoint_dir, warn)
     else:

@@ -198,6 +198,33 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_loadable(t
     assert plm.find_latest_checkpoint(str(path.parent), warn=lambda m: None) == str(path)
 
 
+def test_leftover_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # that process has exited, so its pid is free (reuse within the test is unlikely)
+    stale = folder / f"model_latest.pt.tmp{dead_pid}"
+    live = folder / f"model_epoch_2.pt.tmp{os.getpid()}"
+    other = folder / "notes.tmp1"
+    for f in (stale, live, other):
+        f.write_bytes(b"partial")
+    assert plm.remove_stale_temporaries(str(folder)) == [str(stale)]
+    assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_a_run_removes_the_temporary_file_a_killed_save_left(genome_dir, tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER.format(repo=REPO), str(ckpt_dir / "model_latest.pt")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, describe(proc)
+    (leftover,) = glob.glob(str(ckpt_dir / "model_latest.pt.tmp*"))
+    run = run_train(train_args(genome_dir, "--max_steps=1", "--resume=none", f"--log_dir={tmp_path / 'logs'}",
+                               f"--checkpoint_dir={ckpt_dir}"), cwd=tmp_path)
+    assert run.returncode == 0, describe(run)
+    assert not os.path.exists(leftover)
+    assert f"removed {leftover}" in run.stdout + run.stderr
+
+
 # ----------------------------------------------------------------------------- 12. failed saves
 
 def test_save_checkpoint_on_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
