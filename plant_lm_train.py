@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import gzip
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -978,6 +979,15 @@ def build_optimizer(model, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
+def wrap_ddp(module, device):
+    """DDP without per-forward buffer broadcasts: the bucket memory is kept equal by its own all-reduce."""
+    # torch 2.13 renamed broadcast_buffers (now deprecated, with a warning on every run) to forward_sync_buffers.
+    renamed = "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None,
+        **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
+
+
 def host_rss_mb():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -1323,9 +1333,7 @@ def train(cfg, build_model=None):
     forward_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile and rt.device.type == "cuda" else model
     ddp_model = forward_model
     if rt.distributed:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            forward_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-            broadcast_buffers=False)  # the bucket memory is kept equal by its own all-reduce
+        ddp_model = wrap_ddp(forward_model, rt.device)
     stream = GenomeStream(index, cfg, rt.rank, rt.world_size, per_epoch, start_step=step)
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
                         persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers else None)

@@ -19,7 +19,6 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -57,7 +56,7 @@ def accumulation_case(world_size):
 def run_accumulation(outdir, rank, world_size):
     cfg, model, tokens, species = accumulation_case(world_size)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    ddp_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    ddp_model = plm.wrap_ddp(model, torch.device("cpu"))
     mine = slice(rank * ACCUMULATION_STEPS, (rank + 1) * ACCUMULATION_STEPS)  # each rank its own micro-batches
     step_tokens, step_species = tokens[mine], species[mine]
     for micro in range(cfg.accumulation_steps):  # as in plant_lm_train.train

@@ -93,6 +93,11 @@ REQUIRED_FIELDS = {"model_state_dict", "optimizer_state_dict", "scaler_state_dic
                    "species", "steps_per_epoch", "world_size", "data_position", "best_val_loss", "rng_states"}
 
 
+def test_two_process_run_shows_no_ddp_deprecation_warning(e2e_ok):
+    """torch 2.13 deprecates DDP's broadcast_buffers with a warning on every run; wrap_ddp uses the new name."""
+    assert "broadcast_buffers" not in e2e_ok.proc.stderr + e2e_ok.proc.stdout
+
+
 def test_checkpoints_hold_every_field_and_load_with_weights_only(e2e_ok):
     epoch_path, latest_path = e2e_ok.ckpt_dir / "model_epoch_1.pt", e2e_ok.ckpt_dir / "model_latest.pt"
     assert epoch_path.exists() and latest_path.exists(), sorted(os.listdir(e2e_ok.ckpt_dir))
