@@ -35,7 +35,8 @@ def run_variant(label, args, steps, log_every, extra_env):
     started = time.time()
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.time() - started
-    recompiles = proc.stderr.count("Recompiling function")
+    lines = proc.stderr.splitlines()
+    recompiles = ["\n".join(lines[i:i + 4]) for i, line in enumerate(lines) if "Recompiling function" in line]
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
         return {"label": label, "args": args, "error": proc.stderr[-2000:], "returncode": proc.returncode}
@@ -45,8 +46,9 @@ def run_variant(label, args, steps, log_every, extra_env):
     # Validation and the checkpoint run after an epoch's last step; a log window holding them is not a step rate.
     steady = [b for a, b in zip(train[1:], train[2:]) if not math.ceil(a["epoch"] - 1e-9) < b["epoch"] - 1e-9]
     steady = steady or train[2:] or train
-    result = {"label": label, "args": args, "steps": steps, "ranks": nproc or 1, "windows_used": len(steady), "wall_s": wall,
-              "recompile_messages": recompiles,
+    result = {"label": label, "args": args, "steps": steps, "ranks": nproc or 1, "windows_used": len(steady),
+              "wall_s": wall,
+              "recompile_messages": len(recompiles), "recompile_reasons": recompiles,  # the failed guard follows
               "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in steady),
               "tokens_per_s_windows": [r["tokens_per_s"] for r in train],
               "data_wait_frac_median": statistics.median(r["data_wait_frac"] for r in steady),
