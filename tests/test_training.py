@@ -445,6 +445,14 @@ def test_run_sh_rejects_an_unknown_key_once_without_restarts(data_dir, tmp_path)
         f"the error was reported {out.count('unknown Config field')} times: the launcher retried a Config error"
 
 
+def test_run_sh_reports_a_missing_data_dir_once_without_restarts(tmp_path):
+    missing = tmp_path / "no_such_data"
+    proc = run_sh([], tmp_path, WORLD_SIZE=1, DATA_DIR=str(missing), MAX_RESTARTS=1)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-2000:]
+    assert out.count(f"{missing}: data directory not found") == 1, out[-2000:]
+
+
 # ----------------------------------------------------------------------------- 8. the eval subcommand
 
 @pytest.fixture(scope="module")
