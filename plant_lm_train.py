@@ -1152,10 +1152,13 @@ def load_checkpoint(path):
 
 
 def find_latest_checkpoint(folder, warn=print):
-    """The complete checkpoint with the most optimizer steps; temporary and unreadable files are passed over."""
+    """The complete checkpoint with the most optimizer steps; temporary and unreadable files are passed over.
+
+    model_best.pt is a full checkpoint too, so it counts, but a regular checkpoint of the same step is preferred.
+    """
     if not os.path.isdir(folder):
         return None
-    best = None
+    latest = None
     for name in sorted(os.listdir(folder)):
         if not (name.startswith("model_") and name.endswith(".pt")):
             continue
@@ -1165,9 +1168,9 @@ def find_latest_checkpoint(folder, warn=print):
         except Exception as e:
             warn(f"warning: {path}: unreadable checkpoint ({type(e).__name__}); passed over")
             continue
-        if best is None or step > best[0]:
-            best = (step, path)
-    return best and best[1]
+        if latest is None or step > latest[0] or (step == latest[0] and latest[1].endswith("model_best.pt")):
+            latest = (step, path)
+    return latest and latest[1]
 
 
 def remove_stale_temporaries(folder):
@@ -1367,12 +1370,15 @@ def train(cfg, build_model=None):
     def validate_now():
         nonlocal best_val
         val_loss = evaluate(forward_model, val_tokens, val_species, cfg, rt, autocast_dtype)
+        improved = val_loss < best_val  # the same on every rank: val_loss is all-reduced
         best_val = min(best_val, val_loss)
         log.metrics({"step": step, "epoch": step / per_epoch, "val_loss": val_loss,
                      "val_bits_per_base": val_loss * BITS_PER_NAT_PER_BASE, "best_val_loss": best_val,
                      "elapsed_s": time.time() - t_start, "train_s": train_seconds})
         log.info(f"step {step}: validation loss {val_loss:.4f} nats/token = "
                  f"{val_loss * BITS_PER_NAT_PER_BASE:.4f} bits/base (best {best_val * BITS_PER_NAT_PER_BASE:.4f})")
+        if improved:  # long runs over-fit a few genomes: keep the weights a user most likely wants
+            save("model_best.pt", epoch)
         return val_loss
 
     from tqdm import tqdm

@@ -169,6 +169,16 @@ def test_find_latest_checkpoint_skips_temporary_and_truncated_files(tmp_path):
     assert all("unreadable checkpoint" in w for w in warnings)
 
 
+def test_find_latest_checkpoint_prefers_a_regular_checkpoint_to_model_best_at_the_same_step(tmp_path):
+    cfg = plm.Config(**TINY_CFG)
+    folder = tmp_path / "ckpt"
+    plm.save_checkpoint(str(folder / "model_best.pt"), tiny_payload(cfg, step=7))
+    plm.save_checkpoint(str(folder / "model_epoch_1.pt"), tiny_payload(cfg, step=5))
+    assert plm.find_latest_checkpoint(str(folder)) == str(folder / "model_best.pt")  # the most steps wins
+    plm.save_checkpoint(str(folder / "model_latest.pt"), tiny_payload(cfg, step=7))
+    assert plm.find_latest_checkpoint(str(folder)) == str(folder / "model_latest.pt")
+
+
 KILLED_WRITER = r"""
 import os, signal, sys, torch
 sys.path.insert(0, {repo!r})

@@ -93,6 +93,14 @@ REQUIRED_FIELDS = {"model_state_dict", "optimizer_state_dict", "scaler_state_dic
                    "species", "steps_per_epoch", "world_size", "data_position", "best_val_loss", "rng_states"}
 
 
+def test_model_best_holds_the_weights_of_the_lowest_validation_loss(e2e_ok):
+    val = [(r["step"], r["val_loss"]) for r in read_jsonl(e2e_ok.log_dir) if "val_loss" in r]
+    best_step, best_loss = min(val, key=lambda sv: (sv[1], sv[0]))  # the first step that reached the minimum
+    ckpt = torch.load(e2e_ok.ckpt_dir / "model_best.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == best_step and ckpt["best_val_loss"] == pytest.approx(best_loss, rel=1e-9)
+    assert len(ckpt["rng_states"]) == 2, "a full checkpoint: it can be resumed from"
+
+
 def test_two_process_run_shows_no_ddp_deprecation_warning(e2e_ok):
     """torch 2.13 deprecates DDP's broadcast_buffers with a warning on every run; wrap_ddp uses the new name."""
     assert "broadcast_buffers" not in e2e_ok.proc.stderr + e2e_ok.proc.stdout
