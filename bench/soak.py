@@ -1,6 +1,6 @@
 """A long training run watched for leaks: host RSS of the trainer and of its DataLoader workers, GPU memory,
 recompiles after warm-up and worker deaths, sampled every --sample-s seconds from outside the trainer. The
-children are the DataLoader workers and, on a GPU, torch.compile's compile-worker process.
+children are the DataLoader workers and, on a GPU, one more (most likely torch.compile's compile-worker pool).
 
     python bench/soak.py --name soak_h100 --minutes 20 [--field=value ...]
 Runs bench/train_variant.py (Plant LM, batch 4096, epoch checkpoints and validation as in a real run) with
