@@ -1176,7 +1176,7 @@ def find_latest_checkpoint(folder, warn=print):
 def remove_stale_temporaries(folder):
     """Delete the temporary files of saves whose process is gone (killed mid-write); returns their paths."""
     removed = []
-    for name in sorted(os.listdir(folder)):
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         stem, _, pid = name.rpartition(".tmp")
         if not (name.startswith("model_") and stem.endswith(".pt") and pid.isdigit()):
             continue
@@ -1301,7 +1301,7 @@ def train(cfg, build_model=None):
     step, best_val = 0, float("inf")
     saved_rng = None
 
-    if rt.is_main and os.path.isdir(cfg.checkpoint_dir):
+    if rt.is_main:
         for leftover in remove_stale_temporaries(cfg.checkpoint_dir):
             warn(f"removed {leftover}: the temporary file of a save that was interrupted")
     if cfg.resume == "auto":

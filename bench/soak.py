@@ -122,13 +122,11 @@ def main():
                "worker_pid_sets_after_warmup": worker_sets,
                "worker_errors_in_stderr": [line for _, line in stderr_lines
                                            if "DataLoader worker" in line or "killed by signal" in line],
-               "trainer_rss_mb": {k: s["trainer_rss_mb"] for k, s in pick(warm_samples).items()},
-               "workers_rss_mb": {k: s["workers_rss_mb"] for k, s in pick(warm_samples).items()},
-               "trainer_private_mb": {k: s["trainer_private_mb"] for k, s in pick(warm_samples).items()},
-               "workers_private_mb": {k: s["workers_private_mb"] for k, s in pick(warm_samples).items()},
-               "gpu_used_mb": {k: s["gpu_used_mb"] for k, s in pick(warm_samples).items()},
-               "gpu_mem_alloc_gb": {k: r.get("gpu_mem_alloc_gb") for k, r in pick(train[2:]).items()},
-               "gpu_mem_peak_gb": {k: r.get("gpu_mem_peak_gb") for k, r in pick(train[2:]).items()}}
+               **{key: {when: s[key] for when, s in pick(warm_samples).items()}
+                  for key in ("trainer_rss_mb", "workers_rss_mb", "trainer_private_mb", "workers_private_mb",
+                              "gpu_used_mb")},
+               **{key: {when: r.get(key) for when, r in pick(train[2:]).items()}
+                  for key in ("gpu_mem_alloc_gb", "gpu_mem_peak_gb")}}
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", f"{args.name}.json"), "w") as f:
         json.dump({"meta": meta, "summary": summary, "recompiles": recompiles, "samples": samples,
