@@ -19,6 +19,7 @@ import resource
 import sys
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -256,10 +257,12 @@ def read_fasta(path, block_size=1 << 22):
     """Stream a FASTA file as (record_index, record_id, piece) with newlines removed.
 
     A record's sequence arrives in several pieces, so no record is ever held whole; even a chromosome on one
-    line streams in block_size pieces. Blank lines and ';' comment lines are skipped; CRLF is accepted.
+    line streams in block_size pieces. Blank lines and ';' comment lines are skipped; CRLF is accepted, and spaces
+    and tabs inside sequence lines are layout, removed like newlines (as Biopython does), not gaps.
     """
     record_index, record_id = -1, None
     carry = b""
+    mid_line = False  # does the data start inside a line? Then a '>' or ';' there is sequence, not a header
     try:
         with open_genome(path) as f:
             first = True
@@ -278,7 +281,7 @@ def read_fasta(path, block_size=1 << 22):
                 if block:
                     cut = data.rfind(b"\n") + 1
                     if cut == 0:  # one long line
-                        if data.startswith((b">", b";")):
+                        if data.startswith((b">", b";")) and not mid_line:
                             if len(data) > 1 << 20:
                                 raise DataError(f"{path}: a header line is longer than 1 MiB")
                             carry = data
@@ -289,7 +292,7 @@ def read_fasta(path, block_size=1 << 22):
                     carry = b""
                 pos = 0
                 while pos < len(data):
-                    if data[pos] in b">;":
+                    if data[pos] in b">;" and not (pos == 0 and mid_line):
                         end = data.find(b"\n", pos)
                         end = len(data) if end < 0 else end
                         if data[pos] == ord(">"):
@@ -307,11 +310,12 @@ def read_fasta(path, block_size=1 << 22):
                         if data[pos:end].strip():
                             raise DataError(f"{path}: sequence before the first '>' header")
                     else:
-                        piece = data[pos:end].translate(None, b"\r\n")
+                        piece = data[pos:end].translate(None, b"\r\n \t")
                         if piece:
                             yield record_index, record_id, piece
                     pos = end
-    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError) as e:
+                mid_line = not data.endswith(b"\n")
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read: {e}") from e
 
 
@@ -1295,9 +1299,9 @@ def train(cfg, build_model=None):
     model = (build_model or PlantLM)(cfg, len(index.species), attention_kernel=kernel).to(rt.device)
     optimizer = build_optimizer(model, cfg, rt.device)
     # The scaler also guards bf16 and fp32 runs: it skips a step whose gradients are not finite, on the device,
-    # with no host sync. Only fp16 needs its scale to move.
-    scaler = torch.amp.GradScaler(rt.device.type, init_scale=2.0**16 if use_scaler else 1.0,
-                                  growth_interval=2000 if use_scaler else 2**31 - 1)
+    # with no host sync. Only fp16 needs its scale to move; elsewhere update() pins it at 1.
+    scaler = torch.amp.GradScaler(rt.device.type, init_scale=2.0**16 if use_scaler else 1.0)
+    fixed_scale = None if use_scaler else 1.0
     step, best_val = 0, float("inf")
     saved_rng = None
 
@@ -1426,7 +1430,7 @@ def train(cfg, build_model=None):
             grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
             finite = torch.isfinite(grad_norm)  # the same on every rank: gradients are all-reduced
             scaler.step(optimizer)  # skipped when a gradient is not finite
-            scaler.update()
+            scaler.update(fixed_scale)
             optimizer.zero_grad(set_to_none=True)
             bad = (~finite).float()
             consecutive_bad = consecutive_bad * bad + bad

@@ -345,6 +345,36 @@ def test_read_fasta_handles_a_file_without_final_newline(tmp_path, dna):
         assert read_records(str(path), block_size) == [(0, "a", seq)]
 
 
+def test_spaces_and_tabs_in_sequence_lines_are_removed_not_gaps(tmp_path, dna, make_config):
+    """Some exporters pad sequence lines with spaces; Biopython drops them, and a gap there would split (and, with
+    short lines, drop) the whole genome."""
+    seq = dna(1200, 55)
+    lines = [seq[i:i + 60] for i in range(0, len(seq), 60)]
+    padded, plain = tmp_path / "padded.fa", tmp_path / "plain.fa"
+    padded.write_text(">a\n" + "".join(f"{line[:30]}\t{line[30:]} \n" for line in lines))
+    plain.write_text(">a\n" + "\n".join(lines) + "\n")
+    cfg = make_config(tmp_path)
+    for block_size in (7, 1 << 22):
+        assert read_records(str(padded), block_size) == [(0, "a", seq)]
+    got, want = plm.FileStats(), plm.FileStats()
+    assert [c.key for c in chunks_of(str(padded), cfg, stats=got)] == [c.key for c in chunks_of(str(plain), cfg)]
+    chunks_of(str(plain), cfg, stats=want)
+    assert got == want and got.non_acgt == 0
+
+
+@pytest.mark.parametrize("marker", [">", ";"])
+def test_a_header_character_inside_a_long_line_at_a_block_edge_is_sequence(tmp_path, dna, marker):
+    """A block that ends inside a line hands its rest to the next block: that rest must not be read as a new
+    line, whatever its first character is (it is a malformed base, so it splits the sequence)."""
+    block = 64
+    head = dna(2 * block - 3, 56)  # '>a\n' + head fills exactly two blocks, so the marker opens the third
+    tail = dna(300, 57)
+    path = tmp_path / "g.fa"
+    path.write_text(">a\n" + head + marker + tail + "\n>b\n" + tail + "\n")
+    assert read_records(str(path), block) == read_records(str(path), 1 << 22) == \
+        [(0, "a", head + marker + tail), (1, "b", tail)]
+
+
 def test_read_fasta_streams_a_one_line_record_in_bounded_pieces(tmp_path, dna, fasta_writer):
     seq = dna(20_000, 54)
     path = fasta_writer(tmp_path / "g.fa", [("chr", seq)], line_width=None)

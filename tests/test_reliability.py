@@ -309,7 +309,10 @@ def test_non_finite_steps_are_skipped_counted_and_stop_training_after_max_bad_st
     assert skipped[0] == 0 and max(skipped) >= 2, skipped
     assert re.search(r"warning: 1 step\(s\) up to step 2 had non-finite gradients and were skipped", proc.stdout)
     for path in glob.glob(str(ckpt_dir / "*.pt")):
-        assert all(torch.isfinite(t).all() for t in load(path)["model_state_dict"].values() if t.is_floating_point())
+        ckpt = load(path)
+        assert all(torch.isfinite(t).all() for t in ckpt["model_state_dict"].values() if t.is_floating_point())
+        # fp32 and bf16 need no loss scale: a skipped step must not halve it (it would never grow back)
+        assert ckpt["scaler_state_dict"]["scale"] == 1.0, (path, ckpt["scaler_state_dict"])
 
 
 # ----------------------------------------------------------------------------- 15. bad input data
@@ -365,6 +368,9 @@ def test_species_directory_without_fasta_is_skipped_with_a_warning(tmp_path):
 @pytest.mark.parametrize("name, content, reason", [
     ("x.fa", np.random.default_rng(3).integers(0, 256, 20_000, dtype=np.uint8).tobytes(), "binary content"),
     ("trunc.fa.gz", gzip.compress(f">t\n{GOOD}\n".encode())[:600], "cannot read"),
+    ("corrupt.fa.gz", bytes(b ^ 0xFF if 200 <= i < 300 else b
+                            for i, b in enumerate(gzip.compress(f">t\n{GOOD * 4}\n".encode(), mtime=0))),
+     "cannot read"),
     ("notfasta.fa.gz", gzip.compress(b"gene_id\tstart\tend\nAT1G01010\t3631\t5899\n"), "not FASTA"),
     ("named.fa.gz", b">r\nACGT\n", "named .gz but is not gzip-compressed"),
     ("protein.fa", (">sp|P69905|HBA_HUMAN\nMVLSPADKTNVKAAWGKVGAHAGEYGAEALERMFLSFPTTKTYFPHFDLSHGSAQVKGHGKKVADALTNAVAHV"
