@@ -418,6 +418,15 @@ def chunk_file(path, species, file_label, cfg, wanted=None, stats=None):
         yield chunk
 
 
+def check_looks_like_dna(path, stats):
+    """After a file is streamed: fail, naming it, when it looks like protein or holds no record."""
+    if stats.bases and stats.other_letters > 0.1 * stats.bases:
+        raise DataError(f"{path}: {stats.other_letters / stats.bases:.0%} of the letters are neither A/C/G/T nor N: "
+                        f"this looks like protein, not DNA")
+    if stats.records == 0:
+        raise DataError(f"{path}: no FASTA records")
+
+
 def discover_genomes(cfg, warn=print):
     """Find DATA_DIR/<species>/<genome>.fa[.gz] files and the species weights; fail early, naming the path."""
     root = cfg.data_dir
@@ -507,11 +516,7 @@ def scan_genomes(cfg, warn=print, progress=True):
             file_stats = FileStats()
             try:
                 found = list(chunk_file(path, name, label, cfg, wanted=set(), stats=file_stats))
-                if file_stats.bases and file_stats.other_letters > 0.1 * file_stats.bases:
-                    raise DataError(f"{path}: {file_stats.other_letters / file_stats.bases:.0%} of the letters are "
-                                    f"neither A/C/G/T nor N: this looks like protein, not DNA")
-                if file_stats.records == 0:
-                    raise DataError(f"{path}: no FASTA records")
+                check_looks_like_dna(path, file_stats)
             except DataError as e:
                 warn(f"warning: {e}; file skipped")
                 skipped.append((path, str(e)))
@@ -1120,6 +1125,7 @@ def _netrc_has_wandb():
 
 ARCHITECTURE_FIELDS = ("d_model", "n_layers", "n_heads", "context_size", "local_attn_window", "n_buckets",
                        "use_global_memory")
+SPLIT_FIELDS = ("chunk_size", "val_fraction")  # they decide which sequence is held out for validation
 
 
 def save_checkpoint(path, payload):
@@ -1200,11 +1206,12 @@ def remove_stale_temporaries(folder):
 
 def check_compatible(saved_config, cfg, saved_species, species, path):
     diffs = [f"{k}: checkpoint {saved_config.get(k)!r} vs now {getattr(cfg, k)!r}"
-             for k in ARCHITECTURE_FIELDS if saved_config.get(k) != getattr(cfg, k)]
+             for k in ARCHITECTURE_FIELDS + SPLIT_FIELDS if saved_config.get(k) != getattr(cfg, k)]
     if saved_species != species:
         diffs.append(f"species: checkpoint {saved_species} vs data now {species}")
     if diffs:
-        raise ValueError(f"{path} does not match this run's model; differing fields:\n  " + "\n  ".join(diffs) +
+        raise ValueError(f"{path} does not match this run's model or validation split; differing fields:\n  " +
+                         "\n  ".join(diffs) +
                          "\nSet the Config fields back, or start fresh with --resume=none (or RESUME=none).")
 
 
@@ -1292,6 +1299,10 @@ def train(cfg, build_model=None):
 
     index = scan_genomes(cfg, warn=warn, progress=rt.is_main)
     val_tokens, val_species = load_validation(index, cfg)
+    if not len(val_tokens):
+        warn(f"warning: no validation windows: a species whose sequence fits in one chunk (chunk_size = "
+             f"{cfg.chunk_size:,} bases) keeps that chunk for training. Validation and model_best.pt are skipped; "
+             f"a smaller --chunk_size holds some sequence out.")
     per_epoch = steps_per_epoch(index, cfg, rt.world_size)
     total_steps = per_epoch * cfg.n_epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.n_epochs)
 
@@ -1373,6 +1384,8 @@ def train(cfg, build_model=None):
 
     def validate_now():
         nonlocal best_val
+        if not len(val_tokens):
+            return float("nan")
         val_loss = evaluate(forward_model, val_tokens, val_species, cfg, rt, autocast_dtype)
         improved = val_loss < best_val  # the same on every rank: val_loss is all-reduced
         best_val = min(best_val, val_loss)
@@ -1493,8 +1506,9 @@ def train(cfg, build_model=None):
             elif (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total_steps:
                 save("model_latest.pt", epoch)
         bar.close()
-    log.info(f"done: {step} steps, last validation {val_loss * BITS_PER_NAT_PER_BASE:.4f} bits/base, "
-             f"best {best_val * BITS_PER_NAT_PER_BASE:.4f}; {int(skipped_steps.item())} step(s) skipped")
+    validation = f"last validation {val_loss * BITS_PER_NAT_PER_BASE:.4f} bits/base, best " \
+        f"{best_val * BITS_PER_NAT_PER_BASE:.4f}" if len(val_tokens) else "no validation set"
+    log.info(f"done: {step} steps, {validation}; {int(skipped_steps.item())} step(s) skipped")
     log.close()
     if rt.distributed:
         dist.barrier()
@@ -1560,6 +1574,7 @@ def evaluate_fasta(model, cfg, paths, species_id, device, batch_size=64, progres
             bar.update(len(pending))
             flush()
         bar.close()
+        check_looks_like_dna(path, stats)
         ids = [record_id for _, record_id in totals]
         names = {key: key[1] if ids.count(key[1]) == 1 else f"{key[1]} (record {key[0] + 1})" for key in totals}
         results.append({"file": path, "records": {names[key]: {"nats_per_token": n / max(t, 1), "tokens": t}
@@ -1605,12 +1620,22 @@ def eval_main(argv):
         for record, r in result["records"].items():
             print(f"  {record[:58]:58s} {r['tokens']:12,d} {r['nats_per_token']:11.4f} "
                   f"{r['nats_per_token'] * BITS_PER_NAT_PER_BASE:10.4f}")
-        nats = result["nats"] / max(result["tokens"], 1)
+        if not result["tokens"]:  # a score of 0 here would read as a perfect model
+            result.update(nats_per_token=None, bits_per_base=None)
+            print(f"{os.path.basename(result['file'])[:60]:60s} {0:12,d} {'-':>11s} {'-':>10s}")
+            print(f"warning: {result['file']}: nothing scored: no A/C/G/T run of at least {cfg.window_bases} bases "
+                  f"({result['bases_read']:,} bases read, {result['non_acgt_removed']:,} non-ACGT removed)",
+                  file=sys.stderr)
+            continue
+        nats = result["nats"] / result["tokens"]
         result.update(nats_per_token=nats, bits_per_base=nats * BITS_PER_NAT_PER_BASE)
         print(f"{os.path.basename(result['file'])[:60]:60s} {result['tokens']:12,d} {nats:11.4f} "
               f"{nats * BITS_PER_NAT_PER_BASE:10.4f}")
     total_tokens = sum(r["tokens"] for r in results)
-    overall = sum(r["nats"] for r in results) / max(total_tokens, 1)
+    if not total_tokens:
+        raise DataError(f"nothing to score in {', '.join(args.fasta)}: eval needs A/C/G/T runs of at least "
+                        f"{cfg.window_bases} bases (one window of the checkpoint's context)")
+    overall = sum(r["nats"] for r in results) / total_tokens
     print(f"{'overall':60s} {total_tokens:12,d} {overall:11.4f} {overall * BITS_PER_NAT_PER_BASE:10.4f}")
     if args.json:
         with open(args.json, "w") as f:

@@ -138,6 +138,14 @@ def test_train_resume_from_another_d_model_names_the_field_and_exits_2(genome_di
     assert error_lines(proc.stderr)[0].startswith(f"error: {path} does not match this run's model")
 
 
+@pytest.mark.parametrize("field, value", [("chunk_size", 1200), ("val_fraction", 0.5)])
+def test_resume_refuses_a_changed_validation_split(field, value):
+    """Either field moves chunks between the splits: trained-on sequence would be scored as validation."""
+    saved = dataclasses.asdict(plm.Config(**TINY_CFG))
+    with pytest.raises(ValueError, match=rf"{field}: checkpoint {saved[field]!r} vs now {value!r}"):
+        plm.check_compatible(saved, plm.Config(**{**TINY_CFG, field: value}), ["a"], ["a"], "ck.pt")
+
+
 def test_resume_none_on_the_command_line_beats_resume_auto_in_the_environment(genome_dir, tmp_path):
     """The incompatibility message advises --resume=none, but train() reads RESUME from the environment first,
     so with RESUME=auto exported (as a launcher script might) the flag is ignored and the run fails again."""
@@ -313,6 +321,23 @@ def test_non_finite_steps_are_skipped_counted_and_stop_training_after_max_bad_st
         assert all(torch.isfinite(t).all() for t in ckpt["model_state_dict"].values() if t.is_floating_point())
         # fp32 and bf16 need no loss scale: a skipped step must not halve it (it would never grow back)
         assert ckpt["scaler_state_dict"]["scale"] == 1.0, (path, ckpt["scaler_state_dict"])
+
+
+def test_a_run_without_validation_windows_says_so_and_trains_without_scoring_zero(tmp_path):
+    """One species whose genome fits in one chunk: the chunk trains, nothing is held out. A validation loss of 0
+    would be a lie, and would pin model_best.pt to the first evaluation."""
+    data_dir = tmp_path / "data"
+    write_fasta_gz(data_dir / "s" / "s.fa.gz", [("s_chr1", random_genome(540, seed=12))])  # < chunk_size 600
+    ckpt_dir, log_dir = tmp_path / "ckpt", tmp_path / "logs"
+    proc = run_train(train_args(str(data_dir), "--max_steps=4", "--eval_every=2", f"--checkpoint_dir={ckpt_dir}",
+                                f"--log_dir={log_dir}"), cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    output = proc.stdout + proc.stderr
+    assert "warning: no validation windows" in output and "--chunk_size" in output, describe(proc)
+    assert "done: 4 steps, no validation set" in output, describe(proc)
+    assert not [r for r in read_jsonl(log_dir) if "val_loss" in r]
+    saved = sorted(os.listdir(ckpt_dir))
+    assert saved and "model_best.pt" not in saved, saved
 
 
 # ----------------------------------------------------------------------------- 15. bad input data

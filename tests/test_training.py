@@ -525,6 +525,30 @@ def test_eval_average_species_scores_every_record(eval_files, capsys):
     assert "overall" in capsys.readouterr().out
 
 
+def test_eval_reports_a_file_with_nothing_to_score_instead_of_a_perfect_score(eval_files, tmp_path, capsys):
+    ckpt, train_fa, _, _ = eval_files
+    short = write_fasta_gz(tmp_path / "short.fa.gz", [("contigs", ("ACGTTGCA" * 10 + "N") * 20)])  # 80-base runs
+    out_json = tmp_path / "mixed.json"
+    assert plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", train_fa, short,
+                     "--json", str(out_json)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {short}: nothing scored" in err and "1,620 bases read" in err, err
+    result = json.loads(out_json.read_text())
+    scored, empty = result["files"]
+    assert empty["tokens"] == 0 and empty["bits_per_base"] is None
+    assert result["bits_per_base"] == pytest.approx(scored["bits_per_base"]) and scored["bits_per_base"] > 0
+
+    assert plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", short]) == 2
+    assert f"error: nothing to score in {short}" in capsys.readouterr().err
+
+
+def test_eval_of_a_protein_file_is_an_error_naming_it(eval_files, tmp_path, capsys):
+    ckpt, _, _, _ = eval_files
+    protein = write_fasta_gz(tmp_path / "p.fa.gz", [("sp|P69905|HBA_HUMAN", "MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMF" * 20)])
+    assert plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", protein]) == 2
+    assert re.search(rf"error: {re.escape(protein)}: .* looks like protein", capsys.readouterr().err)
+
+
 def test_eval_never_updates_the_bucket_memory(eval_files):
     ckpt_path, train_fa, _, _ = eval_files
     ckpt = load(ckpt_path)
