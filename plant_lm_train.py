@@ -1506,8 +1506,10 @@ def train(cfg, build_model=None):
             elif (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total_steps:
                 save("model_latest.pt", epoch)
         bar.close()
-    validation = f"last validation {val_loss * BITS_PER_NAT_PER_BASE:.4f} bits/base, best " \
-        f"{best_val * BITS_PER_NAT_PER_BASE:.4f}" if len(val_tokens) else "no validation set"
+    validation = "no validation set"
+    if len(val_tokens):
+        validation = (f"last validation {val_loss * BITS_PER_NAT_PER_BASE:.4f} bits/base, "
+                      f"best {best_val * BITS_PER_NAT_PER_BASE:.4f}")
     log.info(f"done: {step} steps, {validation}; {int(skipped_steps.item())} step(s) skipped")
     log.close()
     if rt.distributed:
