@@ -453,6 +453,16 @@ def test_run_sh_rejects_an_unknown_key_once_without_restarts(data_dir, tmp_path)
         f"the error was reported {out.count('unknown Config field')} times: the launcher retried a Config error"
 
 
+def test_run_sh_reports_fp16_without_cuda_once_without_restarts(data_dir, tmp_path):
+    """The precision check needs the device, so Config.validate cannot make it; run.sh's pre-check does."""
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid on a CUDA machine; this checks the refusal on a machine without CUDA")
+    proc = run_sh(["--precision=fp16"], tmp_path, WORLD_SIZE=1, DATA_DIR=data_dir, MAX_RESTARTS=1)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-2000:]
+    assert out.count("Config.precision = 'fp16' needs a CUDA GPU") == 1, out[-2000:]
+
+
 def test_run_sh_reports_a_missing_data_dir_once_without_restarts(tmp_path):
     missing = tmp_path / "no_such_data"
     proc = run_sh([], tmp_path, WORLD_SIZE=1, DATA_DIR=str(missing), MAX_RESTARTS=1)
