@@ -1276,6 +1276,13 @@ def data_summary(index, cfg):
     return "\n".join(lines)
 
 
+def epoch_bar_span(step, per_epoch, total_steps):
+    """(first, last) step the progress bar of step's epoch counts to: a max_steps run ends inside its epoch, and an
+    ETA towards the epoch's end would be hours off."""
+    first = step - step % per_epoch
+    return first, min(first + per_epoch, total_steps)
+
+
 def steps_per_epoch(index, cfg, world_size):
     """An epoch draws as many windows as the training split holds (species-weighted), in whole optimizer steps."""
     samples_per_step = cfg.batch_size * cfg.accumulation_steps * world_size
@@ -1407,9 +1414,13 @@ def train(cfg, build_model=None):
     window = {"t": time.time(), "steps": 0, "loss": torch.zeros((), device=rt.device), "data_wait": 0.0,
                           "skipped": skipped_steps.item()}
     model.train()
+    if step >= total_steps:
+        warn(f"nothing to train: {path} is at step {step} of this run's {total_steps}; raise --max_steps or "
+             f"--n_epochs to train further, or start fresh with --resume=none")
     while step < total_steps:
         epoch = step // per_epoch
-        bar = tqdm(total=per_epoch, initial=step % per_epoch, desc=f"epoch {epoch + 1}/{cfg.n_epochs}",
+        first, last = epoch_bar_span(step, per_epoch, total_steps)
+        bar = tqdm(total=last - first, initial=step - first, desc=f"epoch {epoch + 1}/{cfg.n_epochs}",
                    disable=not rt.is_main, dynamic_ncols=True, unit="step")
         while step < total_steps and step // per_epoch == epoch:
             t_step = time.time()
@@ -1507,9 +1518,9 @@ def train(cfg, build_model=None):
                 save("model_latest.pt", epoch)
         bar.close()
     validation = "no validation set"
-    if len(val_tokens):
-        validation = (f"last validation {val_loss * BITS_PER_NAT_PER_BASE:.4f} bits/base, "
-                      f"best {best_val * BITS_PER_NAT_PER_BASE:.4f}")
+    if len(val_tokens):  # val_loss is nan when this invocation trained no step
+        last = "" if math.isnan(val_loss) else f"last validation {val_loss * BITS_PER_NAT_PER_BASE:.4f} bits/base, "
+        validation = f"{last}best {best_val * BITS_PER_NAT_PER_BASE:.4f}"
     log.info(f"done: {step} steps, {validation}; {int(skipped_steps.item())} step(s) skipped")
     log.close()
     if rt.distributed:

@@ -323,6 +323,19 @@ def test_non_finite_steps_are_skipped_counted_and_stop_training_after_max_bad_st
         assert ckpt["scaler_state_dict"]["scale"] == 1.0, (path, ckpt["scaler_state_dict"])
 
 
+def test_rerunning_a_finished_run_says_there_is_nothing_to_train(genome_dir, tmp_path):
+    args = train_args(genome_dir, "--max_steps=2", f"--checkpoint_dir={tmp_path / 'ckpt'}",
+                      f"--log_dir={tmp_path / 'logs'}")
+    first = run_train(args, cwd=tmp_path)
+    assert first.returncode == 0, describe(first)
+    again = run_train(args, cwd=tmp_path)
+    assert again.returncode == 0, describe(again)
+    output = again.stdout + again.stderr
+    assert re.search(r"nothing to train: \S+\.pt is at step 2 of this run's 2; raise --max_steps", output), \
+        describe(again)
+    assert re.search(r"done: 2 steps, best \d\.\d{4};", output) and "nan" not in output, describe(again)
+
+
 def test_a_run_without_validation_windows_says_so_and_trains_without_scoring_zero(tmp_path):
     """One species whose genome fits in one chunk: the chunk trains, nothing is held out. A validation loss of 0
     would be a lie, and would pin model_best.pt to the first evaluation."""

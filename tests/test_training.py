@@ -426,6 +426,16 @@ def test_wandb_online_without_credentials_falls_back_to_offline_without_blocking
 
 # ----------------------------------------------------------------------------- 7. run.sh on the CPU
 
+@pytest.mark.parametrize("step, per_epoch, total_steps, span", [
+    (0, 9550, 20, (0, 20)),  # a short max_steps run: the bar ends at 20, not at the epoch's 9,550
+    (0, 100, 300, (0, 100)),
+    (150, 100, 300, (100, 200)),  # resumed mid-epoch: the bar starts at the epoch's first step
+    (250, 100, 260, (200, 260)),
+])
+def test_the_progress_bar_counts_to_the_end_of_the_epoch_or_of_the_run(step, per_epoch, total_steps, span):
+    assert plm.epoch_bar_span(step, per_epoch, total_steps) == span
+
+
 def run_sh(args, tmp_path, timeout=240, **env):
     env = train_env(PYTHON=sys.executable, **env)
     return subprocess.run(["bash", os.path.join(REPO, "run.sh"), *args], cwd=str(tmp_path), env=env,
