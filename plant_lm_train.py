@@ -1204,10 +1204,19 @@ def remove_stale_temporaries(folder):
     return removed
 
 
+def resume_path(cfg, warn=print):
+    """The checkpoint this run resumes from, or None."""
+    if cfg.resume == "auto":
+        return find_latest_checkpoint(cfg.checkpoint_dir, warn)
+    return None if cfg.resume == "none" else cfg.resume
+
+
 def check_compatible(saved_config, cfg, saved_species, species, path):
+    """Raise, listing every differing field; species=None leaves the species to a later check (run.sh's pre-check
+    runs before the genomes are scanned)."""
     diffs = [f"{k}: checkpoint {saved_config.get(k)!r} vs now {getattr(cfg, k)!r}"
              for k in ARCHITECTURE_FIELDS + SPLIT_FIELDS if saved_config.get(k) != getattr(cfg, k)]
-    if saved_species != species:
+    if species is not None and saved_species != species:
         diffs.append(f"species: checkpoint {saved_species} vs data now {species}")
     if diffs:
         raise ValueError(f"{path} does not match this run's model or validation split; differing fields:\n  " +
@@ -1326,10 +1335,7 @@ def train(cfg, build_model=None):
     if rt.is_main:
         for leftover in remove_stale_temporaries(cfg.checkpoint_dir):
             warn(f"removed {leftover}: the temporary file of a save that was interrupted")
-    if cfg.resume == "auto":
-        path = find_latest_checkpoint(cfg.checkpoint_dir, warn)
-    else:
-        path = None if cfg.resume == "none" else cfg.resume
+    path = resume_path(cfg, warn)
     if path:
         ckpt = load_checkpoint(path)
         check_compatible(ckpt["config"], cfg, ckpt["species"], index.species, path)
@@ -1665,6 +1671,13 @@ USAGE = """usage:
 Config fields are the Config dataclass at the top of this file; --field=value overrides one for this run."""
 
 
+def config_from_args(args):
+    overrides = parse_overrides(args)
+    if "RESUME" in os.environ and "resume" not in overrides:  # the command line beats the environment
+        overrides["resume"] = os.environ["RESUME"]
+    return Config(**overrides).validate()
+
+
 def error_message(error):
     """The user's part of an error: a DataLoader worker's error arrives wrapped in the worker's traceback."""
     message = str(error)
@@ -1681,11 +1694,7 @@ def main(argv):
         if argv and argv[0] == "eval":
             eval_main(argv[1:])
             return 0
-        overrides = parse_overrides(argv[1:] if argv and argv[0] == "train" else argv)
-        if "RESUME" in os.environ and "resume" not in overrides:  # the command line beats the environment
-            overrides["resume"] = os.environ["RESUME"]
-        cfg = Config(**overrides).validate()
-        train(cfg)
+        train(config_from_args(argv[1:] if argv and argv[0] == "train" else argv))
     except (DataError, ValueError, OSError, TrainingStopped) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {error_message(e)}", file=sys.stderr)

@@ -20,17 +20,21 @@ if ! [[ "$WORLD_SIZE" =~ ^[0-9]+$ ]] || [ "$WORLD_SIZE" -lt 1 ]; then
     echo "error: WORLD_SIZE=$WORLD_SIZE must be a whole number >= 1" >&2; exit 1
 fi
 
-# A Config error (fp16 on a machine without CUDA included) or a missing or empty DATA_DIR is not transient: report
-# it once here, not from every rank of every torchrun restart. (Only the directory layout is checked here; reading
-# the genomes is the ranks' work.)
+# A Config error (fp16 on a machine without CUDA included), a checkpoint that does not match the Config, or a
+# missing or empty DATA_DIR is not transient: report it once here, not from every rank of every torchrun restart.
+# (Only the directory layout is checked here; reading the genomes, and so the species list, is the ranks' work.)
 "$PYTHON" - --data_dir="$DATA_DIR" "$@" <<'EOF' || exit 2
 import sys
 import torch
 import plant_lm_train as plm
+quiet = lambda message: None
 try:
-    cfg = plm.Config(**plm.parse_overrides(sys.argv[1:])).validate()
+    cfg = plm.config_from_args(sys.argv[1:])
     plm.precision_settings(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    plm.discover_genomes(cfg, warn=lambda message: None)
+    plm.discover_genomes(cfg, warn=quiet)
+    path = plm.resume_path(cfg, warn=quiet)
+    if path:
+        plm.check_compatible(plm.load_checkpoint(path)["config"], cfg, None, None, path)
 except (ValueError, plm.DataError) as e:
     sys.exit(f"error: {e}")
 EOF

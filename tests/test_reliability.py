@@ -138,6 +138,21 @@ def test_train_resume_from_another_d_model_names_the_field_and_exits_2(genome_di
     assert error_lines(proc.stderr)[0].startswith(f"error: {path} does not match this run's model")
 
 
+def test_run_sh_reports_a_mismatched_checkpoint_once_before_torchrun(genome_dir, tmp_path):
+    """A changed model size is the commonest resume error; from the ranks, every torchrun restart repeated it (and
+    on gloo a restart after it could hang)."""
+    cfg48 = plm.Config(**{**TINY_CFG, "d_model": 48, "data_dir": genome_dir, "use_global_memory": False})
+    ckpt_dir = tmp_path / "ckpt"
+    plm.save_checkpoint(str(ckpt_dir / "model_latest.pt"), tiny_payload(cfg48))
+    proc = subprocess.run(["bash", os.path.join(REPO, "run.sh"), *train_args(genome_dir, f"--checkpoint_dir={ckpt_dir}",
+                                                                            f"--log_dir={tmp_path / 'logs'}")],
+                          cwd=str(tmp_path), env=train_env(PYTHON=sys.executable, WORLD_SIZE="1", MAX_RESTARTS="1"),
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, describe(proc)
+    assert (proc.stdout + proc.stderr).count("d_model: checkpoint 48 vs now 32") == 1, describe(proc)
+    assert "torch.distributed" not in proc.stderr and not (tmp_path / "logs").exists(), "torchrun was started"
+
+
 @pytest.mark.parametrize("field, value", [("chunk_size", 1200), ("val_fraction", 0.5)])
 def test_resume_refuses_a_changed_validation_split(field, value):
     """Either field moves chunks between the splits: trained-on sequence would be scored as validation."""
