@@ -1690,15 +1690,24 @@ def main(argv):
     if argv and argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    is_main = int(os.environ.get("RANK", 0)) == 0
+    cfg = None
     try:
         if argv and argv[0] == "eval":
             eval_main(argv[1:])
             return 0
-        train(config_from_args(argv[1:] if argv and argv[0] == "train" else argv))
+        cfg = config_from_args(argv[1:] if argv and argv[0] == "train" else argv)
+        train(cfg)
     except (DataError, ValueError, OSError, TrainingStopped) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if is_main:
             print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: say where the work stands, not where the interpreter was
+        if is_main:
+            latest = cfg and find_latest_checkpoint(cfg.checkpoint_dir, warn=lambda message: None)
+            where = f"the same command resumes from {latest}" if latest else "no checkpoint was written yet"
+            print(f"\ninterrupted: {where}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -15,6 +15,12 @@ PYTHON=${PYTHON:-.venv/bin/python}
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
 export NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1}
 
+if [[ "${1:-}" =~ ^(-h|--help|help)$ ]]; then
+    sed -n '2,4p' "$0" | cut -c3-
+    echo "Environment: DATA_DIR WORLD_SIZE WANDB_MODE MAX_RESTARTS RESUME NNODES NODE_RANK MASTER_ADDR PYTHON"
+    echo "Every --field=value is a Config field of plant_lm_train.py (see README.md, \"Configuration reference\")."
+    exit 0
+fi
 command -v "$PYTHON" >/dev/null || { echo "error: $PYTHON not found; run: bash setup_env.sh" >&2; exit 1; }
 if ! [[ "$WORLD_SIZE" =~ ^[0-9]+$ ]] || [ "$WORLD_SIZE" -lt 1 ]; then
     echo "error: WORLD_SIZE=$WORLD_SIZE must be a whole number >= 1" >&2; exit 1

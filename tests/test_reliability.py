@@ -338,6 +338,24 @@ def test_non_finite_steps_are_skipped_counted_and_stop_training_after_max_bad_st
         assert ckpt["scaler_state_dict"]["scale"] == 1.0, (path, ckpt["scaler_state_dict"])
 
 
+def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_to_resume_from(genome_dir, tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "plant_lm_train.py"),
+                             *train_args(genome_dir, "--max_steps=100000", "--checkpoint_every=2",
+                                         f"--checkpoint_dir={ckpt_dir}", f"--log_dir={tmp_path / 'logs'}")],
+                            cwd=str(tmp_path), env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (ckpt_dir / "model_latest.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before its first checkpoint"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"interrupted: the same command resumes from {ckpt_dir / 'model_latest.pt'}" in err, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+
+
 def test_rerunning_a_finished_run_says_there_is_nothing_to_train(genome_dir, tmp_path):
     args = train_args(genome_dir, "--max_steps=2", f"--checkpoint_dir={tmp_path / 'ckpt'}",
                       f"--log_dir={tmp_path / 'logs'}")

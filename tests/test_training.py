@@ -473,6 +473,13 @@ def test_run_sh_reports_fp16_without_cuda_once_without_restarts(data_dir, tmp_pa
     assert out.count("Config.precision = 'fp16' needs a CUDA GPU") == 1, out[-2000:]
 
 
+def test_run_sh_help_prints_usage_and_starts_nothing(tmp_path):
+    proc = run_sh(["--help"], tmp_path, DATA_DIR=str(tmp_path / "no_such_data"))
+    assert proc.returncode == 0, describe(proc)
+    assert "bash run.sh [--field=value ...]" in proc.stdout and "MAX_RESTARTS" in proc.stdout
+    assert "error" not in proc.stdout + proc.stderr
+
+
 def test_run_sh_reports_a_missing_data_dir_once_without_restarts(tmp_path):
     missing = tmp_path / "no_such_data"
     proc = run_sh([], tmp_path, WORLD_SIZE=1, DATA_DIR=str(missing), MAX_RESTARTS=1)
