@@ -141,11 +141,11 @@ def parse_overrides(args):
     overrides = {}
     for arg in args:
         if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"error: expected --key=value, got {arg!r}")
+            raise ValueError(f"expected --key=value, got {arg!r}")
         key, text = arg[2:].split("=", 1)
         key = key.replace("-", "_")
         if key not in fields:
-            raise SystemExit(f"error: unknown Config field {key!r}; known fields: {', '.join(fields)}")
+            raise ValueError(f"unknown Config field {key!r}; known fields: {', '.join(fields)}")
         default = getattr(Config(), key)
         try:
             if isinstance(default, bool):
@@ -162,7 +162,7 @@ def parse_overrides(args):
             else:
                 value = text
         except ValueError as e:
-            raise SystemExit(f"error: --{key}={text!r} is not a valid {type(default).__name__}: {e}") from None
+            raise ValueError(f"--{key}={text!r} is not a valid {type(default).__name__}: {e}") from None
         overrides[key] = value
     return overrides
 
@@ -1603,6 +1603,13 @@ def evaluate_fasta(model, cfg, paths, species_id, device, batch_size=64, progres
     return results
 
 
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{text} is not a positive integer")
+    return value
+
+
 def eval_main(argv):
     import argparse
     parser = argparse.ArgumentParser(prog="plant_lm_train.py eval",
@@ -1610,7 +1617,7 @@ def eval_main(argv):
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--species", required=True,
                         help="species name known to the checkpoint, or 'average' for the mean species embedding")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("fasta", nargs="+")
     args = parser.parse_args(argv)
@@ -1628,11 +1635,12 @@ def eval_main(argv):
     elif args.species in species:
         species_id = species.index(args.species)
     else:
-        raise SystemExit(f"error: species {args.species!r} is unknown to {args.checkpoint}; known species: "
+        raise ValueError(f"species {args.species!r} is unknown to {args.checkpoint}; known species: "
                          f"{', '.join(species)} (or 'average' for the mean species embedding)")
     for path in args.fasta:
         if not os.path.isfile(path):
-            raise SystemExit(f"error: {path}: no such file")
+            raise DataError(f"{path}: " + ("a directory; give the FASTA files in it" if os.path.isdir(path) else
+                                           "no such file"))
     results = evaluate_fasta(model.to(device), cfg, args.fasta, species_id, device, args.batch_size)
     print(f"{'file / record':60s} {'tokens':>12s} {'nats/token':>11s} {'bits/base':>10s}")
     for result in results:

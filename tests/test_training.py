@@ -6,6 +6,7 @@ TAIR10 chromosome 1 plus a learnable synthetic species (a 97-base motif repeated
 that a 2-process run crosses an epoch boundary in ~30 steps, so both model_epoch_N.pt and model_latest.pt appear.
 """
 
+import dataclasses
 import glob
 import gzip
 import hashlib
@@ -316,7 +317,7 @@ def test_a_rank_killed_mid_epoch_resumes_to_the_same_parameters_as_an_uninterrup
 # ----------------------------------------------------------------------------- 4. parse_overrides
 
 def test_parse_overrides_rejects_an_unknown_key_naming_it():
-    with pytest.raises(SystemExit, match=r"unknown Config field 'bogus_key'; known fields: data_dir, "):
+    with pytest.raises(ValueError, match=r"unknown Config field 'bogus_key'; known fields: data_dir, "):
         plm.parse_overrides(["--d_model=64", "--bogus_key=1"])
 
 
@@ -327,13 +328,13 @@ def test_parse_overrides_rejects_an_unknown_key_naming_it():
                                        ("--species_distribution={a: 1}", "dict")])
 def test_parse_overrides_rejects_a_value_of_the_wrong_type(arg, kind):
     key = arg[2:].split("=")[0]
-    with pytest.raises(SystemExit, match=rf"--{key}=.* is not a valid {kind}"):
+    with pytest.raises(ValueError, match=rf"--{key}=.* is not a valid {kind}"):
         plm.parse_overrides([arg])
 
 
 @pytest.mark.parametrize("arg", ["d_model=64", "--d_model", "-d_model=64"])
 def test_parse_overrides_rejects_malformed_arguments(arg):
-    with pytest.raises(SystemExit, match="expected --key=value"):
+    with pytest.raises(ValueError, match="expected --key=value"):
         plm.parse_overrides([arg])
 
 
@@ -532,12 +533,30 @@ def test_eval_scores_the_training_genome_below_its_shuffle_and_leaves_the_checkp
     assert (sha256(ckpt), os.stat(ckpt).st_mtime_ns) == before, "eval modified the checkpoint file"
 
 
-def test_eval_unknown_species_lists_the_known_ones(eval_files):
+def test_eval_unknown_species_lists_the_known_ones(eval_files, capsys):
     ckpt, _, shuffled_fa, _ = eval_files
-    with pytest.raises(SystemExit) as exc:
-        plm.main(["eval", "--checkpoint", ckpt, "--species", "quercus", shuffled_fa])
-    message = str(exc.value.code)
-    assert "'quercus'" in message and "known species: arabidopsis, motif" in message and "average" in message
+    assert plm.main(["eval", "--checkpoint", ckpt, "--species", "quercus", shuffled_fa]) == 2
+    message = capsys.readouterr().err
+    assert "error: species 'quercus'" in message and "known species: arabidopsis, motif" in message
+    assert "average" in message
+
+
+def test_eval_argument_mistakes_are_errors_with_exit_code_2(eval_files, tmp_path, capsys):
+    ckpt, train_fa, _, _ = eval_files
+    assert plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", str(tmp_path)]) == 2
+    assert f"error: {tmp_path}: a directory; give the FASTA files in it" in capsys.readouterr().err
+    assert plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", str(tmp_path / "nope.fa")]) == 2
+    assert f"error: {tmp_path / 'nope.fa'}: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse's own usage error
+        plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", "--batch-size", "0", train_fa])
+    assert exc.value.code == 2 and "--batch-size: invalid positive_int value: '0'" in capsys.readouterr().err
+
+
+def test_a_config_mistake_on_the_command_line_exits_2_with_one_error_line(capsys):
+    assert plm.main(["--lerning_rate=1e-3"]) == 2
+    fields = ", ".join(f.name for f in dataclasses.fields(plm.Config))
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: unknown Config field 'lerning_rate'; known fields: {fields}"]
 
 
 def test_eval_average_species_scores_every_record(eval_files, capsys):
