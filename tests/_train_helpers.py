@@ -47,6 +47,13 @@ def run_train(args, cwd, nproc=1, env=None, timeout=240, script=SCRIPT, script_a
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def run_sh(args, cwd, timeout=240, **env):
+    """Run the launcher, bash run.sh, with this interpreter; environment variables (WORLD_SIZE, ...) as keywords."""
+    return subprocess.run(["bash", os.path.join(REPO, "run.sh"), *args], cwd=str(cwd),
+                          env=train_env(PYTHON=sys.executable, **env), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
 def describe(proc):
     """The tail of a finished process's output, for assertion messages."""
     return f"exit {proc.returncode}\n--- stdout (tail)\n{proc.stdout[-3000:]}\n--- stderr (tail)\n{proc.stderr[-5000:]}"

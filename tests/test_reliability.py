@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import plant_lm_train as plm
-from _train_helpers import (REPO, TESTS, TINY, describe, load, random_genome, read_jsonl, run_train,
+from _train_helpers import (REPO, TESTS, TINY, describe, load, random_genome, read_jsonl, run_sh, run_train,
                             train_env, write_fasta_gz)
 
 TINY_CFG = dict(d_model=32, n_layers=1, n_heads=2, context_size=16, local_attn_window=4, chunk_size=600,
@@ -144,10 +144,8 @@ def test_run_sh_reports_a_mismatched_checkpoint_once_before_torchrun(genome_dir,
     cfg48 = plm.Config(**{**TINY_CFG, "d_model": 48, "data_dir": genome_dir, "use_global_memory": False})
     ckpt_dir = tmp_path / "ckpt"
     plm.save_checkpoint(str(ckpt_dir / "model_latest.pt"), tiny_payload(cfg48))
-    proc = subprocess.run(["bash", os.path.join(REPO, "run.sh"), *train_args(genome_dir, f"--checkpoint_dir={ckpt_dir}",
-                                                                            f"--log_dir={tmp_path / 'logs'}")],
-                          cwd=str(tmp_path), env=train_env(PYTHON=sys.executable, WORLD_SIZE="1", MAX_RESTARTS="1"),
-                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    proc = run_sh(train_args(genome_dir, f"--checkpoint_dir={ckpt_dir}", f"--log_dir={tmp_path / 'logs'}"), tmp_path,
+                  timeout=120, WORLD_SIZE=1, MAX_RESTARTS=1)
     assert proc.returncode == 2, describe(proc)
     assert (proc.stdout + proc.stderr).count("d_model: checkpoint 48 vs now 32") == 1, describe(proc)
     assert "torch.distributed" not in proc.stderr and not (tmp_path / "logs").exists(), "torchrun was started"
