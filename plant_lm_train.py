@@ -7,6 +7,7 @@ Launch with `bash run.sh` (torchrun); `python plant_lm_train.py --help` lists th
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gzip
 import hashlib
 import inspect
@@ -15,10 +16,9 @@ import math
 import os
 import platform
 import random
-import resource
+import shutil
 import sys
 import time
-import warnings
 import zlib
 from dataclasses import dataclass, field
 
@@ -31,40 +31,49 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 # ----------------------------------------------------------------------------- Config
 
-KMER = 6
-VOCAB_SIZE = 4**KMER
+VOCAB_SIZE = 4**6  # one token per 6-mer (the tokenizer's bit layout fixes the 6; see BASES_PER_TOKEN)
 FASTA_SUFFIXES = (".fa", ".fna", ".fasta")
+# The spec's species weights. A species found in data_dir but not named here gets default_species_weight.
+SPEC_SPECIES_WEIGHTS = {"glycine_max": 1.0, "arabidopsis": 0.8, "oryza_sativa": 0.7, "zea_mays": 0.6,
+                        "vitis_vinifera": 0.5}
+
+# What a Config field decides, as its dataclass metadata; a resumed run compares the saved Config by these kinds.
+ARCHITECTURE = {"kind": "architecture"}  # the shapes of the weights: a checkpoint loads only into the same values
+SPLIT = {"kind": "split"}  # which sequence is held out for validation: changing it would leak trained-on sequence
+RUNTIME = {"kind": "runtime"}  # how a run is watched, paced and saved, not what it learns: free to change on resume
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the Config field, argument or checkpoint."""
 
 
 @dataclass
 class Config:
     # data
-    data_dir: str = "data"
-    species_distribution: dict = field(default_factory=lambda: {"arabidopsis": 1.0, "lyrata": 1.0, "arenosa": 1.0})
+    data_dir: str = field(default="data", metadata=RUNTIME)
+    species_distribution: dict = field(default_factory=lambda: dict(SPEC_SPECIES_WEIGHTS))
     default_species_weight: float = 1.0  # for a species found in data_dir but missing above
-    chunk_size: int = 1_200_000  # bases; windows never cross a chunk boundary
-    context_size: int = 64  # tokens a sample reads; it also predicts 64 next tokens
+    chunk_size: int = field(default=1_200_000, metadata=SPLIT)  # bases; windows never cross a chunk boundary
+    context_size: int = field(default=64, metadata=ARCHITECTURE)  # tokens a sample reads; it predicts 64 next tokens
     overlap_ratio: float = 0.5  # consecutive windows share this fraction of their tokens
-    val_fraction: float = 0.02  # fraction of chunks held out, chosen by hash of the chunk's identity
+    val_fraction: float = field(default=0.02, metadata=SPLIT)  # fraction of chunks held out, by hash of the chunk
     eval_windows: int = 4096  # fixed validation windows scored at each evaluation (0 = all)
     open_chunks_per_species: int = 16  # chunks each loader worker interleaves, per species
-    num_workers: int = 4  # DataLoader workers per rank
+    num_workers: int = field(default=4, metadata=RUNTIME)  # DataLoader workers per rank
     # model
-    d_model: int = 512
-    n_layers: int = 6
-    n_heads: int = 8
+    d_model: int = field(default=512, metadata=ARCHITECTURE)
+    n_layers: int = field(default=6, metadata=ARCHITECTURE)
+    n_heads: int = field(default=8, metadata=ARCHITECTURE)
     dropout: float = 0.1
-    local_attn_window: int = 32  # keys per query, the query's own position included
-    n_buckets: int = VOCAB_SIZE  # rows of the bucket memory, one per 6-mer
+    local_attn_window: int = field(default=32, metadata=ARCHITECTURE)  # keys per query, its own position included
+    n_buckets: int = field(default=VOCAB_SIZE, metadata=ARCHITECTURE)  # rows of the bucket memory, one per 6-mer
     global_context: int = 200_000  # tokens after which an observation's weight in the memory falls to 1/e
-    bucket_norm_every: int = 1000  # optimizer steps between renormalizations of the memory rows
-    use_global_memory: bool = True
+    use_global_memory: bool = field(default=True, metadata=ARCHITECTURE)
     # optimization
     batch_size: int = 16  # windows per micro-batch per rank
     accumulation_steps: int = 4
     n_epochs: int = 10
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = run all epochs)
-    max_minutes: float = 0.0  # stop after this much training time, compilation and validation excluded (0 = no limit)
     learning_rate: float = 1e-4
     min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
     warmup_steps: int = 200
@@ -72,17 +81,20 @@ class Config:
     grad_clip: float = 1.0
     max_bad_steps: int = 10  # consecutive non-finite steps before training stops
     seed: int = 1337
-    # runtime
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    compile: bool = True  # torch.compile on CUDA (the CPU always runs eager)
-    compile_mode: str = "default"  # torch.compile mode: default | max-autotune | max-autotune-no-cudagraphs
-    eval_every: int = 500  # optimizer steps between validations (also at each epoch end)
-    log_every: int = 50
-    checkpoint_every: int = 1000  # optimizer steps between rolling mid-epoch checkpoints (0 = epoch ends only)
-    checkpoint_dir: str = "dna_model"
-    log_dir: str = "logs"
-    resume: str = "auto"  # auto = latest complete checkpoint if any, none, or a path
-    wandb_project: str = "plant-lm"
+    # runtime
+    max_minutes: float = field(default=0.0, metadata=RUNTIME)  # stop after this much training time (0 = no limit)
+    compile: bool = field(default=True, metadata=RUNTIME)  # torch.compile on CUDA (the CPU always runs eager)
+    compile_mode: str = field(default="default", metadata=RUNTIME)  # default | max-autotune | max-autotune-no-cudagraphs
+    eval_every: int = field(default=500, metadata=RUNTIME)  # optimizer steps between validations (and at epoch ends)
+    log_every: int = field(default=50, metadata=RUNTIME)
+    checkpoint_every: int = field(default=1000, metadata=RUNTIME)  # steps between model_latest.pt saves (0 = off)
+    keep_epoch_checkpoints: int = field(default=0, metadata=RUNTIME)  # newest model_epoch_N.pt files kept (0 = all)
+    checkpoint_dir: str = field(default="dna_model", metadata=RUNTIME)
+    log_dir: str = field(default="logs", metadata=RUNTIME)
+    resume: str = field(default="auto", metadata=RUNTIME)  # auto = latest complete checkpoint if any, none, or a path
+    resume_with_new_settings: bool = field(default=False, metadata=RUNTIME)  # continue a run whose settings changed
+    wandb_project: str = field(default="plant-lm", metadata=RUNTIME)
 
     @property
     def window_stride(self):
@@ -90,17 +102,17 @@ class Config:
 
     @property
     def window_bases(self):
-        return (self.context_size + 1) * KMER
+        return (self.context_size + 1) * BASES_PER_TOKEN
 
     def validate(self):
         """Fail before any heavy work, naming the field."""
         checks = [
-            (self.chunk_size % KMER == 0, "chunk_size", f"must be a multiple of {KMER}"),
+            (self.chunk_size % BASES_PER_TOKEN == 0, "chunk_size", f"must be a multiple of {BASES_PER_TOKEN}"),
             (self.chunk_size >= self.window_bases, "chunk_size", f"must hold one window ({self.window_bases} bases)"),
             (self.context_size >= 2, "context_size", "must be >= 2"),
             (0 <= self.overlap_ratio < 1, "overlap_ratio", "must be in [0, 1)"),
             (1 <= self.local_attn_window <= self.context_size, "local_attn_window", "must be in [1, context_size]"),
-            (self.n_buckets == VOCAB_SIZE, "n_buckets", f"must be 4^{KMER} = {VOCAB_SIZE}, one bucket per 6-mer"),
+            (self.n_buckets == VOCAB_SIZE, "n_buckets", f"must be 4^6 = {VOCAB_SIZE}, one bucket per 6-mer"),
             (self.n_heads >= 1, "n_heads", "must be >= 1"),
             (self.n_layers >= 1, "n_layers", "must be >= 1"),
             (self.d_model >= 1, "d_model", "must be >= 1"),
@@ -113,11 +125,11 @@ class Config:
             (self.max_steps >= 0, "max_steps", "must be >= 0"),
             (self.max_minutes >= 0, "max_minutes", "must be >= 0"),
             (self.global_context >= 1, "global_context", "must be >= 1"),
-            (self.bucket_norm_every >= 1, "bucket_norm_every", "must be >= 1"),
             (0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)"),
             (self.eval_windows >= 0, "eval_windows", "must be >= 0"),
             (self.open_chunks_per_species >= 1, "open_chunks_per_species", "must be >= 1"),
             (self.num_workers >= 0, "num_workers", "must be >= 0"),
+            (self.keep_epoch_checkpoints >= 0, "keep_epoch_checkpoints", "must be >= 0 (0 keeps all)"),
             (0 <= self.dropout < 1, "dropout", "must be in [0, 1)"),
             (self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "must be auto, bf16, fp16 or fp32"),
             (self.compile_mode in ("default", "max-autotune", "max-autotune-no-cudagraphs"), "compile_mode",
@@ -128,11 +140,16 @@ class Config:
         ]
         for ok, name, why in checks:
             if not ok:
-                raise ValueError(f"Config.{name} = {getattr(self, name.split('/')[0])!r}: {why}")
+                raise ConfigError(f"Config.{name} = {getattr(self, name.split('/')[0])!r}: {why}")
         for name, weight in self.species_distribution.items():
             if not isinstance(weight, (int, float)) or weight < 0 or not math.isfinite(weight):
-                raise ValueError(f"Config.species_distribution[{name!r}] = {weight!r}: weights must be finite and >= 0")
+                raise ConfigError(f"Config.species_distribution[{name!r}] = {weight!r}: weights must be finite and >= 0")
         return self
+
+
+def fields_of_kind(kind):
+    """Names of the Config fields whose metadata says `kind` ('architecture', 'split', 'runtime'; None = training)."""
+    return [f.name for f in dataclasses.fields(Config) if f.metadata.get("kind") == kind]
 
 
 def parse_overrides(args):
@@ -141,11 +158,11 @@ def parse_overrides(args):
     overrides = {}
     for arg in args:
         if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"expected --key=value, got {arg!r}")
+            raise ConfigError(f"expected --key=value, got {arg!r}")
         key, text = arg[2:].split("=", 1)
         key = key.replace("-", "_")
         if key not in fields:
-            raise ValueError(f"unknown Config field {key!r}; known fields: {', '.join(fields)}")
+            raise ConfigError(f"unknown Config field {key!r}; known fields: {', '.join(fields)}")
         default = getattr(Config(), key)
         try:
             if isinstance(default, bool):
@@ -162,7 +179,7 @@ def parse_overrides(args):
             else:
                 value = text
         except ValueError as e:
-            raise ValueError(f"--{key}={text!r} is not a valid {type(default).__name__}: {e}") from None
+            raise ConfigError(f"--{key}={text!r} is not a valid {type(default).__name__}: {e}") from None
         overrides[key] = value
     return overrides
 
@@ -187,23 +204,23 @@ def _byte_table():
 
 
 BYTE_CODES = _byte_table()
-KMER_PLACE_VALUES = 4 ** np.arange(KMER - 1, -1, -1)
+BASES_PER_TOKEN = 6  # not a setting: tokenize() packs exactly six 2-bit bases into each 12-bit token id
 
 
 def tokenize(codes):
     """Base codes (0..3 = A C G T) -> non-overlapping 6-mer ids, index = sum b_i * 4^(5-i); trailing bases dropped."""
-    n = len(codes) // KMER
-    kmers = (np.asarray(codes[: n * KMER], dtype=np.uint16) & 3).reshape(n, KMER)
+    n = len(codes) // BASES_PER_TOKEN
+    kmers = (np.asarray(codes[: n * BASES_PER_TOKEN], dtype=np.uint16) & 3).reshape(n, BASES_PER_TOKEN)
     tokens = kmers[:, 0] << 10
-    for i in range(1, KMER):
-        tokens |= kmers[:, i] << (2 * (KMER - 1 - i))
+    for i in range(1, BASES_PER_TOKEN):
+        tokens |= kmers[:, i] << (2 * (BASES_PER_TOKEN - 1 - i))
     return tokens
 
 
 def detokenize(tokens):
     """6-mer ids -> the bases they spell, as a str."""
     tokens = np.asarray(tokens, dtype=np.int64)
-    digits = (tokens[:, None] >> (2 * np.arange(KMER - 1, -1, -1))) & 3
+    digits = (tokens[:, None] >> (2 * np.arange(BASES_PER_TOKEN - 1, -1, -1))) & 3
     return np.frombuffer(b"ACGT", dtype=np.uint8)[digits].tobytes().decode()
 
 
@@ -356,7 +373,7 @@ def chunk_file(path, species, file_label, cfg, wanted=None, stats=None):
 
     def emit():
         nonlocal fill, chunk_index
-        usable = fill - fill % KMER
+        usable = fill - fill % BASES_PER_TOKEN
         if fill < cfg.window_bases:
             stats.dropped_short += fill
             fill = 0
@@ -367,11 +384,11 @@ def chunk_file(path, species, file_label, cfg, wanted=None, stats=None):
         key = (species, file_label, record_index, segment_start, chunk_index)
         chunk_index += 1
         fill = 0
-        chunk = Chunk(key=key, n_tokens=usable // KMER, record_id=record_id)
+        chunk = Chunk(key=key, n_tokens=usable // BASES_PER_TOKEN, record_id=record_id)
         if wanted is None or key in wanted:
             codes = buffer[:usable]
             chunk.tokens = tokenize(codes)
-            chunk.repeat = ((codes >> 2) & 1).reshape(-1, KMER).sum(1) >= 3
+            chunk.repeat = ((codes >> 2) & 1).reshape(-1, BASES_PER_TOKEN).sum(1) >= 3
         return chunk
 
     position = 0  # offset of the current piece within its record
@@ -452,18 +469,14 @@ def discover_genomes(cfg, warn=print):
         if not files:
             warn(f"warning: {folder}: species directory has no FASTA file (.fa/.fna/.fasta, optionally .gz); skipped")
             continue
-        weight = cfg.species_distribution.get(species)
-        if weight is None:
-            weight = cfg.default_species_weight
-            warn(f"warning: species {species!r} is not in Config.species_distribution; "
-                 f"using default_species_weight = {weight}")
+        weight = cfg.species_distribution.get(species, cfg.default_species_weight)
         if weight == 0:
             warn(f"note: species {species!r} has weight 0 and is excluded")
             continue
         genomes[species], weights[species] = files, float(weight)
-    for species in cfg.species_distribution:
-        if species not in genomes and cfg.species_distribution[species] > 0:
-            warn(f"warning: species {species!r} is configured but {os.path.join(root, species)} has no usable FASTA")
+    absent = [s for s, w in cfg.species_distribution.items() if w > 0 and s not in genomes]
+    if absent:  # one line: the spec's default names crops that most users do not train on
+        warn(f"note: configured species with no FASTA under {root}/: {', '.join(absent)}")
     if not genomes:
         raise DataError(f"{root}: no usable genomes; {layout}, with at least one species of weight > 0")
     return genomes, weights
@@ -569,6 +582,18 @@ def owned_chunks(files, owned, cfg):
                 yield chunk
 
 
+@dataclass
+class OpenChunk:
+    """A chunk a SpeciesStream is drawing from: its windows' starts in a random order, the first `drawn` used."""
+    chunk: Chunk
+    starts: np.ndarray
+    drawn: int = 0
+
+    @property
+    def left(self):
+        return len(self.starts) - self.drawn
+
+
 class SpeciesStream:
     """The windows of one species' owned chunks, drawn without replacement within each pass over them.
 
@@ -582,46 +607,44 @@ class SpeciesStream:
         labels = {c.key[1] for c in chunks}
         self.files = [(p, label) for p, label in files if label in labels]
         self.offsets = np.arange(cfg.context_size + 1)
-        self.slots, self.source = [], None
+        self.open, self.source = [], None
 
-    def _refill(self, slot_index=None):
-        """Open the next chunk into a slot; False when this pass has no chunk left."""
+    def _next_open_chunk(self):
+        """The next chunk of this pass, opened; None when the pass has no chunk left."""
         for chunk in self.source:
             starts = window_starts(chunk.n_tokens, self.cfg.context_size, self.cfg.window_stride)
-            slot = [chunk, self.rng.permutation(starts), 0]
-            if slot_index is None:
-                self.slots.append(slot)
-            else:
-                self.slots[slot_index] = slot
-            return True
-        return False
+            return OpenChunk(chunk, self.rng.permutation(starts))
+        return None
 
     def _new_pass(self):
         self.source = owned_chunks(self.files, self.owned, self.cfg)
-        self.slots = []
-        while len(self.slots) < self.cfg.open_chunks_per_species and self._refill():
-            pass
+        self.open = []
+        while len(self.open) < self.cfg.open_chunks_per_species and (opened := self._next_open_chunk()):
+            self.open.append(opened)
 
     def draw(self, count):
         """`count` windows as (tokens [count, context+1] int16, chunk keys)."""
         windows, keys = [], []
         while count:
-            if not self.slots:
+            if not self.open:
                 self._new_pass()
-            # slots are picked in proportion to the windows they have left, so a draw is uniform over the open
+            # chunks are picked in proportion to the windows they have left, so a draw is uniform over the open
             # windows: short chunks (often repeat arrays between assembly gaps) are not over-sampled
-            remaining = np.array([len(order) - pos for _, order, pos in self.slots], dtype=np.float64)
-            picks = self.rng.multinomial(count, remaining / remaining.sum())
+            left = np.array([o.left for o in self.open], dtype=np.float64)
+            picks = self.rng.multinomial(count, left / left.sum())
             for i in np.flatnonzero(picks)[::-1]:
-                chunk, order, pos = self.slots[i]
-                take = min(int(picks[i]), len(order) - pos)
-                starts = order[pos:pos + take]
-                windows.append(chunk.tokens[starts[:, None] + self.offsets])
-                keys.extend([chunk.key] * take)
-                self.slots[i][2] = pos + take
+                current = self.open[i]
+                take = min(int(picks[i]), current.left)
+                starts = current.starts[current.drawn:current.drawn + take]
+                windows.append(current.chunk.tokens[starts[:, None] + self.offsets])
+                keys.extend([current.chunk.key] * take)
+                current.drawn += take
                 count -= take
-                if pos + take == len(order) and not self._refill(i):
-                    del self.slots[i]
+                if not current.left:
+                    if (opened := self._next_open_chunk()):
+                        self.open[i] = opened
+                    else:
+                        del self.open[i]
         return np.concatenate(windows).astype(np.int16), keys
 
 
@@ -864,7 +887,7 @@ class PlantLM(nn.Module):
         x = self.dropout(self.token_embedding(tokens) + self.species_embedding(species)[:, None, :])
         rotary = (self.rotary_cos[:T], self.rotary_sin[:T])
         mask = self.local_mask(T, tokens.device)
-        memory = self.bucket_memory if self.cfg.use_global_memory else None
+        memory = self.memory_rows() if self.cfg.use_global_memory else None
         for block in self.blocks:
             x = block(x, rotary, mask, memory)
         hidden = self.ln_final(x)
@@ -873,6 +896,15 @@ class PlantLM(nn.Module):
             return logits, hidden.detach()
         loss = F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), targets.reshape(-1))
         return loss, hidden.detach()
+
+    def memory_rows(self):
+        """The bucket memory as attention reads it: every row scaled to unit RMS (an empty row stays zero).
+
+        The stored rows are running means, which shrink as disagreeing observations average out; scaling them when
+        they are read keeps the keys' scale steady at every step, where a periodic renormalization made it jump.
+        """
+        rms = self.bucket_memory.pow(2).mean(dim=1, keepdim=True).sqrt()
+        return self.bucket_memory / torch.where(rms > 0, rms, torch.ones_like(rms))
 
     @torch.no_grad()
     def bucket_observations(self, tokens, hidden):
@@ -884,24 +916,20 @@ class PlantLM(nn.Module):
         return stats
 
     @torch.no_grad()
-    def update_bucket_memory(self, observations, step):
+    def update_bucket_memory(self, observations):
         """Fold one optimizer step's observations (summed over micro-batches and ranks) into the memory.
 
         With n tokens observed this step and decay = exp(-n / global_context):
             weight_b <- decay * weight_b + count_b
             memory_b <- memory_b + (sum_b - count_b * memory_b) / weight_b     (rows with count_b > 0)
         i.e. memory_b is the mean of its observations, each weighted by exp(-tokens seen since / global_context):
-        an observation counts 1/e as much as a new one after global_context tokens. Every bucket_norm_every
-        steps the rows are rescaled to unit RMS, since means of disagreeing vectors shrink over time.
+        an observation counts 1/e as much as a new one after global_context tokens.
         """
         sums, counts = observations[:, :-1], observations[:, -1]
         decay = torch.exp(-counts.sum() / self.cfg.global_context)
         self.bucket_weight.mul_(decay).add_(counts)
         rate = torch.where(counts > 0, 1.0 / self.bucket_weight.clamp_min(1e-30), torch.zeros_like(counts))
         self.bucket_memory.add_((sums - counts[:, None] * self.bucket_memory) * rate[:, None])
-        if step % self.cfg.bucket_norm_every == 0:
-            rms = self.bucket_memory.pow(2).mean(dim=1, keepdim=True).sqrt()
-            self.bucket_memory.div_(torch.where(rms > 0, rms, torch.ones_like(rms)))
 
     def flops_per_step(self, n_tokens, batch_forwards):
         """Real training FLOPs for n_tokens in batch_forwards forward calls: backward costs 2x forward, except for
@@ -920,18 +948,420 @@ class PlantLM(nn.Module):
 
 # ----------------------------------------------------------------------------- training
 
-BITS_PER_NAT_PER_BASE = 1 / (KMER * math.log(2))  # nats per 6-mer token -> bits per base
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
-                   ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
-                   ("RTX 4090", 165e12), ("V100", 125e12)]  # dense bf16 (fp16 on V100), from the datasheets
+NATS_PER_TOKEN_TO_BITS_PER_BASE = 1 / (BASES_PER_TOKEN * math.log(2))  # a loss in nats per 6-mer -> bits per base
 
 
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+def train(cfg, build_model=None):
+    """Train on cfg.data_dir under torchrun (or as one plain process); returns the last validation loss."""
+    cfg.validate()
+    rt = setup_distributed()
+    log = RunLog(cfg, rt)
+    try:
+        run = start_run(cfg, rt, log, build_model)
+        batches = iter(run.loader)
+        if run.saved_rng is not None:  # after iter(loader), which draws its base seed from the global torch RNG
+            restore_rng_states(run.saved_rng, rt.device)
+        meter, bar = LogMeter(run), None
+        while run.step < run.total_steps:
+            bar = bar or epoch_progress_bar(run)
+            t_step = time.time()
+            step_tokens, step_species = next(batches)
+            meter.data_wait += time.time() - t_step
+            result = train_step(run.learner, step_tokens, step_species, lr_at(run.step, cfg, run.total_steps))
+            run.step += 1
+            meter.add(result)
+            bar.update(1)
+            if run.step > 1:  # the first step compiles
+                run.train_seconds += time.time() - t_step
+            if run.step % cfg.log_every == 0 or run.step == run.total_steps:
+                record = write_log_line(run, meter, result)  # may end the run early (max_minutes)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.3g}")
+                meter = LogMeter(run)
+            epoch_done = run.step % run.per_epoch == 0
+            if run.step % cfg.eval_every == 0 or epoch_done or run.step == run.total_steps:
+                validate(run)
+            if epoch_done:
+                save_epoch_checkpoint(run)
+            elif (cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0) or run.step == run.total_steps:
+                save_run(run, "model_latest.pt")
+            if epoch_done or run.step == run.total_steps:
+                bar.close()
+                bar = None
+        log.info(closing_line(run))
+    finally:
+        log.close()
+    if rt.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return run.val_loss
 
+
+@dataclass
+class Run:
+    """One training invocation: what the loop reads and advances."""
+    cfg: Config
+    rt: "Runtime"
+    log: "RunLog"
+    index: GenomeIndex
+    learner: "Learner"
+    val_tokens: torch.Tensor
+    val_species: torch.Tensor
+    per_epoch: int
+    total_steps: int
+    loader: DataLoader = None
+    step: int = 0  # optimizer steps taken, over all invocations of this run
+    best_val: float = math.inf
+    val_loss: float = math.nan  # nan until this invocation validates
+    saved_rng: list = None  # this rank's RNG states from the checkpoint, when the data order replays exactly
+    resumed_from: str = None
+    train_seconds: float = 0.0  # time in optimizer steps after the first (which compiles): time budgets, plots
+    t_start: float = field(default_factory=time.time)
+
+
+def start_run(cfg, rt, log, build_model):
+    """Everything before the first step: seeds, the genome scan, the model, resume, the start-up report, the loader."""
+    warn = log.info
+    torch.manual_seed(cfg.seed + rt.rank)
+    random.seed(cfg.seed + rt.rank)
+    np.random.seed(cfg.seed + rt.rank)
+    if rt.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        warn(f"no GPU found: training on the CPU with {rt.world_size} process(es) (gloo). This is slow; the progress "
+             f"bar's ETA is the real estimate. Use a smaller model (--d_model=128 --n_layers=2) to try things out.")
+    index = scan_genomes(cfg, warn=warn, progress=log.progress)
+    val_tokens, val_species = load_validation(index, cfg)
+    if not len(val_tokens):
+        warn(f"warning: no validation windows: a species whose sequence fits in one chunk (chunk_size = "
+             f"{cfg.chunk_size:,} bases) keeps that chunk for training. Validation and model_best.pt are skipped; "
+             f"a smaller --chunk_size holds some sequence out.")
+    per_epoch = steps_per_epoch(index, cfg, rt.world_size)
+    total_steps = per_epoch * cfg.n_epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.n_epochs)
+    run = Run(cfg, rt, log, index, build_learner(cfg, rt, len(index.species), build_model), val_tokens, val_species,
+              per_epoch, total_steps)
+    if rt.is_main:
+        for leftover in remove_stale_temporaries(cfg.checkpoint_dir):
+            warn(f"removed {leftover}: the temporary file of a save that was interrupted")
+    resume(run)
+    report_start(run)
+    log.start_wandb(cfg)
+    stream = GenomeStream(index, cfg, rt.rank, rt.world_size, per_epoch, start_step=run.step)
+    run.loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
+                            pin_memory=rt.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+                            prefetch_factor=4 if cfg.num_workers else None)
+    return run
+
+
+def resume(run):
+    """Continue from the checkpoint resume_path picks, if any: weights, optimizer, scaler, step, RNG states."""
+    cfg, rt, learner = run.cfg, run.rt, run.learner
+    path = resume_path(cfg, run.log.info)
+    if not path:
+        return
+    ckpt = load_checkpoint(path)
+    check_compatible(ckpt["config"], cfg, ckpt["species"], run.index.species, path, warn=run.log.info)
+    learner.model.load_state_dict(ckpt["model_state_dict"])
+    learner.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+    learner.scaler.load_state_dict(ckpt["scaler_state_dict"])
+    run.step, run.best_val, run.resumed_from = ckpt["step"], ckpt["best_val_loss"], path
+    saved_workers = ckpt["config"].get("num_workers")
+    if (ckpt["steps_per_epoch"], ckpt["world_size"], saved_workers) != (run.per_epoch, rt.world_size, cfg.num_workers):
+        # Each rank's DataLoader workers own disjoint shards of the chunks, so any of the three reorders the data.
+        run.log.info(f"warning: {path} was written with {ckpt['world_size']} rank(s), {saved_workers} DataLoader "
+                     f"worker(s) per rank and {ckpt['steps_per_epoch']} steps/epoch, now {rt.world_size} rank(s), "
+                     f"{cfg.num_workers} worker(s) and {run.per_epoch} steps/epoch: the data order will not replay "
+                     f"exactly")
+    elif rt.rank < len(ckpt["rng_states"]):
+        run.saved_rng = ckpt["rng_states"][rt.rank]
+    run.log.info(f"resumed from {path} at step {run.step}")
+    if run.step >= run.total_steps:
+        run.log.info(f"nothing to train: {path} is at step {run.step} of this run's {run.total_steps}; to train "
+                     f"further raise --max_steps or --n_epochs and add --resume_with_new_settings=true, or start "
+                     f"fresh with --resume=none")
+
+
+def report_start(run):
+    """The start-up lines: Config, versions, the species table, the model, the batch, and the disk checkpoints use."""
+    cfg, rt, info = run.cfg, run.rt, run.log.info
+    n_params = sum(p.numel() for p in run.learner.model.parameters())
+    effective = cfg.batch_size * cfg.accumulation_steps * rt.world_size
+    info(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    info(f"versions: {json.dumps(versions(rt.device))}")
+    info(data_summary(run.index, cfg))
+    info(f"model: {n_params:,} parameters ({n_params / 1e6:.1f}M), attention kernel "
+         f"{run.learner.model_kernel}, precision {run.learner.autocast_dtype or torch.float32}")
+    info(f"effective batch: {cfg.batch_size} x {cfg.accumulation_steps} accumulation x {rt.world_size} rank(s) = "
+         f"{effective} windows = {effective * cfg.context_size:,} tokens per optimizer step; {run.per_epoch} steps "
+         f"per epoch, {run.total_steps} steps in all; {len(run.val_tokens)} validation windows")
+    if rt.is_main:
+        info(checkpoint_disk_report(run))
+
+
+# ----------------------------------------------------------------------------- training: one optimizer step
+
+@dataclass
+class Learner:
+    """The model and everything one optimizer step touches.
+
+    Three handles, one set of weights: `model` is the bare module (checkpoints hold its state_dict, the bucket memory
+    lives on it); `compiled` is what forward passes run (torch.compile of `model` on CUDA, else `model` itself);
+    `wrapped` is `compiled` inside DDP when there are several ranks. Validation runs `compiled`, not the DDP wrapper,
+    so that a rank with fewer validation rows joins no collective but the final sum.
+    """
+    cfg: Config
+    rt: "Runtime"
+    model: nn.Module
+    compiled: nn.Module
+    wrapped: nn.Module
+    model_kernel: str
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast_dtype: torch.dtype
+    fixed_scale: float  # None with fp16 (the loss scale moves); 1.0 otherwise
+    # Bad-step accounting on the device, so that no step waits for the host: the current and the longest run of
+    # consecutive non-finite steps, and the count of skipped steps.
+    consecutive_bad: torch.Tensor = None
+    worst_streak: torch.Tensor = None
+    skipped_steps: torch.Tensor = None
+
+    def autocast(self):
+        return torch.autocast(self.rt.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean training loss of the step's micro-batches, nats/token, on the device
+    grad_norm: torch.Tensor
+    finite: torch.Tensor  # False when a gradient was not finite and the step was skipped
+
+
+def build_learner(cfg, rt, n_species, build_model=None):
+    """The model on its device with its optimizer, loss scaler, compiled and DDP handles."""
+    kernel = "flex" if rt.device.type == "cuda" and cfg.compile else "sdpa"
+    model = (build_model or PlantLM)(cfg, n_species, attention_kernel=kernel).to(rt.device)
+    if isinstance(model, PlantLM):  # build the block mask eagerly: compiled graphs then read it as an input
+        model.local_mask(cfg.context_size, rt.device)
+    autocast_dtype, use_scaler = precision_settings(cfg, rt.device)
+    # The scaler also guards bf16 and fp32 runs: it skips a step whose gradients are not finite, on the device,
+    # with no host sync. Only fp16 needs its scale to move; elsewhere update() pins it at 1.
+    scaler = torch.amp.GradScaler(rt.device.type, init_scale=2.0**16 if use_scaler else 1.0)
+    compiled = torch.compile(model, mode=cfg.compile_mode) if cfg.compile and rt.device.type == "cuda" else model
+    zero = lambda: torch.zeros((), device=rt.device)  # noqa: E731
+    return Learner(cfg, rt, model, compiled, wrap_ddp(compiled, rt.device) if rt.distributed else compiled, kernel,
+                   build_optimizer(model, cfg, rt.device), scaler, autocast_dtype, None if use_scaler else 1.0,
+                   zero(), zero(), zero())
+
+
+def train_step(learner, step_tokens, step_species, lr):
+    """One optimizer step: forward and backward over the accumulation micro-batches, clip, optimizer, memory update,
+    bad-step accounting. step_tokens [A, B, context + 1] and step_species [A, B] as the loader yields them.
+    Returns device tensors and never waits for the device."""
+    cfg, rt, model = learner.cfg, learner.rt, learner.model
+    for group in learner.optimizer.param_groups:
+        group["lr"] = lr
+    step_tokens = step_tokens.to(rt.device, non_blocking=True).long()
+    step_species = step_species.to(rt.device, non_blocking=True)
+    step_loss = torch.zeros((), device=rt.device)
+    observations = None
+    for micro in range(cfg.accumulation_steps):
+        inputs, targets = step_tokens[micro, :, :-1], step_tokens[micro, :, 1:]
+        syncs_gradients = micro == cfg.accumulation_steps - 1
+        # gradients are all-reduced only on the last micro-batch; no_sync must wrap the forward too
+        with learner.wrapped.no_sync() if rt.distributed and not syncs_gradients else contextlib.nullcontext():
+            with learner.autocast():
+                loss, hidden = learner.wrapped(inputs, step_species[micro], targets)
+            learner.scaler.scale(loss / cfg.accumulation_steps).backward()
+        step_loss += loss.detach() / cfg.accumulation_steps
+        if cfg.use_global_memory:
+            seen = model.bucket_observations(inputs, hidden)
+            observations = seen if observations is None else observations.add_(seen)
+    # the memory's all-reduce runs on NCCL's stream while the optimizer steps on the compute stream
+    pending = dist.all_reduce(observations, async_op=True) if rt.distributed and observations is not None else None
+    learner.scaler.unscale_(learner.optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    finite = torch.isfinite(grad_norm)  # the same on every rank: gradients are all-reduced
+    learner.scaler.step(learner.optimizer)  # skipped when a gradient is not finite
+    learner.scaler.update(learner.fixed_scale)
+    learner.optimizer.zero_grad(set_to_none=True)
+    bad = (~finite).float()
+    learner.consecutive_bad.mul_(bad).add_(bad)
+    torch.maximum(learner.worst_streak, learner.consecutive_bad, out=learner.worst_streak)
+    learner.skipped_steps.add_(bad)
+    if observations is not None:
+        if pending is not None:
+            pending.wait()
+        model.update_bucket_memory(torch.where(finite, observations, 0.0))  # a skipped step teaches it nothing
+    return StepResult(step_loss, grad_norm, finite)
+
+
+# ----------------------------------------------------------------------------- training: log lines, validation, saves
+
+class LogMeter:
+    """What the steps since the last log line add up to. A skipped step's loss stays out of the mean."""
+
+    def __init__(self, run):
+        self.t_start, self.steps, self.data_wait = time.time(), 0, 0.0
+        self.loss_sum = torch.zeros((), device=run.rt.device)
+        self.good_steps = torch.zeros((), device=run.rt.device)
+        self.skipped_before = int(run.learner.skipped_steps.item())
+
+    def add(self, result):
+        self.steps += 1
+        self.loss_sum += torch.where(result.finite, result.loss, 0.0)
+        self.good_steps += result.finite.float()
+
+
+def write_log_line(run, meter, result):
+    """One metrics record and log line for the steps since the last. Stops the run after max_bad_steps non-finite
+    steps in a row (at any step since the start), and ends it here when max_minutes is reached."""
+    cfg, rt, learner = run.cfg, run.rt, run.learner
+    worst, skipped = int(learner.worst_streak.item()), int(learner.skipped_steps.item())
+    if worst >= cfg.max_bad_steps:
+        latest = find_latest_checkpoint(cfg.checkpoint_dir, run.log.info)
+        raise TrainingStopped(f"{worst} consecutive non-finite steps up to step {run.step} (Config.max_bad_steps = "
+                              f"{cfg.max_bad_steps}); last good checkpoint: {latest or 'none'}. Lower "
+                              f"learning_rate, or use bf16 or fp32.")
+    if skipped > meter.skipped_before:
+        run.log.info(f"warning: {skipped - meter.skipped_before} step(s) up to step {run.step} had non-finite "
+                     f"gradients and were skipped ({skipped} in all)")
+    totals = torch.stack([meter.loss_sum, meter.good_steps])
+    if rt.distributed:
+        dist.all_reduce(totals)
+    loss_sum, good_steps = totals.tolist()
+    mean_loss = loss_sum / good_steps if good_steps else math.nan
+    seconds = time.time() - meter.t_start
+    samples_per_s = meter.steps * cfg.batch_size * cfg.accumulation_steps * rt.world_size / seconds
+    record = {"step": run.step, "epoch": run.step / run.per_epoch, "loss": mean_loss,
+              "bits_per_base": mean_loss * NATS_PER_TOKEN_TO_BITS_PER_BASE,
+              "lr": learner.optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm.item(),
+              "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * cfg.context_size,
+              "data_wait_frac": meter.data_wait / seconds, "skipped_steps": skipped, "host_rss_mb": host_rss_mb(),
+              "elapsed_s": time.time() - run.t_start, "train_s": run.train_seconds}
+    peak = peak_flops(rt.device)
+    if peak:
+        n_tokens = cfg.batch_size * cfg.accumulation_steps * rt.world_size * cfg.context_size
+        flops = learner.model.flops_per_step(n_tokens, cfg.accumulation_steps * rt.world_size)
+        record["mfu"] = flops * meter.steps / seconds / (peak * rt.world_size)
+    if rt.device.type == "cuda":
+        record["gpu_mem_alloc_gb"] = torch.cuda.memory_allocated(rt.device) / 2**30
+        record["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
+        record.update(gpu_state(rt.device))
+    run.log.metrics(record)
+    run.log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+    if cfg.max_minutes:  # decided together, so that every rank stops at the same step
+        out_of_time = torch.tensor([float(run.train_seconds > 60 * cfg.max_minutes)], device=rt.device)
+        if rt.distributed:
+            dist.all_reduce(out_of_time, op=dist.ReduceOp.MAX)
+        if out_of_time.item():
+            run.log.info(f"max_minutes = {cfg.max_minutes} reached at step {run.step}")
+            run.total_steps = run.step
+    return record
+
+
+def validate(run):
+    """Score the fixed validation windows, log them, and save model_best.pt at a new low."""
+    if not len(run.val_tokens):
+        return
+    learner = run.learner
+    run.val_loss = evaluate(learner.compiled, run.val_tokens, run.val_species, run.cfg, run.rt, learner.autocast_dtype)
+    improved = run.val_loss < run.best_val  # the same on every rank: the loss is all-reduced
+    run.best_val = min(run.best_val, run.val_loss)
+    to_bits = NATS_PER_TOKEN_TO_BITS_PER_BASE
+    run.log.metrics({"step": run.step, "epoch": run.step / run.per_epoch, "val_loss": run.val_loss,
+                     "val_bits_per_base": run.val_loss * to_bits, "best_val_loss": run.best_val,
+                     "elapsed_s": time.time() - run.t_start, "train_s": run.train_seconds})
+    run.log.info(f"step {run.step}: validation loss {run.val_loss:.4f} nats/token = {run.val_loss * to_bits:.4f} "
+                 f"bits/base (best {run.best_val * to_bits:.4f})")
+    if improved:  # long runs over-fit a few genomes: keep the weights a user most likely wants
+        save_run(run, "model_best.pt")
+
+
+def save_epoch_checkpoint(run):
+    """model_epoch_N.pt, then the oldest epoch checkpoints beyond keep_epoch_checkpoints are deleted."""
+    epochs = run.step // run.per_epoch
+    save_run(run, f"model_epoch_{epochs}.pt", epoch=epochs)
+    if run.rt.is_main and run.cfg.keep_epoch_checkpoints:
+        for path in epoch_checkpoints(run.cfg.checkpoint_dir)[:-run.cfg.keep_epoch_checkpoints]:
+            os.remove(path)
+            run.log.info(f"removed {path} (keep_epoch_checkpoints = {run.cfg.keep_epoch_checkpoints})")
+
+
+def save_run(run, name, epoch=None):
+    """A checkpoint of the whole run, with every rank's RNG states, written by rank 0."""
+    rt, learner = run.rt, run.learner
+    all_states = [rng_states(rt.device)]
+    if rt.distributed:
+        all_states = [None] * rt.world_size
+        dist.all_gather_object(all_states, rng_states(rt.device))
+    if rt.is_main:
+        path = os.path.join(run.cfg.checkpoint_dir, name)
+        payload = {
+            "model_state_dict": learner.model.state_dict(), "optimizer_state_dict": learner.optimizer.state_dict(),
+            "scaler_state_dict": learner.scaler.state_dict(),
+            "epoch": (run.step - 1) // run.per_epoch if epoch is None else epoch, "step": run.step,
+            "config": dataclasses.asdict(run.cfg), "species": run.index.species, "steps_per_epoch": run.per_epoch,
+            "world_size": rt.world_size, "best_val_loss": run.best_val, "rng_states": all_states}
+        try:
+            save_checkpoint(path, payload)
+        except OSError as e:  # a full disk, say: the run cannot keep its work, so it stops, saying what is kept
+            raise TrainingStopped(str(e.strerror)) from e
+        run.log.info(f"saved {path} (step {run.step})")
+
+
+def closing_line(run):
+    validation = "no validation set"
+    if len(run.val_tokens):
+        to_bits = NATS_PER_TOKEN_TO_BITS_PER_BASE
+        latest = "" if math.isnan(run.val_loss) else f"last validation {run.val_loss * to_bits:.4f} bits/base, "
+        validation = f"{latest}best {run.best_val * to_bits:.4f}"
+    return f"done: {run.step} steps, {validation}; {int(run.learner.skipped_steps.item())} step(s) skipped"
+
+
+def epoch_progress_bar(run):
+    """A bar over the current epoch's steps (to the run's end when that comes first); none unless on a terminal."""
+    from tqdm import tqdm
+    epoch = run.step // run.per_epoch
+    first, end = epoch_bar_span(run.step, run.per_epoch, run.total_steps)
+    return tqdm(total=end - first, initial=run.step - first, desc=f"epoch {epoch + 1}/{run.cfg.n_epochs}",
+                disable=not run.log.progress, dynamic_ncols=True, unit="step")
+
+
+def epoch_bar_span(step, per_epoch, total_steps):
+    """(first, end) steps the progress bar of step's epoch counts between: a max_steps run ends inside its epoch,
+    and an ETA towards the epoch's end would be hours off."""
+    first = step - step % per_epoch
+    return first, min(first + per_epoch, total_steps)
+
+
+@torch.no_grad()
+def evaluate(model, tokens, species, cfg, rt, autocast_dtype):
+    """Mean loss (nats/token) over the fixed validation windows; every rank scores its share, then all-reduce.
+
+    `model` is the bare (or compiled) module, not the DDP wrapper, so a rank with fewer rows joins no collective
+    but the final sum. Batches keep the training micro-batch shape, so compiled graphs are reused; padding rows
+    are ignored through the -100 target.
+    """
+    was_training = model.training
+    model.eval()
+    mine = torch.arange(rt.rank, len(tokens), rt.world_size)
+    total = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    for start in range(0, len(mine), cfg.batch_size):
+        rows = mine[start:start + cfg.batch_size]
+        valid = len(rows)
+        rows = torch.cat([rows, rows[:1].expand(cfg.batch_size - valid)])
+        batch = tokens[rows].to(rt.device)
+        targets = batch[:, 1:].clone()
+        targets[valid:] = -100
+        with torch.autocast(rt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss, _ = model(batch[:, :-1], species[rows].to(rt.device), targets)
+        n_targets = valid * cfg.context_size
+        total += torch.stack([loss.double() * n_targets, torch.full((), n_targets, device=rt.device).double()])
+    if rt.distributed:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1].clamp_min(1)).item()
+
+
+# ----------------------------------------------------------------------------- training: set-up helpers
 
 @dataclass
 class Runtime:
@@ -954,7 +1384,7 @@ def setup_distributed():
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world_size < 1:
-        raise ValueError(f"WORLD_SIZE = {world_size}: must be >= 1")
+        raise ConfigError(f"WORLD_SIZE = {world_size}: must be >= 1")
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -972,7 +1402,7 @@ def precision_settings(cfg, device):
     if wanted == "auto":
         wanted = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
     if wanted == "fp16" and device.type != "cuda":
-        raise ValueError("Config.precision = 'fp16' needs a CUDA GPU; use bf16 or fp32 on the CPU")
+        raise ConfigError("Config.precision = 'fp16' needs a CUDA GPU; use bf16 or fp32 on the CPU")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[wanted], wanted == "fp16"
 
 
@@ -1004,41 +1434,229 @@ def wrap_ddp(module, device):
         **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
 
 
-def host_rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def species_table(index, cfg):
+    """Each species found, its id, its sampling weight, where the weight came from, and its share of the draws."""
+    shares = np.asarray(index.weights) / sum(index.weights)
+    lines = [f"{'id':>3s} {'species':24s} {'weight':>7s} {'from':22s} {'draws':>6s}"]
+    for i, (name, weight) in enumerate(zip(index.species, index.weights)):
+        source = "species_distribution" if name in cfg.species_distribution else "default_species_weight"
+        lines.append(f"{i:3d} {name[:24]:24s} {weight:7g} {source:22s} {shares[i]:6.1%}")
+    return "\n".join(lines)
 
 
-def gpu_state(device):
-    """Utilization, temperature and power through NVML, where it is installed."""
-    if device.type != "cuda":
-        return {}
+def steps_per_epoch(index, cfg, world_size):
+    """An epoch draws as many windows as the training split holds (species-weighted), in whole optimizer steps."""
+    samples_per_step = cfg.batch_size * cfg.accumulation_steps * world_size
+    return max(1, index.windows(index.train, cfg) // samples_per_step)
+
+
+def data_summary(index, cfg):
+    """The start-up report of the data: the species table, then what was read of each species."""
+    lines = [species_table(index, cfg)]
+    for name in index.species:
+        st = index.stats[name]
+        train = [c for c in index.train if c.key[0] == name]
+        val = [c for c in index.val if c.key[0] == name]
+        lines.append(f"  {name}: {len(index.files[name])} file(s), {st.records} record(s), {st.bases:,} bases read, "
+                     f"{st.non_acgt:,} non-ACGT removed, {st.dropped_short:,} in too-short pieces dropped; "
+                     f"chunks {len(train)} train / {len(val)} val; windows {index.windows(train, cfg):,} train / "
+                     f"{index.windows(val, cfg):,} val")
+    for path, reason in index.skipped:
+        lines.append(f"  skipped {path}: {reason}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- training: checkpoint files
+
+def save_checkpoint(path, payload):
+    """Write to a temporary file in the same directory, fsync, then rename: a checkpoint exists only when whole."""
+    folder = os.path.dirname(path) or "."
+    for name, tensor in payload["model_state_dict"].items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise TrainingStopped(f"refusing to write {path}: {name} holds non-finite values")
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        import pynvml
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index)
-        return {"gpu_util": pynvml.nvmlDeviceGetUtilizationRates(handle).gpu,
-                "gpu_temp_c": pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
-                "gpu_power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000}
-    except Exception:  # no NVML: the memory figures still come from torch
-        return {}
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint is "
+                               f"kept") from e
 
 
-def versions(device):
-    info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "cuda": torch.version.cuda, "host": platform.node()}
-    if device.type == "cuda":
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return info
+def load_checkpoint(path):
+    """Load with weights_only=True: a checkpoint holds tensors and plain containers only, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{path}: not a loadable Plant LM checkpoint ({type(e).__name__}: {str(e)[:300]})") from e
+
+
+def find_latest_checkpoint(folder, warn=print):
+    """The complete checkpoint with the most optimizer steps; temporary and unreadable files are passed over.
+
+    model_best.pt is a full checkpoint too, so it counts, but a regular checkpoint of the same step is preferred.
+    """
+    if not os.path.isdir(folder):
+        return None
+    latest = None
+    for name in sorted(os.listdir(folder)):
+        if not (name.startswith("model_") and name.endswith(".pt")):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+        except Exception as e:
+            warn(f"warning: {path}: unreadable checkpoint ({type(e).__name__}); passed over")
+            continue
+        if latest is None or step > latest[0] or (step == latest[0] and latest[1].endswith("model_best.pt")):
+            latest = (step, path)
+    return latest and latest[1]
+
+
+def epoch_checkpoints(folder):
+    """The model_epoch_N.pt files in folder, oldest epoch first."""
+    found = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        stem = name[len("model_epoch_"):-len(".pt")]
+        if name.startswith("model_epoch_") and name.endswith(".pt") and stem.isdigit():
+            found.append((int(stem), os.path.join(folder, name)))
+    return [path for _, path in sorted(found)]
+
+
+def checkpoint_disk_report(run):
+    """One line: what this run's checkpoints will take on disk, and a warning when the free space looks too small."""
+    cfg, model = run.cfg, run.learner.model
+    tensors = list(model.state_dict().values())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # the weights and buffers, plus AdamW's two fp32 moments per trainable weight
+    each = sum(t.numel() * t.element_size() for t in tensors) + sum(2 * 4 * p.numel() for p in trainable)
+    epochs = run.total_steps // run.per_epoch
+    kept = min(epochs, cfg.keep_epoch_checkpoints) if cfg.keep_epoch_checkpoints else epochs
+    files = kept + 2  # and model_latest.pt, model_best.pt
+    folder = os.path.abspath(cfg.checkpoint_dir)
+    existing = sum(os.path.getsize(p) for p in epoch_checkpoints(folder))
+    probe = folder
+    while not os.path.isdir(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    needed = max(0, files * each - existing)
+    line = (f"checkpoints: about {each / 1e9:.2f} GB each, up to {files} files ({kept} model_epoch_N.pt"
+            f"{'' if cfg.keep_epoch_checkpoints else ', all kept'}, model_latest.pt, model_best.pt) = "
+            f"{files * each / 1e9:.2f} GB in {cfg.checkpoint_dir}; {free / 1e9:.1f} GB free there")
+    if needed > free:
+        line += (f"\nwarning: the checkpoints need {needed / 1e9:.2f} GB more than is there, and {free / 1e9:.1f} GB "
+                 f"is free: set --keep_epoch_checkpoints=N or free some space")
+    return line
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files of saves whose process is gone (killed mid-write); returns their paths."""
+    removed = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        stem, _, pid = name.rpartition(".tmp")
+        if not (name.startswith("model_") and stem.endswith(".pt") and pid.isdigit()):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            os.kill(int(pid), 0)
+            continue  # its writer is still alive (another run saving here): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, owned by another user
+        with contextlib.suppress(OSError):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+def resume_path(cfg, warn=print):
+    """The checkpoint this run resumes from, or None."""
+    if cfg.resume == "auto":
+        return find_latest_checkpoint(cfg.checkpoint_dir, warn)
+    return None if cfg.resume == "none" else cfg.resume
+
+
+def check_compatible(saved_config, cfg, saved_species, species, path, warn=print):
+    """May this run continue the run saved at `path`? Raises ConfigError, listing each differing field, unless so.
+
+    Architecture and split fields must match: the weights would not load, or validation would hold trained-on
+    sequence. Any other field that decides what is learned (learning rate, schedule, batch, data mix, ...) may
+    differ only with resume_with_new_settings: a user who edits Config and runs again would otherwise continue the
+    old run, silently, under a reshaped schedule. Runtime fields may differ; each difference is reported.
+    species=None leaves the species to a later check (run.sh's pre-check runs before the genomes are scanned).
+    """
+    defaults = Config()  # a field the checkpoint predates had its default value then
+
+    def differences(kind):
+        return [f"{name}: checkpoint {saved!r} vs now {now!r}" for name in fields_of_kind(kind)
+                if (saved := saved_config.get(name, getattr(defaults, name))) != (now := getattr(cfg, name))]
+
+    fixed = differences("architecture") + differences("split")
+    if species is not None and saved_species != species:
+        fixed.append(f"species: checkpoint {saved_species} vs data now {species}")
+    if fixed:
+        raise ConfigError(f"{path} does not match this run's model or validation split; differing fields:\n  " +
+                          "\n  ".join(fixed) +
+                          "\nSet the Config fields back, or start fresh with RESUME=none (or --resume=none).")
+    changed = differences(None)
+    if changed and not cfg.resume_with_new_settings:
+        raise ConfigError(f"{path} was trained with other settings; differing fields:\n  " + "\n  ".join(changed) +
+                          "\nTo continue that run with the new values: --resume_with_new_settings=true. "
+                          "To start a new run: RESUME=none (or --resume=none). Or set the fields back.")
+    for difference in changed:
+        warn(f"resuming {path} with a changed setting: {difference}")
+    for difference in differences("runtime"):
+        if not difference.startswith("resume"):  # how this invocation resumes is no news
+            warn(f"note: runtime setting changed since {path}: {difference}")
+
+
+# ----------------------------------------------------------------------------- training: logs, wandb, RNG states
+
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
+                   "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12,
+                   "RTX 4090": 165e12, "V100": 125e12}  # dense bf16 (fp16 on V100), datasheets
+
+
+def peak_flops(device):
+    """The GPU's dense bf16 peak, matched on whole words of its name ('L40' is not 'L4'), or None if unknown."""
+    if device.type != "cuda":
+        return None
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_flops_for_name(name):
+    padded = f" {name.replace('-', ' ')} "
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if f" {key} " in padded:
+            return PEAK_BF16_FLOPS[key]
+    return None
 
 
 class RunLog:
-    """Rank 0's record of a run: logs/training_TIMESTAMP.log, logs/metrics_TIMESTAMP.jsonl, a loss curve and wandb."""
+    """Rank 0's record of a run: logs/training_TIMESTAMP.log, logs/metrics_TIMESTAMP.jsonl, a loss curve and wandb.
+
+    Progress bars only on a terminal: redirected to a file, tqdm's redraws would fill it, and the log lines written
+    every log_every steps already say how the run goes.
+    """
 
     def __init__(self, cfg, rt):
         self.enabled = rt.is_main
+        self.progress = rt.is_main and sys.stderr.isatty()
         self.history = {"train": [], "val": []}
         self.wandb = None
+        self.log_file = self.metrics_file = None
         if not self.enabled:
             return
         os.makedirs(cfg.log_dir, exist_ok=True)
@@ -1051,8 +1669,11 @@ class RunLog:
 
     def info(self, message):
         if self.enabled:
-            from tqdm import tqdm
-            tqdm.write(message)
+            if self.progress:
+                from tqdm import tqdm
+                tqdm.write(message)  # above the bar, not through it
+            else:
+                print(message, flush=True)
             self.log_file.write(f"{datetime.datetime.now().isoformat(timespec='seconds')} {message}\n")
 
     def metrics(self, record):
@@ -1077,7 +1698,7 @@ class RunLog:
         except ImportError:
             self.info("warning: wandb is not installed; metrics go to the jsonl log only")
             return
-        if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _netrc_has_wandb()):
+        if mode == "online" and not (os.environ.get("WANDB_API_KEY") or netrc_has_wandb()):
             self.info("warning: WANDB_MODE=online but no wandb credentials (WANDB_API_KEY or ~/.netrc); logging offline")
             mode = "offline"
         config = dataclasses.asdict(cfg)
@@ -1111,117 +1732,59 @@ class RunLog:
         os.replace(self.plot_path + ".tmp.png", self.plot_path)
 
     def close(self):
-        if self.enabled:
-            if self.wandb is not None:
-                self.wandb.finish()
-            self.log_file.close()
-            self.metrics_file.close()
+        """Finish wandb and close the files; safe to call after a failed start (the scan raised, say)."""
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+        for f in (self.log_file, self.metrics_file):
+            if f is not None:
+                f.close()
 
 
-def _netrc_has_wandb():
+def netrc_has_wandb():
     path = os.path.expanduser("~/.netrc")
-    return os.path.exists(path) and "api.wandb.ai" in open(path, errors="ignore").read()
+    if not os.path.exists(path):
+        return False
+    with open(path, errors="ignore") as f:
+        return "api.wandb.ai" in f.read()
 
 
-ARCHITECTURE_FIELDS = ("d_model", "n_layers", "n_heads", "context_size", "local_attn_window", "n_buckets",
-                       "use_global_memory")
-SPLIT_FIELDS = ("chunk_size", "val_fraction")  # they decide which sequence is held out for validation
+def host_rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def save_checkpoint(path, payload):
-    """Write to a temporary file in the same directory, fsync, then rename: a checkpoint exists only when whole."""
-    folder = os.path.dirname(path) or "."
-    for name, tensor in payload["model_state_dict"].items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise TrainingStopped(f"refusing to write {path}: {name} holds non-finite values")
-    tmp = f"{path}.tmp{os.getpid()}"
+@functools.lru_cache(maxsize=None)
+def nvml_handle(device_index):
+    """NVML, initialized once per process; None where it is not installed."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise OSError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint is kept") from e
-
-
-def load_checkpoint(path):
-    """Load with weights_only=True: a checkpoint holds tensors and plain containers only, never code."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a loadable Plant LM checkpoint ({type(e).__name__}: {str(e)[:300]})") from e
-
-
-def find_latest_checkpoint(folder, warn=print):
-    """The complete checkpoint with the most optimizer steps; temporary and unreadable files are passed over.
-
-    model_best.pt is a full checkpoint too, so it counts, but a regular checkpoint of the same step is preferred.
-    """
-    if not os.path.isdir(folder):
+        import pynvml
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetHandleByIndex(device_index)
+    except Exception:  # no NVML: the memory figures still come from torch
         return None
-    latest = None
-    for name in sorted(os.listdir(folder)):
-        if not (name.startswith("model_") and name.endswith(".pt")):
-            continue
-        path = os.path.join(folder, name)
-        try:
-            step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
-        except Exception as e:
-            warn(f"warning: {path}: unreadable checkpoint ({type(e).__name__}); passed over")
-            continue
-        if latest is None or step > latest[0] or (step == latest[0] and latest[1].endswith("model_best.pt")):
-            latest = (step, path)
-    return latest and latest[1]
 
 
-def remove_stale_temporaries(folder):
-    """Delete the temporary files of saves whose process is gone (killed mid-write); returns their paths."""
-    removed = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        stem, _, pid = name.rpartition(".tmp")
-        if not (name.startswith("model_") and stem.endswith(".pt") and pid.isdigit()):
-            continue
-        path = os.path.join(folder, name)
-        try:
-            os.kill(int(pid), 0)
-            continue  # its writer is still alive (another run saving here): leave it
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, owned by another user
-        with contextlib.suppress(OSError):
-            os.remove(path)
-            removed.append(path)
-    return removed
+def gpu_state(device):
+    """Utilization, temperature and power through NVML, where it is installed."""
+    handle = nvml_handle(device.index) if device.type == "cuda" else None
+    if handle is None:
+        return {}
+    import pynvml
+    try:
+        return {"gpu_util": pynvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+                "gpu_temp_c": pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
+                "gpu_power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000}
+    except pynvml.NVMLError:
+        return {}
 
 
-def resume_path(cfg, warn=print):
-    """The checkpoint this run resumes from, or None."""
-    if cfg.resume == "auto":
-        return find_latest_checkpoint(cfg.checkpoint_dir, warn)
-    return None if cfg.resume == "none" else cfg.resume
-
-
-def check_compatible(saved_config, cfg, saved_species, species, path):
-    """Raise, listing every differing field; species=None leaves the species to a later check (run.sh's pre-check
-    runs before the genomes are scanned)."""
-    diffs = [f"{k}: checkpoint {saved_config.get(k)!r} vs now {getattr(cfg, k)!r}"
-             for k in ARCHITECTURE_FIELDS + SPLIT_FIELDS if saved_config.get(k) != getattr(cfg, k)]
-    if species is not None and saved_species != species:
-        diffs.append(f"species: checkpoint {saved_species} vs data now {species}")
-    if diffs:
-        raise ValueError(f"{path} does not match this run's model or validation split; differing fields:\n  " +
-                         "\n  ".join(diffs) +
-                         "\nSet the Config fields back, or start fresh with --resume=none (or RESUME=none).")
+def versions(device):
+    info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "cuda": torch.version.cuda, "host": platform.node()}
+    if device.type == "cuda":
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
 
 
 def rng_states(device):
@@ -1238,301 +1801,6 @@ def restore_rng_states(states, device):
     torch.set_rng_state(states["torch"])
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"], device)
-
-
-@torch.no_grad()
-def evaluate(model, tokens, species, cfg, rt, autocast_dtype):
-    """Mean loss (nats/token) over the fixed validation windows; every rank scores its share, then all-reduce.
-
-    `model` is the bare (or compiled) module, not the DDP wrapper, so a rank with fewer rows joins no collective
-    but the final sum. Batches keep the training micro-batch shape, so compiled graphs are reused; padding rows
-    are ignored through the -100 target.
-    """
-    was_training = model.training
-    model.eval()
-    mine = torch.arange(rt.rank, len(tokens), rt.world_size)
-    total = torch.zeros(2, dtype=torch.float64, device=rt.device)
-    for start in range(0, len(mine), cfg.batch_size):
-        rows = mine[start:start + cfg.batch_size]
-        valid = len(rows)
-        rows = torch.cat([rows, rows[:1].expand(cfg.batch_size - valid)])
-        batch = tokens[rows].to(rt.device)
-        targets = batch[:, 1:].clone()
-        targets[valid:] = -100
-        with torch.autocast(rt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss, _ = model(batch[:, :-1], species[rows].to(rt.device), targets)
-        n_targets = valid * cfg.context_size
-        total += torch.stack([loss.double() * n_targets, torch.full((), n_targets, device=rt.device).double()])
-    if rt.distributed:
-        dist.all_reduce(total)
-    model.train(was_training)
-    return (total[0] / total[1].clamp_min(1)).item()
-
-
-def data_summary(index, cfg):
-    lines = [f"species map (id: name, weight): " +
-             ", ".join(f"{i}: {s} ({w:g})" for i, (s, w) in enumerate(zip(index.species, index.weights)))]
-    for name in index.species:
-        st = index.stats[name]
-        train = [c for c in index.train if c.key[0] == name]
-        val = [c for c in index.val if c.key[0] == name]
-        lines.append(f"  {name}: {len(index.files[name])} file(s), {st.records} record(s), {st.bases:,} bases read, "
-                     f"{st.non_acgt:,} non-ACGT removed, {st.dropped_short:,} in too-short pieces dropped; "
-                     f"chunks {len(train)} train / {len(val)} val; windows {index.windows(train, cfg):,} train / "
-                     f"{index.windows(val, cfg):,} val")
-    for path, reason in index.skipped:
-        lines.append(f"  skipped {path}: {reason}")
-    return "\n".join(lines)
-
-
-def epoch_bar_span(step, per_epoch, total_steps):
-    """(first, last) step the progress bar of step's epoch counts to: a max_steps run ends inside its epoch, and an
-    ETA towards the epoch's end would be hours off."""
-    first = step - step % per_epoch
-    return first, min(first + per_epoch, total_steps)
-
-
-def steps_per_epoch(index, cfg, world_size):
-    """An epoch draws as many windows as the training split holds (species-weighted), in whole optimizer steps."""
-    samples_per_step = cfg.batch_size * cfg.accumulation_steps * world_size
-    return max(1, index.windows(index.train, cfg) // samples_per_step)
-
-
-def train(cfg, build_model=None):
-    """Train on cfg.data_dir under torchrun (or as one plain process); returns the last validation loss."""
-    cfg.validate()
-    rt = setup_distributed()
-    log = RunLog(cfg, rt)
-    warn = log.info if rt.is_main else (lambda message: None)
-    torch.manual_seed(cfg.seed + rt.rank)
-    random.seed(cfg.seed + rt.rank)
-    np.random.seed(cfg.seed + rt.rank)
-    autocast_dtype, use_scaler = precision_settings(cfg, rt.device)
-    if rt.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-        warn(f"no GPU found: training on the CPU with {rt.world_size} process(es) (gloo). This is slow; the progress "
-             f"bar's ETA is the real estimate. Use a smaller model (--d_model=128 --n_layers=2) to try things out.")
-
-    index = scan_genomes(cfg, warn=warn, progress=rt.is_main)
-    val_tokens, val_species = load_validation(index, cfg)
-    if not len(val_tokens):
-        warn(f"warning: no validation windows: a species whose sequence fits in one chunk (chunk_size = "
-             f"{cfg.chunk_size:,} bases) keeps that chunk for training. Validation and model_best.pt are skipped; "
-             f"a smaller --chunk_size holds some sequence out.")
-    per_epoch = steps_per_epoch(index, cfg, rt.world_size)
-    total_steps = per_epoch * cfg.n_epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.n_epochs)
-
-    kernel = "flex" if rt.device.type == "cuda" and cfg.compile else "sdpa"
-    model = (build_model or PlantLM)(cfg, len(index.species), attention_kernel=kernel).to(rt.device)
-    optimizer = build_optimizer(model, cfg, rt.device)
-    # The scaler also guards bf16 and fp32 runs: it skips a step whose gradients are not finite, on the device,
-    # with no host sync. Only fp16 needs its scale to move; elsewhere update() pins it at 1.
-    scaler = torch.amp.GradScaler(rt.device.type, init_scale=2.0**16 if use_scaler else 1.0)
-    fixed_scale = None if use_scaler else 1.0
-    step, best_val = 0, float("inf")
-    saved_rng = None
-
-    if rt.is_main:
-        for leftover in remove_stale_temporaries(cfg.checkpoint_dir):
-            warn(f"removed {leftover}: the temporary file of a save that was interrupted")
-    path = resume_path(cfg, warn)
-    if path:
-        ckpt = load_checkpoint(path)
-        check_compatible(ckpt["config"], cfg, ckpt["species"], index.species, path)
-        model.load_state_dict(ckpt["model_state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-        scaler.load_state_dict(ckpt["scaler_state_dict"])
-        step, best_val = ckpt["step"], ckpt["best_val_loss"]
-        saved_workers = ckpt["config"].get("num_workers")
-        if (ckpt["steps_per_epoch"], ckpt["world_size"], saved_workers) != (per_epoch, rt.world_size, cfg.num_workers):
-            # Each rank's DataLoader workers own disjoint shards of the chunks, so any of the three reorders the data.
-            warn(f"warning: {path} was written with {ckpt['world_size']} rank(s), {saved_workers} DataLoader "
-                 f"worker(s) per rank and {ckpt['steps_per_epoch']} steps/epoch, now {rt.world_size} rank(s), "
-                 f"{cfg.num_workers} worker(s) and {per_epoch} steps/epoch: the data order will not replay exactly")
-        elif rt.rank < len(ckpt["rng_states"]):
-            saved_rng = ckpt["rng_states"][rt.rank]
-        warn(f"resumed from {path} at step {step}")
-
-    n_params = sum(p.numel() for p in model.parameters())
-    effective = cfg.batch_size * cfg.accumulation_steps * rt.world_size
-    warn(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    warn(f"versions: {json.dumps(versions(rt.device))}")
-    warn(data_summary(index, cfg))
-    warn(f"model: {n_params:,} parameters ({n_params / 1e6:.1f}M), attention kernel {kernel}, "
-         f"precision {autocast_dtype or torch.float32}")
-    warn(f"effective batch: {cfg.batch_size} x {cfg.accumulation_steps} accumulation x {rt.world_size} rank(s) = "
-         f"{effective} windows = {effective * cfg.context_size:,} tokens per optimizer step; {per_epoch} steps per "
-         f"epoch, {total_steps} steps in all; {len(val_tokens)} validation windows")
-    log.start_wandb(cfg)
-
-    raw_model = model
-    if isinstance(model, PlantLM):  # build the block mask eagerly: compiled graphs then read it as an input
-        model.local_mask(cfg.context_size, rt.device)
-    forward_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile and rt.device.type == "cuda" else model
-    ddp_model = forward_model
-    if rt.distributed:
-        ddp_model = wrap_ddp(forward_model, rt.device)
-    stream = GenomeStream(index, cfg, rt.rank, rt.world_size, per_epoch, start_step=step)
-    loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
-                        persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers else None)
-    batches = iter(loader)
-    if saved_rng is not None:  # after iter(loader), which draws its base seed from the global torch RNG
-        restore_rng_states(saved_rng, rt.device)
-    peak = peak_flops(rt.device)
-    flops_per_step = raw_model.flops_per_step(effective * cfg.context_size, cfg.accumulation_steps * rt.world_size)
-
-    def save(name, epoch):
-        all_states = [rng_states(rt.device)]
-        if rt.distributed:
-            all_states = [None] * rt.world_size
-            dist.all_gather_object(all_states, rng_states(rt.device))
-        if rt.is_main:
-            payload = {"model_state_dict": raw_model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-                       "scaler_state_dict": scaler.state_dict(), "epoch": epoch, "step": step,
-                       "config": dataclasses.asdict(cfg), "species": index.species, "steps_per_epoch": per_epoch,
-                       "world_size": rt.world_size, "data_position": {"step": step},
-                       "best_val_loss": best_val, "rng_states": all_states}
-            save_checkpoint(os.path.join(cfg.checkpoint_dir, name), payload)
-            log.info(f"saved {os.path.join(cfg.checkpoint_dir, name)} (step {step})")
-
-    def validate_now():
-        nonlocal best_val
-        if not len(val_tokens):
-            return float("nan")
-        val_loss = evaluate(forward_model, val_tokens, val_species, cfg, rt, autocast_dtype)
-        improved = val_loss < best_val  # the same on every rank: val_loss is all-reduced
-        best_val = min(best_val, val_loss)
-        log.metrics({"step": step, "epoch": step / per_epoch, "val_loss": val_loss,
-                     "val_bits_per_base": val_loss * BITS_PER_NAT_PER_BASE, "best_val_loss": best_val,
-                     "elapsed_s": time.time() - t_start, "train_s": train_seconds})
-        log.info(f"step {step}: validation loss {val_loss:.4f} nats/token = "
-                 f"{val_loss * BITS_PER_NAT_PER_BASE:.4f} bits/base (best {best_val * BITS_PER_NAT_PER_BASE:.4f})")
-        if improved:  # long runs over-fit a few genomes: keep the weights a user most likely wants
-            save("model_best.pt", epoch)
-        return val_loss
-
-    from tqdm import tqdm
-    t_start = time.time()
-    val_loss = float("nan")
-    consecutive_bad = torch.zeros((), device=rt.device)
-    skipped_steps = torch.zeros((), device=rt.device)
-    train_seconds = 0.0  # time in optimizer steps after the first (which compiles), for time budgets and plots
-    window = {"t": time.time(), "steps": 0, "loss": torch.zeros((), device=rt.device), "data_wait": 0.0,
-                          "skipped": skipped_steps.item()}
-    model.train()
-    if step >= total_steps:
-        warn(f"nothing to train: {path} is at step {step} of this run's {total_steps}; raise --max_steps or "
-             f"--n_epochs to train further, or start fresh with --resume=none")
-    while step < total_steps:
-        epoch = step // per_epoch
-        first, last = epoch_bar_span(step, per_epoch, total_steps)
-        bar = tqdm(total=last - first, initial=step - first, desc=f"epoch {epoch + 1}/{cfg.n_epochs}",
-                   disable=not rt.is_main, dynamic_ncols=True, unit="step")
-        while step < total_steps and step // per_epoch == epoch:
-            t_step = time.time()
-            lr = lr_at(step, cfg, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            observations = None
-            step_loss = torch.zeros((), device=rt.device)
-            t_wait = time.time()
-            step_tokens, step_species = next(batches)
-            window["data_wait"] += time.time() - t_wait
-            step_tokens = step_tokens.to(rt.device, non_blocking=True).long()
-            step_species = step_species.to(rt.device, non_blocking=True)
-            for micro in range(cfg.accumulation_steps):
-                species = step_species[micro]
-                inputs, targets = step_tokens[micro, :, :-1], step_tokens[micro, :, 1:]
-                last = micro == cfg.accumulation_steps - 1
-                # gradients are all-reduced only on the last micro-batch; no_sync must wrap the forward too
-                with (ddp_model.no_sync() if rt.distributed and not last else contextlib.nullcontext()):
-                    with torch.autocast(rt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        loss, hidden = ddp_model(inputs, species, targets)
-                    scaler.scale(loss / cfg.accumulation_steps).backward()
-                step_loss += loss.detach() / cfg.accumulation_steps
-                if cfg.use_global_memory:
-                    seen = raw_model.bucket_observations(inputs, hidden)
-                    observations = seen if observations is None else observations.add_(seen)
-            # the memory's all-reduce runs on NCCL's stream while the optimizer steps on the compute stream
-            pending = dist.all_reduce(observations, async_op=True) if rt.distributed and observations is not None \
-                else None
-            scaler.unscale_(optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            finite = torch.isfinite(grad_norm)  # the same on every rank: gradients are all-reduced
-            scaler.step(optimizer)  # skipped when a gradient is not finite
-            scaler.update(fixed_scale)
-            optimizer.zero_grad(set_to_none=True)
-            bad = (~finite).float()
-            consecutive_bad = consecutive_bad * bad + bad
-            skipped_steps += bad
-            step += 1
-            if observations is not None:
-                if pending is not None:
-                    pending.wait()
-                observations = torch.where(finite, observations, 0.0)  # a skipped step teaches the memory nothing
-                raw_model.update_bucket_memory(observations, step)
-            window["steps"] += 1
-            window["loss"] += step_loss
-            bar.update(1)
-            if step > 1:
-                train_seconds += time.time() - t_step
-
-            if step % cfg.log_every == 0 or step == total_steps:
-                if consecutive_bad.item() >= cfg.max_bad_steps:
-                    last_ckpt = find_latest_checkpoint(cfg.checkpoint_dir, warn)
-                    raise TrainingStopped(f"{int(consecutive_bad.item())} consecutive non-finite steps up to step {step} "
-                                       f"(Config.max_bad_steps = {cfg.max_bad_steps}); last good checkpoint: "
-                                       f"{last_ckpt or 'none'}. Lower learning_rate, or use bf16 or fp32.")
-                if skipped_steps.item() > window["skipped"]:
-                    warn(f"warning: {int(skipped_steps.item() - window['skipped'])} step(s) up to step {step} had "
-                         f"non-finite gradients and were skipped ({int(skipped_steps.item())} in all)")
-                if rt.distributed:
-                    dist.all_reduce(window["loss"])
-                    window["loss"] /= rt.world_size
-                dt = time.time() - window["t"]
-                mean_loss = window["loss"].item() / window["steps"]
-                samples_s = window["steps"] * effective / dt
-                record = {"step": step, "epoch": step / per_epoch, "loss": mean_loss,
-                          "bits_per_base": mean_loss * BITS_PER_NAT_PER_BASE, "lr": lr, "grad_norm": grad_norm.item(),
-                          "samples_per_s": samples_s, "tokens_per_s": samples_s * cfg.context_size,
-                          "data_wait_frac": window["data_wait"] / dt, "skipped_steps": int(skipped_steps.item()),
-                          "host_rss_mb": host_rss_mb(), "elapsed_s": time.time() - t_start, "train_s": train_seconds}
-                if peak:
-                    record["mfu"] = flops_per_step * window["steps"] / dt / (peak * rt.world_size)
-                if rt.device.type == "cuda":
-                    record["gpu_mem_alloc_gb"] = torch.cuda.memory_allocated(rt.device) / 2**30
-                    record["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
-                    record.update(gpu_state(rt.device))
-                log.metrics(record)
-                log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-                bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_s']:.3g}")
-                window = {"t": time.time(), "steps": 0, "loss": torch.zeros((), device=rt.device), "data_wait": 0.0,
-                          "skipped": skipped_steps.item()}
-                if cfg.max_minutes:  # decided together, so that every rank stops at the same step
-                    out_of_time = torch.tensor([float(train_seconds > 60 * cfg.max_minutes)], device=rt.device)
-                    if rt.distributed:
-                        dist.all_reduce(out_of_time, op=dist.ReduceOp.MAX)
-                    if out_of_time.item():
-                        log.info(f"max_minutes = {cfg.max_minutes} reached at step {step}")
-                        total_steps = step
-            epoch_done = step % per_epoch == 0
-            if step % cfg.eval_every == 0 or epoch_done or step == total_steps:
-                val_loss = validate_now()
-            if epoch_done:
-                save(f"model_epoch_{step // per_epoch}.pt", step // per_epoch)
-            elif (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total_steps:
-                save("model_latest.pt", epoch)
-        bar.close()
-    validation = "no validation set"
-    if len(val_tokens):  # val_loss is nan when this invocation trained no step
-        last = "" if math.isnan(val_loss) else f"last validation {val_loss * BITS_PER_NAT_PER_BASE:.4f} bits/base, "
-        validation = f"{last}best {best_val * BITS_PER_NAT_PER_BASE:.4f}"
-    log.info(f"done: {step} steps, {validation}; {int(skipped_steps.item())} step(s) skipped")
-    log.close()
-    if rt.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-    return val_loss
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -1635,7 +1903,7 @@ def eval_main(argv):
     elif args.species in species:
         species_id = species.index(args.species)
     else:
-        raise ValueError(f"species {args.species!r} is unknown to {args.checkpoint}; known species: "
+        raise ConfigError(f"species {args.species!r} is unknown to {args.checkpoint}; known species: "
                          f"{', '.join(species)} (or 'average' for the mean species embedding)")
     for path in args.fasta:
         if not os.path.isfile(path):
@@ -1646,7 +1914,7 @@ def eval_main(argv):
     for result in results:
         for record, r in result["records"].items():
             print(f"  {record[:58]:58s} {r['tokens']:12,d} {r['nats_per_token']:11.4f} "
-                  f"{r['nats_per_token'] * BITS_PER_NAT_PER_BASE:10.4f}")
+                  f"{r['nats_per_token'] * NATS_PER_TOKEN_TO_BITS_PER_BASE:10.4f}")
         if not result["tokens"]:  # a score of 0 here would read as a perfect model
             result.update(nats_per_token=None, bits_per_base=None)
             print(f"{os.path.basename(result['file'])[:60]:60s} {0:12,d} {'-':>11s} {'-':>10s}")
@@ -1655,19 +1923,19 @@ def eval_main(argv):
                   file=sys.stderr)
             continue
         nats = result["nats"] / result["tokens"]
-        result.update(nats_per_token=nats, bits_per_base=nats * BITS_PER_NAT_PER_BASE)
+        result.update(nats_per_token=nats, bits_per_base=nats * NATS_PER_TOKEN_TO_BITS_PER_BASE)
         print(f"{os.path.basename(result['file'])[:60]:60s} {result['tokens']:12,d} {nats:11.4f} "
-              f"{nats * BITS_PER_NAT_PER_BASE:10.4f}")
+              f"{nats * NATS_PER_TOKEN_TO_BITS_PER_BASE:10.4f}")
     total_tokens = sum(r["tokens"] for r in results)
     if not total_tokens:
         raise DataError(f"nothing to score in {', '.join(args.fasta)}: eval needs A/C/G/T runs of at least "
                         f"{cfg.window_bases} bases (one window of the checkpoint's context)")
     overall = sum(r["nats"] for r in results) / total_tokens
-    print(f"{'overall':60s} {total_tokens:12,d} {overall:11.4f} {overall * BITS_PER_NAT_PER_BASE:10.4f}")
+    print(f"{'overall':60s} {total_tokens:12,d} {overall:11.4f} {overall * NATS_PER_TOKEN_TO_BITS_PER_BASE:10.4f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"checkpoint": args.checkpoint, "species": args.species, "files": results,
-                       "nats_per_token": overall, "bits_per_base": overall * BITS_PER_NAT_PER_BASE}, f, indent=1)
+                       "nats_per_token": overall, "bits_per_base": overall * NATS_PER_TOKEN_TO_BITS_PER_BASE}, f, indent=1)
     return overall
 
 
@@ -1706,8 +1974,8 @@ def main(argv):
             return 0
         cfg = config_from_args(argv[1:] if argv and argv[0] == "train" else argv)
         train(cfg)
-    except (DataError, ValueError, OSError, TrainingStopped) as e:
-        if is_main:
+    except (ConfigError, DataError, TrainingStopped) as e:  # ours, with a message that names the cause; the rest
+        if is_main:                                         # are bugs and keep their traceback
             print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: say where the work stands, not where the interpreter was

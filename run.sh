@@ -40,8 +40,8 @@ try:
     plm.discover_genomes(cfg, warn=quiet)
     path = plm.resume_path(cfg, warn=quiet)
     if path:
-        plm.check_compatible(plm.load_checkpoint(path)["config"], cfg, None, None, path)
-except (ValueError, plm.DataError) as e:
+        plm.check_compatible(plm.load_checkpoint(path)["config"], cfg, None, None, path, warn=quiet)
+except (plm.ConfigError, plm.DataError) as e:
     sys.exit(f"error: {e}")
 EOF
 

@@ -28,7 +28,7 @@ def main():
     species = torch.randint(0, 3, (16,))
     with torch.no_grad():
         _, hidden = reference(tokens[:, :-1], species)
-        reference.update_bucket_memory(reference.bucket_observations(tokens[:, :-1], hidden), 1)
+        reference.update_bucket_memory(reference.bucket_observations(tokens[:, :-1], hidden))
         for block in reference.blocks:
             block.attn.memory_gate.fill_(0.5)
     state = reference.state_dict()

@@ -46,14 +46,14 @@ HOLDOUT_FRACTION = 0.05
 TRAIN_SAMPLE = 4096
 REPEAT_K = 13  # k-mer length of the within-window repeat statistic
 BLOCK_WINDOWS = 1024  # windows scored at once (bounds memory)
-SHIFTS = (2 * np.arange(plm.KMER - 1, -1, -1)).astype(np.int64)
+SHIFTS = (2 * np.arange(plm.BASES_PER_TOKEN - 1, -1, -1)).astype(np.int64)
 
 
 def tokens_to_codes(tokens):
     """6-mer ids [..., n] -> base codes 0..3 [..., n*6] uint8: codes[i*6+j] = (token >> 2*(5-j)) & 3."""
     tokens = np.asarray(tokens).astype(np.int64)
     codes = (tokens[..., None] >> SHIFTS) & 3
-    return codes.reshape(*tokens.shape[:-1], tokens.shape[-1] * plm.KMER).astype(np.uint8)
+    return codes.reshape(*tokens.shape[:-1], tokens.shape[-1] * plm.BASES_PER_TOKEN).astype(np.uint8)
 
 
 def holdout_keys(train_chunks):
@@ -184,7 +184,7 @@ def score_windows(windows, model, max_order):
     window's total under order k is A[:, k] + sum_{6 <= p < k} B[:, p] (see window_bits).
     """
     out = {m: (np.zeros((len(windows), max_order + 1)), np.zeros((len(windows), max_order + 1))) for m in METHODS}
-    first = plm.KMER
+    first = plm.BASES_PER_TOKEN
     for s in range(0, len(windows), BLOCK_WINDOWS):
         w = windows[s:s + BLOCK_WINDOWS].astype(np.int64)
         n, width = w.shape
@@ -224,7 +224,7 @@ def score_windows(windows, model, max_order):
 def window_bits(scores, k):
     """Bits of each window's scored bases under order k (positions with fewer than k bases before use all)."""
     A, B = scores
-    first = plm.KMER
+    first = plm.BASES_PER_TOKEN
     return -(A[:, k] + B[:, first:k].sum(1))
 
 
@@ -239,7 +239,7 @@ def table(scores, max_order, n_bases_per_window, mask=None):
 
 
 def chunk_windows(codes, n_tokens, cfg):
-    starts = plm.window_starts(n_tokens, cfg.context_size, cfg.window_stride) * plm.KMER
+    starts = plm.window_starts(n_tokens, cfg.context_size, cfg.window_stride) * plm.BASES_PER_TOKEN
     return codes[starts[:, None] + np.arange(cfg.window_bases)]
 
 
@@ -276,7 +276,7 @@ def main():
     K = args.max_order
     t0 = time.time()
     cfg = plm.Config(data_dir=args.data_dir).validate()
-    first, per_window = plm.KMER, cfg.context_size * plm.KMER
+    first, per_window = plm.BASES_PER_TOKEN, cfg.context_size * plm.BASES_PER_TOKEN
 
     index = plm.scan_genomes(cfg, progress=False)
     print(f"[{time.time() - t0:5.1f}s] scanned: {len(index.train)} training chunks, {len(index.val)} validation "

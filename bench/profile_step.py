@@ -3,7 +3,8 @@ optimizer, bucket-memory update and the rest, from torch.profiler.
 
     python bench/profile_step.py --batch_size=4096 [--use_global_memory=false ...]  -> bench/results/profile_*.json
 Synthetic tokens (the data pipeline is measured separately, as data_wait in the throughput runs); the step is
-the trainer's: compiled forward/backward, clip, fused AdamW, memory observations and update.
+plant_lm_train.train_step itself: compiled forward/backward over the accumulation micro-batches, clip, fused AdamW,
+memory observations and update. Figures are per optimizer step (batch_size x accumulation_steps windows).
 """
 
 import json
@@ -26,24 +27,15 @@ GROUPS = [("attention", ("flash", "fmha", "flex", "attention", "sdpa", "triton_t
 
 def main():
     cfg = plm.Config(**plm.parse_overrides(sys.argv[1:])).validate()
-    device = torch.device("cuda")
-    model = plm.PlantLM(cfg, 3, attention_kernel="flex").to(device)
-    model.local_mask(cfg.context_size, device)
-    compiled = torch.compile(model, mode=cfg.compile_mode)
-    optimizer = plm.build_optimizer(model, cfg, device)
-    tokens = torch.randint(0, plm.VOCAB_SIZE, (cfg.batch_size, cfg.context_size + 1), device=device)
-    species = torch.randint(0, 3, (cfg.batch_size,), device=device)
+    rt = plm.Runtime(0, 0, 1, torch.device("cuda"))
+    learner = plm.build_learner(cfg, rt, 3)  # the trainer's model, compiled forward, fused AdamW and scaler
+    model = learner.model
+    tokens = torch.randint(0, plm.VOCAB_SIZE, (cfg.accumulation_steps, cfg.batch_size, cfg.context_size + 1))
+    species = torch.randint(0, 3, (cfg.accumulation_steps, cfg.batch_size))
 
     def step(n):
         for _ in range(n):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss, hidden = compiled(tokens[:, :-1], species, tokens[:, 1:])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.use_global_memory:
-                model.update_bucket_memory(model.bucket_observations(tokens[:, :-1], hidden), 1)
+            plm.train_step(learner, tokens, species, cfg.learning_rate)  # the trainer's own step
 
     step(5)
     torch.cuda.synchronize()
@@ -65,11 +57,12 @@ def main():
         group = next(name for name, keys in GROUPS if any(k in lower for k in keys))
         totals[group] += us / 5
     kernel_total = sum(totals.values())
-    flops = model.flops_per_step(cfg.batch_size * cfg.context_size, 1)
+    flops = model.flops_per_step(cfg.batch_size * cfg.accumulation_steps * cfg.context_size, cfg.accumulation_steps)
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "command": " ".join(sys.argv), "batch_size": cfg.batch_size, "use_global_memory": cfg.use_global_memory,
               "seconds_per_step_mean_of_10": seconds_per_step,
-              "tokens_per_s": cfg.batch_size * cfg.context_size / seconds_per_step,
+              "accumulation_steps": cfg.accumulation_steps,
+              "tokens_per_s": cfg.batch_size * cfg.accumulation_steps * cfg.context_size / seconds_per_step,
               "mfu_989": flops / seconds_per_step / 989e12,
               "gpu_kernel_ms_per_step": kernel_total / 1000,
               "share": {k: v / kernel_total for k, v in totals.items()},

@@ -4,15 +4,14 @@
         python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py OUTDIR DATA_DIR
 
 Each rank writes its results to OUTDIR; the test compares them:
-  accumulation: the trainer's micro-batch loop (forward and backward inside DDP no_sync but for the last micro-batch,
-      loss / accumulation_steps) on DIFFERENT micro-batches per rank -> accum_rank{r}.pt with the all-reduced
-      gradients and the parameters after one SGD step, plus (rank 0) the initial state and every micro-batch, for a
-      single-process reference over the whole batch.
+  accumulation: one plant_lm_train.train_step (forward and backward inside DDP no_sync but for the last
+      micro-batch, loss / accumulation_steps), with SGD in place of AdamW, on DIFFERENT micro-batches per rank ->
+      accum_rank{r}.pt with the all-reduced gradients and the parameters after the step, plus (rank 0) the initial
+      state and every micro-batch, for a single-process reference over the whole batch.
   memory: the real plant_lm_train.train() on a tiny synthetic genome dir, with a PlantLM subclass that records the
       training inputs it sees -> memory_rank{r}.pt with the rank's bucket memory after training and its inputs.
 """
 
-import contextlib
 import dataclasses
 import os
 import sys
@@ -32,7 +31,8 @@ SGD_LR = 0.5
 
 
 def tiny_config(**overrides):
-    values = dict(d_model=32, n_layers=2, n_heads=2, context_size=16, local_attn_window=4, dropout=0.0)
+    values = dict(d_model=32, n_layers=2, n_heads=2, context_size=16, local_attn_window=4, dropout=0.0,
+                  precision="fp32", grad_clip=1e9)  # no clipping: the reference takes a plain SGD step
     values.update(overrides)
     return plm.Config(**values).validate()
 
@@ -53,21 +53,24 @@ def accumulation_case(world_size):
     return cfg, model, tokens, species
 
 
+class RecordingSGD(torch.optim.SGD):
+    """SGD that keeps the gradients it steps with: train_step clears them right after the step."""
+
+    def step(self, closure=None):
+        self.grads = {p: p.grad.clone() for group in self.param_groups for p in group["params"]}
+        return super().step(closure)
+
+
 def run_accumulation(outdir, rank, world_size):
     cfg, model, tokens, species = accumulation_case(world_size)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    ddp_model = plm.wrap_ddp(model, torch.device("cpu"))
+    rt = plm.Runtime(rank, rank, world_size, torch.device("cpu"))
+    learner = plm.build_learner(cfg, rt, 3, build_model=lambda *args, **kwargs: model)
+    learner.optimizer = RecordingSGD(model.parameters(), lr=SGD_LR)
     mine = slice(rank * ACCUMULATION_STEPS, (rank + 1) * ACCUMULATION_STEPS)  # each rank its own micro-batches
     step_tokens, step_species = tokens[mine], species[mine]
-    for micro in range(cfg.accumulation_steps):  # as in plant_lm_train.train
-        inputs, targets = step_tokens[micro, :, :-1], step_tokens[micro, :, 1:]
-        last = micro == cfg.accumulation_steps - 1
-        with ddp_model.no_sync() if not last else contextlib.nullcontext():  # forward inside no_sync too
-            loss, _ = ddp_model(inputs, step_species[micro], targets)
-            (loss / cfg.accumulation_steps).backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR)
-    optimizer.step()
+    plm.train_step(learner, step_tokens, step_species, lr=SGD_LR)  # the trainer's own step
+    grads = {name: learner.optimizer.grads[p] for name, p in model.named_parameters()}
     result = {"grads": grads, "params": {name: p.detach().clone() for name, p in model.named_parameters()},
               "step_tokens": step_tokens}
     if rank == 0:
@@ -92,7 +95,7 @@ def run_memory(outdir, data_dir, rank):
     cfg = tiny_config(data_dir=data_dir, species_distribution={"a": 1.0, "b": 1.0}, chunk_size=600,
                       overlap_ratio=0.5, val_fraction=0.1, dropout=0.1, batch_size=2, accumulation_steps=2,
                       max_steps=4, num_workers=0, checkpoint_every=2, log_every=1, eval_every=2, eval_windows=16,
-                      global_context=100, bucket_norm_every=3, precision="fp32", compile=False,
+                      global_context=100, compile=False,
                       checkpoint_dir=os.path.join(outdir, "ckpt"), log_dir=os.path.join(outdir, "logs"),
                       resume="none", seed=7)
     built = []

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import plant_lm_train as plm
-from plant_lm_train import KMER
+from plant_lm_train import BASES_PER_TOKEN
 
 TAIR10_BASES = 30_427_671
 ACGT_RUN = re.compile("[ACGTacgt]+")
@@ -33,7 +33,7 @@ def codes_of(seq):
 
 def kmer_index(kmer):
     """The spec's formula, in plain Python: sum b_i * 4^(5-i) with A=0 C=1 G=2 T=3."""
-    return sum("ACGT".index(b) * 4 ** (KMER - 1 - i) for i, b in enumerate(kmer.upper()))
+    return sum("ACGT".index(b) * 4 ** (BASES_PER_TOKEN - 1 - i) for i, b in enumerate(kmer.upper()))
 
 
 def tokens_of(seq):
@@ -72,8 +72,8 @@ def reference_chunks(sequences, cfg, species="s", label="f"):
                 bases = seq[start + offset:start + min(offset + cfg.chunk_size, length)]
                 if len(bases) < cfg.window_bases:
                     continue
-                bases = bases[:len(bases) // KMER * KMER]
-                lower = np.array([b.islower() for b in bases]).reshape(-1, KMER).sum(1) >= 3
+                bases = bases[:len(bases) // BASES_PER_TOKEN * BASES_PER_TOKEN]
+                lower = np.array([b.islower() for b in bases]).reshape(-1, BASES_PER_TOKEN).sum(1) >= 3
                 expected.append(((species, label, record_index, start, chunk_index), tokens_of(bases).tolist(),
                                  lower.tolist()))
                 chunk_index += 1
@@ -120,11 +120,11 @@ def test_tokenize_is_the_place_value_formula_on_a_long_sequence(dna):
     seq = dna(6 * 2000, seed=1)
     tokens = tokens_of(seq)
     assert tokens.shape == (2000,)
-    assert tokens.tolist() == [kmer_index(seq[i:i + KMER]) for i in range(0, len(seq), KMER)]
+    assert tokens.tolist() == [kmer_index(seq[i:i + BASES_PER_TOKEN]) for i in range(0, len(seq), BASES_PER_TOKEN)]
     assert int(tokens.max()) < plm.VOCAB_SIZE
 
 
-@pytest.mark.parametrize("extra", range(KMER))
+@pytest.mark.parametrize("extra", range(BASES_PER_TOKEN))
 def test_tokenize_drops_trailing_partial_kmer(dna, extra):
     seq = dna(6 * 5 + extra, seed=2)
     assert tokens_of(seq).tolist() == tokens_of(seq[:30]).tolist()
@@ -150,8 +150,8 @@ def test_repeat_flag_marks_kmers_with_at_least_3_lowercase_bases(tmp_path, dna, 
     rng = np.random.default_rng(5)
     seq = ""
     for i, n_lower in enumerate(lowercase_counts):
-        kmer = list(dna(KMER, seed=100 + i))
-        for at in rng.choice(KMER, size=n_lower, replace=False):
+        kmer = list(dna(BASES_PER_TOKEN, seed=100 + i))
+        for at in rng.choice(BASES_PER_TOKEN, size=n_lower, replace=False):
             kmer[at] = kmer[at].lower()
         seq += "".join(kmer)
     path = fasta_writer(tmp_path / "r.fa", [("r", seq)])
@@ -196,7 +196,7 @@ def test_no_chunk_contains_bases_from_both_sides_of_a_gap(tmp_path, dna, fasta_w
     for chunk in chunks:
         _, _, _, segment_start, chunk_index = chunk.key
         first = segment_start + chunk_index * cfg.chunk_size
-        last = first + chunk.n_tokens * KMER
+        last = first + chunk.n_tokens * BASES_PER_TOKEN
         assert segment_start in runs, f"{chunk.key} does not start at an A/C/G/T run"
         assert last <= runs[segment_start], f"{chunk.key} runs past the end of its A/C/G/T run"
         assert chunk.tokens.tolist() == tokens_of(seq[first:last]).tolist()
@@ -228,9 +228,9 @@ def test_chunks_hold_chunk_size_bases_and_start_at_their_first_base(tmp_path, dn
     assert [c.n_tokens for c in chunks] == n_tokens
     for k, chunk in enumerate(chunks):
         first = 2 + k * cfg.chunk_size
-        assert chunk.tokens.tolist() == tokens_of(seq[first:first + KMER * chunk.n_tokens]).tolist()
+        assert chunk.tokens.tolist() == tokens_of(seq[first:first + BASES_PER_TOKEN * chunk.n_tokens]).tolist()
         assert len(chunk.repeat) == chunk.n_tokens
-    assert stats.dropped_short == length - KMER * sum(n_tokens)
+    assert stats.dropped_short == length - BASES_PER_TOKEN * sum(n_tokens)
 
 
 @pytest.mark.parametrize("block_size", [3, 7, 64, 1 << 22])
@@ -412,8 +412,8 @@ def test_config_validate_rejects_chunk_size_not_multiple_of_6():
 
 
 def test_config_validate_accepts_the_defaults_and_small_test_config(tmp_path, make_config):
-    assert plm.Config().validate().chunk_size % KMER == 0
-    assert make_config(tmp_path).window_bases == (8 + 1) * KMER
+    assert plm.Config().validate().chunk_size % BASES_PER_TOKEN == 0
+    assert make_config(tmp_path).window_bases == (8 + 1) * BASES_PER_TOKEN
 
 
 # ----------------------------------------------------------------------------- discover_genomes
@@ -454,15 +454,18 @@ def test_discover_warns_about_species_dir_without_fasta(tmp_path, make_genomes, 
     assert any(os.path.join(root, "b") in w and "no FASTA" in w for w in warnings), warnings
 
 
-def test_discover_gives_unconfigured_species_the_default_weight_with_a_warning(tmp_path, make_genomes, make_config,
-                                                                               dna):
+def test_discover_gives_unconfigured_species_the_default_weight_and_the_table_says_so(tmp_path, make_genomes,
+                                                                                      make_config, dna):
     root = make_genomes({"a": {"a.fa": [("r", dna(100, 1))]}, "x": {"x.FNA": [("r", dna(100, 2))]}})
-    genomes, weights, warnings = _discover(make_config(root, species_distribution={"a": 3.0},
-                                                       default_species_weight=0.5))
+    cfg = make_config(root, species_distribution={"a": 3.0}, default_species_weight=0.5)
+    genomes, weights, warnings = _discover(cfg)
     assert weights == {"a": 3.0, "x": 0.5}
     assert genomes["x"] == [os.path.join(root, "x", "x.FNA")]
-    assert any("'x'" in w and "species_distribution" in w for w in warnings), warnings
-    assert not any("'a'" in w for w in warnings), warnings
+    assert not warnings, warnings  # no warning per species: the start-up table shows where each weight came from
+    index = plm.GenomeIndex(species=["a", "x"], weights=[3.0, 0.5], files={}, train=[], val=[], stats={}, skipped=[])
+    table = plm.species_table(index, cfg).splitlines()
+    assert re.search(r"0 a\s+3 species_distribution\s+85.7%", table[1]), table
+    assert re.search(r"1 x\s+0.5 default_species_weight\s+14.3%", table[2]), table
 
 
 def test_discover_excludes_species_of_weight_zero(tmp_path, make_genomes, make_config, dna):
@@ -471,11 +474,18 @@ def test_discover_excludes_species_of_weight_zero(tmp_path, make_genomes, make_c
     assert list(genomes) == ["a"] and list(weights) == ["a"]
 
 
-def test_discover_warns_about_configured_species_without_data(tmp_path, make_genomes, make_config, dna):
+def test_discover_names_all_configured_species_without_data_in_one_line(tmp_path, make_genomes, make_config, dna):
     root = make_genomes({"a": {"a.fa": [("r", dna(100, 1))]}})
-    genomes, _, warnings = _discover(make_config(root, species_distribution={"a": 1.0, "ghost": 2.0}))
+    genomes, _, warnings = _discover(make_config(root, species_distribution={"a": 1.0, "ghost": 2.0, "gone": 1.0,
+                                                                             "off": 0.0}))
     assert list(genomes) == ["a"]
-    assert any("'ghost'" in w and "configured" in w for w in warnings), warnings
+    assert warnings == [f"note: configured species with no FASTA under {root}/: ghost, gone"], warnings
+
+
+def test_default_species_weights_are_the_specs():
+    assert plm.Config().species_distribution == {"glycine_max": 1.0, "arabidopsis": 0.8, "oryza_sativa": 0.7,
+                                                 "zea_mays": 0.6, "vitis_vinifera": 0.5}
+    assert plm.Config().default_species_weight == 1.0  # the bundled relatives (lyrata, arenosa) get this
 
 
 def test_discover_lists_every_fasta_file_of_a_species(tmp_path, make_genomes, make_config, dna):
@@ -516,7 +526,7 @@ def test_a_finished_epoch_sampler_is_freed_at_once_without_the_cycle_collector(m
         sampler = plm.EpochSampler(index, cfg, epoch=0, shard=0, n_shards=1)
         sampler.next_batch(64)
         streams = [weakref.ref(stream) for stream in sampler.streams]
-        chunks = [weakref.ref(slot[0]) for stream in sampler.streams for slot in stream.slots]
+        chunks = [weakref.ref(o.chunk) for stream in sampler.streams for o in stream.open]
         assert streams and chunks
         del sampler
         assert all(ref() is None for ref in streams + chunks)
@@ -783,13 +793,13 @@ def test_real_tair10_chunks_match_biopython_sequence(tair10):
     for chunk in chunks:
         _, _, record_index, segment_start, chunk_index = chunk.key
         first = segment_start + chunk_index * cfg.chunk_size
-        last = first + KMER * chunk.n_tokens
+        last = first + BASES_PER_TOKEN * chunk.n_tokens
         assert record_index == 0 and segment_start in runs and last <= runs[segment_start], chunk.key
-        assert chunk.n_tokens * KMER <= cfg.chunk_size
+        assert chunk.n_tokens * BASES_PER_TOKEN <= cfg.chunk_size
         bases = seq[first:last]
         assert np.array_equal(chunk.tokens, tokens_of(bases)), chunk.key
         lower = np.frombuffer(bases.encode(), dtype=np.uint8) >= ord("a")
-        assert np.array_equal(chunk.repeat, lower.reshape(-1, KMER).sum(1) >= 3), chunk.key
+        assert np.array_equal(chunk.repeat, lower.reshape(-1, BASES_PER_TOKEN).sum(1) >= 3), chunk.key
     long_runs = [s for s, e in runs.items() if e - s >= cfg.window_bases]
     assert sorted({c.key[3] for c in chunks}) == long_runs
 

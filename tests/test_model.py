@@ -208,15 +208,15 @@ def test_flex_and_sdpa_kernels_give_the_same_logits(use_memory, length):
 
 def test_memory_row_is_the_first_observation_then_decays_to_1_over_e_after_global_context_tokens():
     G = 1000
-    cfg = tiny_config(global_context=G, bucket_norm_every=10**9)
+    cfg = tiny_config(global_context=G)
     model = make_model(cfg, memory=False)
     g = torch.Generator().manual_seed(0)
     k, other = 7, 100
     x = torch.randn(cfg.d_model, generator=g)
-    model.update_bucket_memory(observation(cfg, {k: (x, 1)}), step=1)
+    model.update_bucket_memory(observation(cfg, {k: (x, 1)}))
     assert torch.allclose(model.bucket_memory[k], x, rtol=0, atol=1e-7)
     assert model.bucket_weight[k].item() == pytest.approx(1.0, rel=1e-6)
-    model.update_bucket_memory(observation(cfg, {other: (torch.randn(cfg.d_model, generator=g) * G, G)}), step=2)
+    model.update_bucket_memory(observation(cfg, {other: (torch.randn(cfg.d_model, generator=g) * G, G)}))
     assert model.bucket_weight[k].item() == pytest.approx(math.exp(-1), rel=1e-6)  # 1/e after G tokens
     assert torch.equal(model.bucket_memory[k], model.bucket_memory[k].new_tensor(x.tolist()))  # no observation
 
@@ -227,16 +227,16 @@ def test_observations_at_one_bucket_are_weighted_by_exp_minus_tokens_between_ove
     memory_k = (a x + y) / (a + 1) with a = exp(-(between + 1) / G). With between = G - 1 this is exactly the
     spec's (e^-1 x + y) / (e^-1 + 1); with between = G (the spec's wording) y's own token decays x once more."""
     G = 1000
-    cfg = tiny_config(global_context=G, bucket_norm_every=10**9)
+    cfg = tiny_config(global_context=G)
     model = make_model(cfg, memory=False)
     g = torch.Generator().manual_seed(1)
     k = 42
     x, y = torch.randn(cfg.d_model, generator=g), torch.randn(cfg.d_model, generator=g)
-    model.update_bucket_memory(observation(cfg, {k: (x, 1)}), step=1)
+    model.update_bucket_memory(observation(cfg, {k: (x, 1)}))
     others = {b: (torch.randn(cfg.d_model, generator=g) * n, n) for b, n in ((3, between // 2),
                                                                           (4000, between - between // 2))}
-    model.update_bucket_memory(observation(cfg, others), step=2)
-    model.update_bucket_memory(observation(cfg, {k: (y, 1)}), step=3)
+    model.update_bucket_memory(observation(cfg, others))
+    model.update_bucket_memory(observation(cfg, {k: (y, 1)}))
     a = math.exp(-(between + 1) / G)
     expected = (a * x.double() + y.double()) / (a + 1)
     assert torch.allclose(model.bucket_memory[k].double(), expected, rtol=0, atol=1e-6)
@@ -250,7 +250,7 @@ def test_memory_rows_are_exponentially_weighted_means_of_all_their_observations(
     """Several steps of random observations vs a float64 reference: row b = sum_i w_i h_i / sum_i w_i and
     weight_b = sum_i w_i, with w_i = exp(-(tokens observed in later steps) / G)."""
     G = 50
-    cfg = tiny_config(global_context=G, bucket_norm_every=10**9)
+    cfg = tiny_config(global_context=G)
     model = make_model(cfg, memory=False)
     rng = np.random.default_rng(3)
     observed = {}  # bucket -> [(tokens seen up to and including its step, vector)]
@@ -265,7 +265,7 @@ def test_memory_rows_are_exponentially_weighted_means_of_all_their_observations(
             obs[b, :-1] += torch.from_numpy(v).float()
             obs[b, -1] += 1
             observed.setdefault(int(b), []).append((seen, torch.from_numpy(v).float().double()))
-        model.update_bucket_memory(obs, step)
+        model.update_bucket_memory(obs)
     for b, items in observed.items():
         weights = torch.tensor([math.exp(-(seen - at) / G) for at, _ in items], dtype=torch.float64)
         mean = (weights[:, None] * torch.stack([v for _, v in items])).sum(0) / weights.sum()
@@ -277,12 +277,12 @@ def test_memory_rows_are_exponentially_weighted_means_of_all_their_observations(
 
 def test_rows_without_observations_keep_their_memory_and_decay_their_weight():
     G = 1000
-    cfg = tiny_config(global_context=G, bucket_norm_every=10**9)
+    cfg = tiny_config(global_context=G)
     model = make_model(cfg)  # random memory and weights
     before_memory, before_weight = model.bucket_memory.clone(), model.bucket_weight.clone()
     g = torch.Generator().manual_seed(2)
     model.update_bucket_memory(observation(cfg, {5: (torch.randn(cfg.d_model, generator=g) * 30, 30),
-                                                 9: (torch.randn(cfg.d_model, generator=g) * 20, 20)}), step=1)
+                                                 9: (torch.randn(cfg.d_model, generator=g) * 20, 20)}))
     rest = torch.ones(cfg.n_buckets, dtype=torch.bool)
     rest[[5, 9]] = False
     assert torch.equal(model.bucket_memory[rest], before_memory[rest])
@@ -291,29 +291,24 @@ def test_rows_without_observations_keep_their_memory_and_decay_their_weight():
     assert not torch.equal(model.bucket_memory[9], before_memory[9])
 
 
-def test_memory_rows_are_renormalized_to_unit_rms_every_bucket_norm_every_steps_only():
-    cfg = tiny_config(bucket_norm_every=3)
+def test_attention_reads_every_memory_row_at_unit_rms_at_every_step():
+    """The stored rows are running means whose scale drifts; what attention reads is each row at unit RMS, at every
+    step (a renormalization every N steps made the scale jump from ~0.5 to 1 at exactly those steps)."""
+    cfg = tiny_config()
     model = make_model(cfg, memory=False)
     scale = {1: 5.0, 2: 0.1, 4095: 40.0}
     g = torch.Generator().manual_seed(4)
-    vectors = {b: torch.randn(cfg.d_model, generator=g) * s for b, s in scale.items()}
-    obs = observation(cfg, {b: (v, 1) for b, v in vectors.items()})
-    rms = lambda: model.bucket_memory.pow(2).mean(1).sqrt()  # noqa: E731
-    for step in (1, 2):  # not renormalized: the rows are the observations themselves
-        model.update_bucket_memory(obs, step)
-        for b, v in vectors.items():
-            assert torch.allclose(model.bucket_memory[b], v, rtol=1e-6, atol=1e-6), (step, b)
-    model.update_bucket_memory(obs, 3)
-    r = rms()
-    for b in vectors:
-        assert r[b].item() == pytest.approx(1.0, abs=1e-6)
-        cos = F.cosine_similarity(model.bucket_memory[b], vectors[b], dim=0)
-        assert cos.item() == pytest.approx(1.0, abs=1e-6)  # rescaled, not rotated
-    zero = torch.ones(cfg.n_buckets, dtype=torch.bool)
-    zero[list(vectors)] = False
-    assert model.bucket_memory[zero].abs().max().item() == 0 and torch.isfinite(model.bucket_memory).all()
-    model.update_bucket_memory(obs, 4)  # not a renormalization step: rows move back toward the observations
-    assert rms()[4095].item() > 1.5
+    for step in range(1, 6):
+        vectors = {b: torch.randn(cfg.d_model, generator=g) * s / step for b, s in scale.items()}
+        model.update_bucket_memory(observation(cfg, {b: (v, 1) for b, v in vectors.items()}))
+        read = model.memory_rows()
+        for b in scale:
+            assert read[b].pow(2).mean().sqrt().item() == pytest.approx(1.0, abs=1e-5), (step, b)
+            cos = F.cosine_similarity(read[b], model.bucket_memory[b], dim=0)
+            assert cos.item() == pytest.approx(1.0, abs=1e-6)  # rescaled, not rotated
+    empty = torch.ones(cfg.n_buckets, dtype=torch.bool)
+    empty[list(scale)] = False
+    assert read[empty].abs().max().item() == 0 and torch.isfinite(read).all()
 
 
 # ----------------------------------------------------------------------------- bucket memory: observations

@@ -53,7 +53,7 @@ def tiny_payload(cfg, species=("s",), step=5):
     optimizer = plm.build_optimizer(model, cfg, torch.device("cpu"))
     return {"model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
             "scaler_state_dict": {}, "epoch": 0, "step": step, "config": dataclasses.asdict(cfg),
-            "species": list(species), "steps_per_epoch": 100, "world_size": 1, "data_position": {"step": step},
+            "species": list(species), "steps_per_epoch": 100, "world_size": 1,
             "best_val_loss": float("inf"), "rng_states": [plm.rng_states(torch.device("cpu"))]}
 
 
@@ -362,7 +362,7 @@ def test_rerunning_a_finished_run_says_there_is_nothing_to_train(genome_dir, tmp
     again = run_train(args, cwd=tmp_path)
     assert again.returncode == 0, describe(again)
     output = again.stdout + again.stderr
-    assert re.search(r"nothing to train: \S+\.pt is at step 2 of this run's 2; raise --max_steps", output), \
+    assert re.search(r"nothing to train: \S+\.pt is at step 2 of this run's 2; to train further raise --max_steps", output), \
         describe(again)
     assert re.search(r"done: 2 steps, best \d\.\d{4};", output) and "nan" not in output, describe(again)
 
