@@ -1,7 +1,7 @@
 """Tests of the training loop and entry point of plant_lm_train.py, on the CPU.
 
 Every training run is a subprocess (python or torchrun with gloo) on a tiny model (d_model 32, one layer, 16-token
-context, the full 4096-row bucket memory); see tests/_train_helpers.py. The data is a ~20 kbp slice of the real
+context, the full 4096-row bucket memory); see TINY in tests/_helpers.py. The data is a ~20 kbp slice of the real
 TAIR10 chromosome 1 plus a learnable synthetic species (a 97-base motif repeated, 1% point mutations), small enough
 that a 2-process run crosses an epoch boundary in ~30 steps, so both model_epoch_N.pt and model_latest.pt appear.
 """
@@ -26,8 +26,8 @@ import pytest
 import torch
 
 import plant_lm_train as plm
-from _train_helpers import (SCRIPT, TESTS, TINY, describe, load, motif_genome, read_jsonl, real_slice,
-                            run_sh, run_train, state_differences, train_env, write_fasta_gz)
+from _helpers import (SCRIPT, TESTS, TINY_ARGS, describe, load, motif_genome, read_jsonl, real_slice, run_sh,
+                      run_train, state_differences, tiny_config, train_env, write_fasta)
 
 SPECIES_ARG = "--species_distribution=arabidopsis:1,motif:1"
 LEARN = ["--learning_rate=3e-3"]
@@ -43,12 +43,12 @@ def data_dir(tmp_path_factory, real_genome):
     """arabidopsis: the first 20 kbp of TAIR10 chr1 (streamed); motif: 8 kbp of a repeated 97-base motif."""
     root = tmp_path_factory.mktemp("genomes") / "data"
     real_slice(real_genome("arabidopsis"), root / "arabidopsis" / "slice.fa.gz", 20_000)
-    write_fasta_gz(root / "motif" / "motif.fa.gz", [("motif_chr1", motif_genome(8_000, seed=0))])
+    write_fasta(root / "motif" / "motif.fa.gz", [("motif_chr1", motif_genome(8_000, seed=0))])
     return str(root)
 
 
 def base_args(data_dir, *extra):
-    return [f"--data_dir={data_dir}", *TINY, SPECIES_ARG, *LEARN, *extra]
+    return [f"--data_dir={data_dir}", *TINY_ARGS, SPECIES_ARG, *LEARN, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +151,7 @@ def test_training_log_has_config_versions_species_data_parameters_and_batch(e2e_
     assert "species map (id: name, weight): 0: arabidopsis (1), 1: motif (1)" in text
     assert re.search(r"arabidopsis: 1 file\(s\), 1 record\(s\), 20,000 bases read", text)
     assert re.search(r"motif: 1 file\(s\), 1 record\(s\), 8,000 bases read", text)
-    n_params = sum(p.numel() for p in plm.PlantLM(plm.Config(d_model=32, n_layers=1, n_heads=2, context_size=16,
-                                                             local_attn_window=4), 2).parameters())
+    n_params = sum(p.numel() for p in plm.PlantLM(tiny_config(), 2).parameters())
     assert f"model: {n_params:,} parameters" in text
     assert "effective batch: 4 x 2 accumulation x 2 rank(s) = 16 windows = 256 tokens per optimizer step" in text
     assert f"done: {E2E_STEPS} steps" in text
@@ -366,11 +365,8 @@ def test_parse_overrides_species_distribution_pair_and_json_forms(text):
 
 # ----------------------------------------------------------------------------- 5. Config.validate
 
-TINY_CFG = dict(d_model=32, n_layers=1, n_heads=2, context_size=16, local_attn_window=4, chunk_size=600)
-
-
 def test_tiny_config_is_valid():
-    plm.Config(**TINY_CFG).validate()
+    tiny_config()
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -392,7 +388,7 @@ def test_tiny_config_is_valid():
 ])
 def test_validate_rejects_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=re.escape(f"Config.{field}")):
-        plm.Config(**{**TINY_CFG, **overrides}).validate()
+        tiny_config(**overrides)
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -404,7 +400,7 @@ def test_validate_rejects_naming_the_field(overrides, field):
 ])
 def test_validate_rejects_degenerate_model_and_guard_sizes(overrides, field):
     with pytest.raises(ValueError, match=re.escape(f"Config.{field}")):
-        plm.Config(**{**TINY_CFG, **overrides}).validate()
+        tiny_config(**overrides)
 
 
 # ----------------------------------------------------------------------------- 6. wandb without credentials
@@ -438,7 +434,7 @@ def test_the_progress_bar_counts_to_the_end_of_the_epoch_or_of_the_run(step, per
 
 
 def test_run_sh_trains_on_the_cpu_with_two_processes(data_dir, tmp_path):
-    proc = run_sh([*TINY, SPECIES_ARG, "--max_steps=2", "--use_global_memory=false",
+    proc = run_sh([*TINY_ARGS, SPECIES_ARG, "--max_steps=2", "--use_global_memory=false",
                    f"--checkpoint_dir={tmp_path / 'ckpt'}", f"--log_dir={tmp_path / 'logs'}"], tmp_path,
                   WORLD_SIZE=2, DATA_DIR=data_dir)
     assert proc.returncode == 0, describe(proc)
@@ -495,7 +491,7 @@ def eval_files(e2e_ok, tmp_path_factory, data_dir):
     np.random.default_rng(7).shuffle(bases)
     shuffled = bases.tobytes().decode()
     assert sorted(shuffled) == sorted(seq) and shuffled != seq
-    shuffled_fa = write_fasta_gz(folder / "shuffled.fa.gz", [("motif_shuffled", shuffled)])
+    shuffled_fa = write_fasta(folder / "shuffled.fa.gz", [("motif_shuffled", shuffled)])
     return str(e2e_ok.ckpt_dir / "model_latest.pt"), train_fa, shuffled_fa, folder
 
 
@@ -566,7 +562,7 @@ def test_eval_average_species_scores_every_record(eval_files, capsys):
 
 def test_eval_reports_a_file_with_nothing_to_score_instead_of_a_perfect_score(eval_files, tmp_path, capsys):
     ckpt, train_fa, _, _ = eval_files
-    short = write_fasta_gz(tmp_path / "short.fa.gz", [("contigs", ("ACGTTGCA" * 10 + "N") * 20)])  # 80-base runs
+    short = write_fasta(tmp_path / "short.fa.gz", [("contigs", ("ACGTTGCA" * 10 + "N") * 20)])  # 80-base runs
     out_json = tmp_path / "mixed.json"
     assert plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", train_fa, short,
                      "--json", str(out_json)]) == 0
@@ -583,7 +579,7 @@ def test_eval_reports_a_file_with_nothing_to_score_instead_of_a_perfect_score(ev
 
 def test_eval_of_a_protein_file_is_an_error_naming_it(eval_files, tmp_path, capsys):
     ckpt, _, _, _ = eval_files
-    protein = write_fasta_gz(tmp_path / "p.fa.gz", [("sp|P69905|HBA_HUMAN", "MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMF" * 20)])
+    protein = write_fasta(tmp_path / "p.fa.gz", [("sp|P69905|HBA_HUMAN", "MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMF" * 20)])
     assert plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", protein]) == 2
     assert re.search(rf"error: {re.escape(protein)}: .* looks like protein", capsys.readouterr().err)
 
@@ -608,7 +604,7 @@ def test_eval_keeps_records_with_the_same_id_apart(eval_files, tmp_path):
     cfg = plm.Config(**ckpt["config"])
     model = plm.PlantLM(cfg, len(ckpt["species"]))
     model.load_state_dict(ckpt["model_state_dict"])
-    fasta = write_fasta_gz(tmp_path / "dup.fa.gz", [("chr1", motif_genome(1200, seed=1)),
+    fasta = write_fasta(tmp_path / "dup.fa.gz", [("chr1", motif_genome(1200, seed=1)),
                                                     ("chr1", motif_genome(1800, seed=2))])
     (result,) = plm.evaluate_fasta(model, cfg, [fasta], 0, torch.device("cpu"), progress=False)
     assert len(result["records"]) == 2, f"records with the same id were merged: {list(result['records'])}"
