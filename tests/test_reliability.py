@@ -157,8 +157,8 @@ def test_resume_refuses_a_changed_validation_split(field, value):
 
 
 def test_resume_none_on_the_command_line_beats_resume_auto_in_the_environment(genome_dir, tmp_path):
-    """The incompatibility message advises --resume=none, but train() reads RESUME from the environment first,
-    so with RESUME=auto exported (as a launcher script might) the flag is ignored and the run fails again."""
+    """The incompatibility message advises --resume=none: with RESUME=auto exported (as a launcher script might),
+    the flag on the command line must still win, or the advice fails again on the same checkpoint."""
     cfg48 = tiny_config(d_model=48, data_dir=genome_dir, use_global_memory=False)
     ckpt_dir = tmp_path / "ckpt"
     plm.save_checkpoint(str(ckpt_dir / "model_latest.pt"), tiny_payload(cfg48))
@@ -278,8 +278,8 @@ def test_save_checkpoint_on_a_full_disk_keeps_the_previous_checkpoint(tmp_path, 
 
 
 def test_save_checkpoint_into_a_path_under_a_regular_file_gives_the_clear_message(tmp_path):
-    """Root ignores permissions, so the unwritable directory is one whose parent is a regular file. Today
-    os.makedirs runs before the try block of save_checkpoint, so the raw NotADirectoryError escapes."""
+    """Root ignores permissions, so the unwritable directory is one whose parent is a regular file: os.makedirs
+    fails there with NotADirectoryError, which save_checkpoint must report like any failed write, not let escape."""
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file")
     path = str(blocker / "ckpt" / "model_latest.pt")
@@ -564,8 +564,8 @@ def test_a_genome_corrupted_after_the_scan_fails_in_the_worker_with_a_one_line_m
     assert time.time() - start < 120
     assert proc.returncode == 2, describe(proc)
     assert path in proc.stderr and "not gzip-compressed" in proc.stderr
-    # today: "error: Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):
-    # ... plant_lm_train.DataError: <path>: named .gz but is not gzip-compressed" (the worker's whole traceback)
+    # the worker's DataError reaches the main process wrapped in the worker's whole traceback ("Caught DataError in
+    # DataLoader worker process 0.\nOriginal Traceback ..."): main() must print only the error's own line
     assert "Traceback" not in proc.stderr, describe(proc)
     assert error_lines(proc.stderr)[0] == f"error: {path}: named .gz but is not gzip-compressed"
 

@@ -233,9 +233,9 @@ def _straight_then_resumed(data_dir, tmp_path, nproc, total, resume_at, extra=()
 def test_resume_mid_epoch_single_process_is_bitwise_exact(data_dir, tmp_path):
     """1 process, default dropout 0.1, resume at step 4 of 8 (mid-epoch: the data stream fast-forwards).
 
-    Fails while the dropout RNG drifts: train() restores the checkpoint's torch RNG state and only then calls
-    iter(DataLoader), whose base seed is drawn from the global torch RNG, so the resumed run's dropout masks are
-    one draw off those of the straight run (with --dropout=0 the same comparison is bitwise equal).
+    The dropout masks must go on exactly as in the straight run: iter(DataLoader) draws its base seed from the
+    global torch RNG, so train() restores the checkpoint's RNG states only after that call (restored before it,
+    the resumed run's masks would be one draw off).
     """
     _straight_then_resumed(data_dir, tmp_path, nproc=1, total=8, resume_at=4)
 
@@ -379,11 +379,11 @@ def test_validate_rejects_naming_the_field(overrides, field):
 
 
 @pytest.mark.parametrize("overrides, field", [
-    ({"n_heads": 0}, "n_heads"),  # today: ZeroDivisionError from d_model % n_heads, which main() does not catch
-    ({"n_heads": -2}, "n_heads"),  # today: accepted, then the model fails on a negative view
-    ({"n_layers": 0}, "n_layers"),  # today: accepted, trains a model without a single block
-    ({"d_model": 0}, "d_model"),  # today: accepted
-    ({"max_bad_steps": 0}, "max_bad_steps"),  # today: accepted, then training stops at the first log step
+    ({"n_heads": 0}, "n_heads"),  # named as such: not a d_model error, nor a ZeroDivisionError from d_model % n_heads
+    ({"n_heads": -2}, "n_heads"),  # not a d_model error, nor a failed view inside the model
+    ({"n_layers": 0}, "n_layers"),  # a model without a single block
+    ({"d_model": 0}, "d_model"),  # 0 is divisible by any head count, and its head dim 0 is even
+    ({"max_bad_steps": 0}, "max_bad_steps"),  # training would stop at its first log step
 ])
 def test_validate_rejects_degenerate_model_and_guard_sizes(overrides, field):
     with pytest.raises(ValueError, match=re.escape(f"Config.{field}")):
@@ -623,8 +623,9 @@ def test_eval_never_updates_the_bucket_memory(eval_files):
 
 
 def test_eval_keeps_records_with_the_same_id_apart(eval_files, tmp_path):
-    """Two records named chr1 (two assemblies concatenated, say): scan_genomes warns and trains on both, but
-    evaluate_fasta keys its per-record totals by id, so both land in one entry of the per-record results."""
+    """Two records named chr1 (two assemblies concatenated, say): scan_genomes warns and trains on both, and
+    evaluate_fasta keys its per-record totals by record index too, so each keeps its own entry ('chr1 (record N)')
+    instead of both landing in one."""
     ckpt_path, _, _, _ = eval_files
     ckpt = load(ckpt_path)
     cfg = plm.Config(**ckpt["config"])
