@@ -1,79 +1,22 @@
-"""Shared fixtures for the plant_lm_train tests: synthetic FASTA genomes, small configs, the real genomes."""
+"""Shared fixtures for the plant_lm_train tests: synthetic genome directories and the real genomes.
+
+The plain helpers they are built on (tiny_config, random_dna, write_fasta, ...) live in tests/_helpers.py.
+"""
 
 import glob
-import gzip
 import os
-import sys
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import plant_lm_train as plm  # noqa: E402
+from _helpers import DATA_SHAPE, REPO, parse_with_biopython, random_dna, tiny_config, write_fasta
+import plant_lm_train as plm
 
 REAL_SPECIES = ("arabidopsis", "arenosa", "lyrata")
 TAIR10_GLOB = "AthaTAIR10_*.fna.gz"
 
 
 # ----------------------------------------------------------------------------- synthetic data
-
-def random_dna(n, seed, alphabet="ACGT", p=None):
-    """Deterministic random sequence of n characters drawn from alphabet (numpy, seeded)."""
-    rng = np.random.default_rng(seed)
-    letters = np.frombuffer(alphabet.encode(), dtype=np.uint8)
-    return letters[rng.choice(len(letters), size=n, p=p)].tobytes().decode()
-
-
-def write_fasta(path, records, line_width=60, newline="\n", blank_lines=False):
-    """Write [(header, sequence), ...] as FASTA; gzip-compressed when the name ends in .gz.
-
-    line_width=None puts each sequence on one line; blank_lines adds an empty line after each sequence line.
-    """
-    parts = []
-    for header, seq in records:
-        parts.append(f">{header}{newline}")
-        width = line_width or max(len(seq), 1)
-        for i in range(0, len(seq), width):
-            parts.append(seq[i:i + width] + newline)
-            if blank_lines:
-                parts.append(newline)
-    data = "".join(parts).encode()
-    os.makedirs(os.path.dirname(str(path)) or ".", exist_ok=True)
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "wb") as f:
-        f.write(data)
-    return str(path)
-
-
-def small_config(data_dir, **overrides):
-    """A Config small enough for fast tests: 600-base chunks (100 tokens), 8-token context (9-token windows)."""
-    values = dict(data_dir=str(data_dir), chunk_size=6 * 100, context_size=8, overlap_ratio=0.5, val_fraction=0.1,
-                  eval_windows=0, batch_size=16, open_chunks_per_species=16, num_workers=0, seed=1234,
-                  local_attn_window=8, species_distribution={})
-    values.update(overrides)
-    return plm.Config(**values).validate()
-
-
-@pytest.fixture
-def dna():
-    """random_dna(n, seed, alphabet="ACGT", p=None) -> str."""
-    return random_dna
-
-
-@pytest.fixture
-def fasta_writer():
-    """write_fasta(path, [(header, seq), ...], line_width=60, newline="\\n", blank_lines=False) -> path."""
-    return write_fasta
-
-
-@pytest.fixture
-def make_config():
-    """small_config(data_dir, **overrides) -> a validated small Config."""
-    return small_config
-
 
 @pytest.fixture
 def make_genomes(tmp_path):
@@ -130,7 +73,7 @@ def multi_species_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def multi_species_index(multi_species_dir):
     """(cfg, GenomeIndex) of multi_species_dir with weights a:1 b:2 c:1."""
-    cfg = small_config(multi_species_dir, species_distribution={"a": 1.0, "b": 2.0, "c": 1.0})
+    cfg = tiny_config(**DATA_SHAPE, data_dir=multi_species_dir, species_distribution={"a": 1.0, "b": 2.0, "c": 1.0})
     warnings = []
     index = plm.scan_genomes(cfg, warn=warnings.append, progress=False)
     assert not warnings, warnings
@@ -170,15 +113,12 @@ def real_genome(real_data_dir):
 
 @pytest.fixture(scope="session")
 def biopython_records(real_data_dir):
-    """species -> [(record id, sequence str)] parsed by Biopython, each file at most once per session."""
-    from Bio import SeqIO
+    """species -> [(record id, sequence str)] of its real genome parsed by Biopython, each at most once a session."""
     cache = {}
 
     def get(species):
         if species not in cache:
-            path = real_genome_path(real_data_dir, species)
-            with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as handle:
-                cache[species] = [(r.id, str(r.seq)) for r in SeqIO.parse(handle, "fasta")]
+            cache[species] = parse_with_biopython(real_genome_path(real_data_dir, species))
         return cache[species]
     return get
 

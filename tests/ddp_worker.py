@@ -1,6 +1,6 @@
 """Two-process CPU (gloo) checks for tests/test_model.py; not a test module itself.
 
-    WANDB_MODE=disabled OMP_NUM_THREADS=1 \
+    WANDB_MODE=disabled OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES= \
         python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py OUTDIR DATA_DIR
 
 Each rank writes its results to OUTDIR; the test compares them:
@@ -19,27 +19,18 @@ import sys
 import torch
 import torch.distributed as dist
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import plant_lm_train as plm  # noqa: E402
+from _helpers import TWO_LAYERS, tiny_config
+import plant_lm_train as plm  # _helpers puts the repository on sys.path
 
 ACCUMULATION_STEPS = 2
 MICRO_BATCH = 2
 SGD_LR = 0.5
 
 
-def tiny_config(**overrides):
-    values = dict(d_model=32, n_layers=2, n_heads=2, context_size=16, local_attn_window=4, dropout=0.0,
-                  precision="fp32", grad_clip=1e9)  # no clipping: the reference takes a plain SGD step
-    values.update(overrides)
-    return plm.Config(**values).validate()
-
-
 def accumulation_case(world_size):
     """(cfg, model, tokens [world * accum, micro, T + 1], species [world * accum, micro]); the same on every rank."""
-    cfg = tiny_config(batch_size=MICRO_BATCH, accumulation_steps=ACCUMULATION_STEPS)
+    cfg = tiny_config(**TWO_LAYERS, batch_size=MICRO_BATCH, accumulation_steps=ACCUMULATION_STEPS, precision="fp32",
+                      grad_clip=1e9)  # no clipping: the reference takes a plain SGD step
     torch.manual_seed(0)
     model = plm.PlantLM(cfg, 3)
     g = torch.Generator().manual_seed(1)
@@ -92,10 +83,9 @@ class RecordingPlantLM(plm.PlantLM):
 
 
 def run_memory(outdir, data_dir, rank):
-    cfg = tiny_config(data_dir=data_dir, species_distribution={"a": 1.0, "b": 1.0}, chunk_size=600,
-                      overlap_ratio=0.5, val_fraction=0.1, dropout=0.1, batch_size=2, accumulation_steps=2,
-                      max_steps=4, num_workers=0, checkpoint_every=2, log_every=1, eval_every=2, eval_windows=16,
-                      global_context=100, compile=False,
+    cfg = tiny_config(n_layers=2, dropout=0.1, data_dir=data_dir, species_distribution={"a": 1.0, "b": 1.0},
+                      overlap_ratio=0.5, val_fraction=0.1, batch_size=2, accumulation_steps=2, max_steps=4,
+                      checkpoint_every=2, global_context=100, precision="fp32", compile=False,
                       checkpoint_dir=os.path.join(outdir, "ckpt"), log_dir=os.path.join(outdir, "logs"),
                       resume="none", seed=7)
     built = []

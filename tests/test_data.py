@@ -1,7 +1,8 @@
 """Tests of the data section of plant_lm_train.py: tokenizing, FASTA streaming, chunking, sampling, splits.
 
-Synthetic genomes are written by the conftest helpers (seeded numpy DNA); the real-data tests read the bundled
-genomes ($PLANT_LM_REAL_DATA or <repo>/data) and fail, rather than skip, when they are missing.
+Synthetic genomes are seeded random DNA (tests/_helpers.py) in the data tests' tiny Config (DATA_SHAPE: 9-token
+windows, 600-base chunks); the real-data tests read the bundled genomes ($PLANT_LM_REAL_DATA or <repo>/data) and
+fail, rather than skip, when they are missing.
 """
 
 import collections
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import plant_lm_train as plm
+from _helpers import DATA_SHAPE, parse_with_biopython, random_dna, tiny_config, write_fasta
 from plant_lm_train import BASES_PER_TOKEN
 
 TAIR10_BASES = 30_427_671
@@ -48,12 +50,6 @@ def read_records(path, block_size=1 << 22):
             records.append((index, record_id, []))
         records[-1][2].append(piece)
     return [(i, rid, b"".join(pieces).decode()) for i, rid, pieces in records]
-
-
-def biopython_records(path):
-    from Bio import SeqIO
-    with gzip.open(path, "rt") if str(path).endswith(".gz") else open(path) as handle:
-        return [(r.id, str(r.seq)) for r in SeqIO.parse(handle, "fasta")]
 
 
 def chunks_of(path, cfg, species="s", label="f", wanted=None, stats=None):
@@ -116,8 +112,8 @@ def test_tokenize_known_6mer_ids(kmer, expected):
     assert tokens_of(kmer).tolist() == [expected]
 
 
-def test_tokenize_is_the_place_value_formula_on_a_long_sequence(dna):
-    seq = dna(6 * 2000, seed=1)
+def test_tokenize_is_the_place_value_formula_on_a_long_sequence():
+    seq = random_dna(6 * 2000, seed=1)
     tokens = tokens_of(seq)
     assert tokens.shape == (2000,)
     assert tokens.tolist() == [kmer_index(seq[i:i + BASES_PER_TOKEN]) for i in range(0, len(seq), BASES_PER_TOKEN)]
@@ -125,36 +121,36 @@ def test_tokenize_is_the_place_value_formula_on_a_long_sequence(dna):
 
 
 @pytest.mark.parametrize("extra", range(BASES_PER_TOKEN))
-def test_tokenize_drops_trailing_partial_kmer(dna, extra):
-    seq = dna(6 * 5 + extra, seed=2)
+def test_tokenize_drops_trailing_partial_kmer(extra):
+    seq = random_dna(6 * 5 + extra, seed=2)
     assert tokens_of(seq).tolist() == tokens_of(seq[:30]).tolist()
     assert len(tokens_of(seq[:extra])) == 0
 
 
-def test_detokenize_round_trips_tokenize(dna):
-    seq = dna(6 * 50, seed=3)
+def test_detokenize_round_trips_tokenize():
+    seq = random_dna(6 * 50, seed=3)
     assert plm.detokenize(tokens_of(seq)) == seq
     assert plm.detokenize(np.array([0, 1, 433, 4095])) == "AAAAAA" + "AAAAAC" + "ACGTAC" + "TTTTTT"
 
 
-def test_lowercase_bases_tokenize_like_uppercase(dna):
-    seq = dna(6 * 40, seed=4)
+def test_lowercase_bases_tokenize_like_uppercase():
+    seq = random_dna(6 * 40, seed=4)
     assert tokens_of(seq.lower()).tolist() == tokens_of(seq).tolist()
     mixed = "".join(c.lower() if i % 3 else c for i, c in enumerate(seq))
     assert tokens_of(mixed).tolist() == tokens_of(seq).tolist()
 
 
-def test_repeat_flag_marks_kmers_with_at_least_3_lowercase_bases(tmp_path, dna, fasta_writer, make_config):
-    cfg = make_config(tmp_path)
+def test_repeat_flag_marks_kmers_with_at_least_3_lowercase_bases(tmp_path):
+    cfg = tiny_config(**DATA_SHAPE, data_dir=tmp_path)
     lowercase_counts = [6, 5, 4, 3, 2, 1, 0, 3, 0, 6, 2]  # 11 tokens >= one 9-token window
     rng = np.random.default_rng(5)
     seq = ""
     for i, n_lower in enumerate(lowercase_counts):
-        kmer = list(dna(BASES_PER_TOKEN, seed=100 + i))
+        kmer = list(random_dna(BASES_PER_TOKEN, seed=100 + i))
         for at in rng.choice(BASES_PER_TOKEN, size=n_lower, replace=False):
             kmer[at] = kmer[at].lower()
         seq += "".join(kmer)
-    path = fasta_writer(tmp_path / "r.fa", [("r", seq)])
+    path = write_fasta(tmp_path / "r.fa", [("r", seq)])
     (chunk,) = chunks_of(path, cfg)
     assert chunk.repeat.tolist() == [n >= 3 for n in lowercase_counts]
     assert chunk.tokens.tolist() == tokens_of(seq.upper()).tolist()
@@ -170,10 +166,10 @@ def test_acgt_segments_are_maximal_acgt_runs_of_any_case():
 
 
 @pytest.mark.parametrize("gap", ["N", "n", "NNNNN", "R", "Y", "k", "-", "*", "7", ".", "X"])
-def test_non_acgt_character_splits_the_sequence(tmp_path, dna, fasta_writer, make_config, gap):
-    cfg = make_config(tmp_path)
-    left, right = dna(203, seed=6), dna(300, seed=7)
-    path = fasta_writer(tmp_path / "g.fa", [("r", left + gap + right)], line_width=None)
+def test_non_acgt_character_splits_the_sequence(tmp_path, gap):
+    cfg = tiny_config(**DATA_SHAPE, data_dir=tmp_path)
+    left, right = random_dna(203, seed=6), random_dna(300, seed=7)
+    path = write_fasta(tmp_path / "g.fa", [("r", left + gap + right)], line_width=None)
     stats = plm.FileStats()
     chunks = chunks_of(path, cfg, stats=stats)
     right_start = len(left) + len(gap)
@@ -184,12 +180,12 @@ def test_non_acgt_character_splits_the_sequence(tmp_path, dna, fasta_writer, mak
     assert stats.dropped_short == 203 - 198
 
 
-def test_no_chunk_contains_bases_from_both_sides_of_a_gap(tmp_path, dna, fasta_writer, make_config):
-    cfg = make_config(tmp_path)
+def test_no_chunk_contains_bases_from_both_sides_of_a_gap(tmp_path):
+    cfg = tiny_config(**DATA_SHAPE, data_dir=tmp_path)
     p = [0.22] * 4 + [0.03, 0.03, 0.02, 0.02, 0.02, 0.02]
-    seq = dna(30_000, seed=8, alphabet="ACGTNRY-n*", p=np.array(p) / sum(p))
-    seq = seq[:5000] + dna(2000, seed=9) + seq[5000:]  # at least one run longer than a chunk
-    path = fasta_writer(tmp_path / "g.fa", [("r", seq)], line_width=61)
+    seq = random_dna(30_000, seed=8, alphabet="ACGTNRY-n*", p=np.array(p) / sum(p))
+    seq = seq[:5000] + random_dna(2000, seed=9) + seq[5000:]  # at least one run longer than a chunk
+    path = write_fasta(tmp_path / "g.fa", [("r", seq)], line_width=61)
     runs = {m.start(): m.end() for m in ACGT_RUN.finditer(seq)}
     chunks = chunks_of(path, cfg)
     assert chunks
@@ -202,11 +198,11 @@ def test_no_chunk_contains_bases_from_both_sides_of_a_gap(tmp_path, dna, fasta_w
         assert chunk.tokens.tolist() == tokens_of(seq[first:last]).tolist()
 
 
-def test_segments_shorter_than_a_window_are_dropped_and_counted(tmp_path, dna, fasta_writer, make_config):
-    cfg = make_config(tmp_path)
+def test_segments_shorter_than_a_window_are_dropped_and_counted(tmp_path):
+    cfg = tiny_config(**DATA_SHAPE, data_dir=tmp_path)
     assert cfg.window_bases == 54
-    parts = [dna(300, seed=10), dna(48, seed=11), dna(53, seed=12), dna(54, seed=13)]
-    path = fasta_writer(tmp_path / "g.fa", [("r", "N".join(parts))])
+    parts = [random_dna(300, seed=10), random_dna(48, seed=11), random_dna(53, seed=12), random_dna(54, seed=13)]
+    path = write_fasta(tmp_path / "g.fa", [("r", "N".join(parts))])
     stats = plm.FileStats()
     chunks = chunks_of(path, cfg, stats=stats)
     assert [c.key[3] for c in chunks] == [0, 300 + 1 + 48 + 1 + 53 + 1]
@@ -217,11 +213,10 @@ def test_segments_shorter_than_a_window_are_dropped_and_counted(tmp_path, dna, f
 
 
 @pytest.mark.parametrize("length, n_tokens", [(1530, [100, 100, 55]), (1230, [100, 100]), (1200, [100, 100])])
-def test_chunks_hold_chunk_size_bases_and_start_at_their_first_base(tmp_path, dna, fasta_writer, make_config,
-                                                                   length, n_tokens):
-    cfg = make_config(tmp_path)
-    seq = "NN" + dna(length, seed=14) + "N"
-    path = fasta_writer(tmp_path / "g.fa", [("r", seq)], line_width=50)
+def test_chunks_hold_chunk_size_bases_and_start_at_their_first_base(tmp_path, length, n_tokens):
+    cfg = tiny_config(**DATA_SHAPE, data_dir=tmp_path)
+    seq = "NN" + random_dna(length, seed=14) + "N"
+    path = write_fasta(tmp_path / "g.fa", [("r", seq)], line_width=50)
     stats = plm.FileStats()
     chunks = chunks_of(path, cfg, stats=stats)
     assert [c.key for c in chunks] == [("s", "f", 0, 2, k) for k in range(len(n_tokens))]
@@ -234,14 +229,14 @@ def test_chunks_hold_chunk_size_bases_and_start_at_their_first_base(tmp_path, dn
 
 
 @pytest.mark.parametrize("block_size", [3, 7, 64, 1 << 22])
-def test_chunk_file_matches_a_regex_reference_at_any_read_block_size(tmp_path, dna, fasta_writer, make_config,
-                                                                     monkeypatch, block_size):
-    cfg = make_config(tmp_path)
+def test_chunk_file_matches_a_regex_reference_at_any_read_block_size(tmp_path, monkeypatch, block_size):
+    cfg = tiny_config(**DATA_SHAPE, data_dir=tmp_path)
     p = np.array([0.2] * 4 + [0.04] * 4 + [0.02, 0.01, 0.01, 0.01, 0.01])
-    records = [dna(n, seed=20 + i, alphabet="ACGTacgtNRY-n", p=p / p.sum()) for i, n in enumerate([4000, 0, 1800])]
-    records[0] = records[0][:1000] + dna(1500, seed=30) + records[0][1000:]
-    records.append(dna(1300, seed=31))  # a clean record: one segment across many lines and blocks
-    path = fasta_writer(tmp_path / "g.fa.gz", [(f"r{i}", s) for i, s in enumerate(records)], line_width=59)
+    records = [random_dna(n, seed=20 + i, alphabet="ACGTacgtNRY-n", p=p / p.sum())
+               for i, n in enumerate([4000, 0, 1800])]
+    records[0] = records[0][:1000] + random_dna(1500, seed=30) + records[0][1000:]
+    records.append(random_dna(1300, seed=31))  # a clean record: one segment across many lines and blocks
+    path = write_fasta(tmp_path / "g.fa.gz", [(f"r{i}", s) for i, s in enumerate(records)], line_width=59)
     monkeypatch.setattr(plm, "read_fasta", functools.partial(plm.read_fasta, block_size=block_size))
     stats = plm.FileStats()
     got = [(c.key, c.tokens.tolist(), c.repeat.tolist()) for c in chunks_of(path, cfg, stats=stats)]
@@ -251,9 +246,9 @@ def test_chunk_file_matches_a_regex_reference_at_any_read_block_size(tmp_path, d
     assert stats.acgt_bases == stats.used_bases + stats.dropped_short
 
 
-def test_wanted_chunks_carry_tokens_and_others_are_bare_keys(tmp_path, dna, fasta_writer, make_config):
-    cfg = make_config(tmp_path)
-    path = fasta_writer(tmp_path / "g.fa", [("r", dna(3000, seed=32))])
+def test_wanted_chunks_carry_tokens_and_others_are_bare_keys(tmp_path):
+    cfg = tiny_config(**DATA_SHAPE, data_dir=tmp_path)
+    path = write_fasta(tmp_path / "g.fa", [("r", random_dna(3000, seed=32))])
     everything = chunks_of(path, cfg)
     wanted = {everything[1].key, everything[3].key}
     partial = chunks_of(path, cfg, wanted=wanted)
@@ -305,20 +300,23 @@ def test_windows_never_cross_chunks(multi_species_index):
 
 # ----------------------------------------------------------------------------- read_fasta vs Biopython
 
-def _fasta_cases(dna):
-    multi = [("chr1 first chromosome", dna(500, 40)), ("chr2", dna(61, 41)), ("chr3\tdesc", dna(1, 42)),
-             ("scaffold_4", dna(240, 43))]
-    mixed = [("m1", dna(400, 44, "ACGTacgtNn")), ("m2 soft-masked", dna(130, 45, "acgtn"))]
+def _fasta_cases():
+    multi = [("chr1 first chromosome", random_dna(500, 40)), ("chr2", random_dna(61, 41)),
+             ("chr3\tdesc", random_dna(1, 42)), ("scaffold_4", random_dna(240, 43))]
+    mixed = [("m1", random_dna(400, 44, "ACGTacgtNn")), ("m2 soft-masked", random_dna(130, 45, "acgtn"))]
     return {
         "multi_record": dict(records=multi),
         "crlf": dict(records=multi, newline="\r\n"),
         "blank_lines": dict(records=multi, blank_lines=True),
         "lowercase": dict(records=mixed),
         "gzipped": dict(records=multi + mixed, gz=True),
-        "one_long_line": dict(records=[("long", dna(5000, 46)), ("short", dna(10, 47))], line_width=None),
-        "one_long_line_crlf_gz": dict(records=[("long", dna(3333, 48))], line_width=None, newline="\r\n", gz=True),
-        "record_multiple_of_block": dict(records=[("r448", dna(448, 49)), ("r64", dna(64, 50))], line_width=64),
-        "record_multiple_of_block_one_line": dict(records=[("r448", dna(448, 51)), ("r7", dna(7, 52))],
+        "one_long_line": dict(records=[("long", random_dna(5000, 46)), ("short", random_dna(10, 47))],
+                              line_width=None),
+        "one_long_line_crlf_gz": dict(records=[("long", random_dna(3333, 48))], line_width=None, newline="\r\n",
+                                      gz=True),
+        "record_multiple_of_block": dict(records=[("r448", random_dna(448, 49)), ("r64", random_dna(64, 50))],
+                                         line_width=64),
+        "record_multiple_of_block_one_line": dict(records=[("r448", random_dna(448, 51)), ("r7", random_dna(7, 52))],
                                                   line_width=None),
     }
 
@@ -327,33 +325,33 @@ def _fasta_cases(dna):
 @pytest.mark.parametrize("case", ["multi_record", "crlf", "blank_lines", "lowercase", "gzipped", "one_long_line",
                                   "one_long_line_crlf_gz", "record_multiple_of_block",
                                   "record_multiple_of_block_one_line"])
-def test_read_fasta_matches_biopython(tmp_path, dna, fasta_writer, case, block_size):
-    spec = dict(_fasta_cases(dna)[case])
+def test_read_fasta_matches_biopython(tmp_path, case, block_size):
+    spec = dict(_fasta_cases()[case])
     name = "genome.fa.gz" if spec.pop("gz", False) else "genome.fa"
-    path = fasta_writer(tmp_path / name, spec.pop("records"), **spec)
-    expected = biopython_records(path)
+    path = write_fasta(tmp_path / name, spec.pop("records"), **spec)
+    expected = parse_with_biopython(path)
     got = read_records(path, block_size=block_size)
     assert [i for i, _, _ in got] == list(range(len(expected)))
     assert [(rid, seq) for _, rid, seq in got] == expected
 
 
-def test_read_fasta_handles_a_file_without_final_newline(tmp_path, dna):
+def test_read_fasta_handles_a_file_without_final_newline(tmp_path):
     path = tmp_path / "g.fa"
-    seq = dna(100, 53)
+    seq = random_dna(100, 53)
     path.write_text(">a x\n" + seq[:60] + "\n" + seq[60:])
     for block_size in (7, 64, 1 << 22):
         assert read_records(str(path), block_size) == [(0, "a", seq)]
 
 
-def test_spaces_and_tabs_in_sequence_lines_are_removed_not_gaps(tmp_path, dna, make_config):
+def test_spaces_and_tabs_in_sequence_lines_are_removed_not_gaps(tmp_path):
     """Some exporters pad sequence lines with spaces; Biopython drops them, and a gap there would split (and, with
     short lines, drop) the whole genome."""
-    seq = dna(1200, 55)
+    seq = random_dna(1200, 55)
     lines = [seq[i:i + 60] for i in range(0, len(seq), 60)]
     padded, plain = tmp_path / "padded.fa", tmp_path / "plain.fa"
     padded.write_text(">a\n" + "".join(f"{line[:30]}\t{line[30:]} \n" for line in lines))
     plain.write_text(">a\n" + "\n".join(lines) + "\n")
-    cfg = make_config(tmp_path)
+    cfg = tiny_config(**DATA_SHAPE, data_dir=tmp_path)
     for block_size in (7, 1 << 22):
         assert read_records(str(padded), block_size) == [(0, "a", seq)]
     got, want = plm.FileStats(), plm.FileStats()
@@ -363,21 +361,21 @@ def test_spaces_and_tabs_in_sequence_lines_are_removed_not_gaps(tmp_path, dna, m
 
 
 @pytest.mark.parametrize("marker", [">", ";"])
-def test_a_header_character_inside_a_long_line_at_a_block_edge_is_sequence(tmp_path, dna, marker):
+def test_a_header_character_inside_a_long_line_at_a_block_edge_is_sequence(tmp_path, marker):
     """A block that ends inside a line hands its rest to the next block: that rest must not be read as a new
     line, whatever its first character is (it is a malformed base, so it splits the sequence)."""
     block = 64
-    head = dna(2 * block - 3, 56)  # '>a\n' + head fills exactly two blocks, so the marker opens the third
-    tail = dna(300, 57)
+    head = random_dna(2 * block - 3, 56)  # '>a\n' + head fills exactly two blocks, so the marker opens the third
+    tail = random_dna(300, 57)
     path = tmp_path / "g.fa"
     path.write_text(">a\n" + head + marker + tail + "\n>b\n" + tail + "\n")
     assert read_records(str(path), block) == read_records(str(path), 1 << 22) == \
         [(0, "a", head + marker + tail), (1, "b", tail)]
 
 
-def test_read_fasta_streams_a_one_line_record_in_bounded_pieces(tmp_path, dna, fasta_writer):
-    seq = dna(20_000, 54)
-    path = fasta_writer(tmp_path / "g.fa", [("chr", seq)], line_width=None)
+def test_read_fasta_streams_a_one_line_record_in_bounded_pieces(tmp_path):
+    seq = random_dna(20_000, 54)
+    path = write_fasta(tmp_path / "g.fa", [("chr", seq)], line_width=None)
     pieces = [piece for _, _, piece in plm.read_fasta(path, block_size=64)]
     assert b"".join(pieces).decode() == seq
     assert max(map(len, pieces)) <= 2 * 64  # the record is never held whole
@@ -397,9 +395,9 @@ def test_gz_name_without_gzip_content_is_a_data_error(tmp_path):
         list(plm.read_fasta(str(path)))
 
 
-def test_gzip_content_is_detected_whatever_the_name(tmp_path, dna):
+def test_gzip_content_is_detected_whatever_the_name(tmp_path):
     path = tmp_path / "g.fa"
-    seq = dna(90, 55)
+    seq = random_dna(90, 55)
     path.write_bytes(gzip.compress(f">r\n{seq}\n".encode()))
     assert read_records(str(path)) == [(0, "r", seq)]
 
@@ -411,9 +409,9 @@ def test_config_validate_rejects_chunk_size_not_multiple_of_6():
         plm.Config(chunk_size=601).validate()
 
 
-def test_config_validate_accepts_the_defaults_and_small_test_config(tmp_path, make_config):
+def test_config_validate_accepts_the_defaults_and_small_test_config(tmp_path):
     assert plm.Config().validate().chunk_size % BASES_PER_TOKEN == 0
-    assert make_config(tmp_path).window_bases == (8 + 1) * BASES_PER_TOKEN
+    assert tiny_config(**DATA_SHAPE, data_dir=tmp_path).window_bases == (8 + 1) * BASES_PER_TOKEN
 
 
 # ----------------------------------------------------------------------------- discover_genomes
@@ -424,40 +422,39 @@ def _discover(cfg):
     return genomes, weights, warnings
 
 
-def test_discover_fails_on_missing_data_dir(tmp_path, make_config):
+def test_discover_fails_on_missing_data_dir(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(plm.DataError, match=re.escape(str(missing))):
-        plm.discover_genomes(make_config(missing), warn=lambda m: None)
+        plm.discover_genomes(tiny_config(**DATA_SHAPE, data_dir=missing), warn=lambda m: None)
 
 
-def test_discover_fails_on_empty_data_dir(tmp_path, make_config):
+def test_discover_fails_on_empty_data_dir(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(plm.DataError, match=re.escape(str(empty)) + ".*no species directories"):
-        plm.discover_genomes(make_config(empty), warn=lambda m: None)
+        plm.discover_genomes(tiny_config(**DATA_SHAPE, data_dir=empty), warn=lambda m: None)
 
 
-def test_discover_fails_on_fasta_directly_in_data_dir(tmp_path, make_genomes, fasta_writer, make_config, dna):
-    root = make_genomes({"a": {"a.fa": [("r", dna(100, 1))]}})
-    fasta_writer(os.path.join(root, "loose.fna.gz"), [("r", dna(100, 2))])
+def test_discover_fails_on_fasta_directly_in_data_dir(make_genomes):
+    root = make_genomes({"a": {"a.fa": [("r", random_dna(100, 1))]}})
+    write_fasta(os.path.join(root, "loose.fna.gz"), [("r", random_dna(100, 2))])
     with pytest.raises(plm.DataError, match=re.escape(root) + ".*loose.fna.gz"):
-        plm.discover_genomes(make_config(root), warn=lambda m: None)
+        plm.discover_genomes(tiny_config(**DATA_SHAPE, data_dir=root), warn=lambda m: None)
 
 
-def test_discover_warns_about_species_dir_without_fasta(tmp_path, make_genomes, make_config, dna):
-    root = make_genomes({"a": {"a.fa": [("r", dna(100, 1))]}})
+def test_discover_warns_about_species_dir_without_fasta(make_genomes):
+    root = make_genomes({"a": {"a.fa": [("r", random_dna(100, 1))]}})
     os.makedirs(os.path.join(root, "b"))
     with open(os.path.join(root, "b", "README.md"), "w") as f:
         f.write("not a genome")
-    genomes, weights, warnings = _discover(make_config(root, species_distribution={"a": 1.0}))
+    genomes, weights, warnings = _discover(tiny_config(**DATA_SHAPE, data_dir=root, species_distribution={"a": 1.0}))
     assert list(genomes) == ["a"]
     assert any(os.path.join(root, "b") in w and "no FASTA" in w for w in warnings), warnings
 
 
-def test_discover_gives_unconfigured_species_the_default_weight_and_the_table_says_so(tmp_path, make_genomes,
-                                                                                      make_config, dna):
-    root = make_genomes({"a": {"a.fa": [("r", dna(100, 1))]}, "x": {"x.FNA": [("r", dna(100, 2))]}})
-    cfg = make_config(root, species_distribution={"a": 3.0}, default_species_weight=0.5)
+def test_discover_gives_unconfigured_species_the_default_weight_and_the_table_says_so(make_genomes):
+    root = make_genomes({"a": {"a.fa": [("r", random_dna(100, 1))]}, "x": {"x.FNA": [("r", random_dna(100, 2))]}})
+    cfg = tiny_config(**DATA_SHAPE, data_dir=root, species_distribution={"a": 3.0}, default_species_weight=0.5)
     genomes, weights, warnings = _discover(cfg)
     assert weights == {"a": 3.0, "x": 0.5}
     assert genomes["x"] == [os.path.join(root, "x", "x.FNA")]
@@ -468,16 +465,16 @@ def test_discover_gives_unconfigured_species_the_default_weight_and_the_table_sa
     assert re.search(r"1 x\s+0.5 default_species_weight\s+14.3%", table[2]), table
 
 
-def test_discover_excludes_species_of_weight_zero(tmp_path, make_genomes, make_config, dna):
-    root = make_genomes({"a": {"a.fa": [("r", dna(100, 1))]}, "b": {"b.fa.gz": [("r", dna(100, 2))]}})
-    genomes, weights, _ = _discover(make_config(root, species_distribution={"a": 1.0, "b": 0}))
+def test_discover_excludes_species_of_weight_zero(make_genomes):
+    root = make_genomes({"a": {"a.fa": [("r", random_dna(100, 1))]}, "b": {"b.fa.gz": [("r", random_dna(100, 2))]}})
+    genomes, weights, _ = _discover(tiny_config(**DATA_SHAPE, data_dir=root, species_distribution={"a": 1.0, "b": 0}))
     assert list(genomes) == ["a"] and list(weights) == ["a"]
 
 
-def test_discover_names_all_configured_species_without_data_in_one_line(tmp_path, make_genomes, make_config, dna):
-    root = make_genomes({"a": {"a.fa": [("r", dna(100, 1))]}})
-    genomes, _, warnings = _discover(make_config(root, species_distribution={"a": 1.0, "ghost": 2.0, "gone": 1.0,
-                                                                             "off": 0.0}))
+def test_discover_names_all_configured_species_without_data_in_one_line(make_genomes):
+    root = make_genomes({"a": {"a.fa": [("r", random_dna(100, 1))]}})
+    genomes, _, warnings = _discover(tiny_config(**DATA_SHAPE, data_dir=root, species_distribution={
+        "a": 1.0, "ghost": 2.0, "gone": 1.0, "off": 0.0}))
     assert list(genomes) == ["a"]
     assert warnings == [f"note: configured species with no FASTA under {root}/: ghost, gone"], warnings
 
@@ -488,10 +485,10 @@ def test_default_species_weights_are_the_specs():
     assert plm.Config().default_species_weight == 1.0  # the bundled relatives (lyrata, arenosa) get this
 
 
-def test_discover_lists_every_fasta_file_of_a_species(tmp_path, make_genomes, make_config, dna):
-    root = make_genomes({"a": {"one.fa": [("r", dna(60, 1))], "two.fasta.gz": [("r", dna(60, 2))],
-                               "three.fna": [("r", dna(60, 3))]}})
-    genomes, _, _ = _discover(make_config(root, species_distribution={"a": 1.0}))
+def test_discover_lists_every_fasta_file_of_a_species(make_genomes):
+    root = make_genomes({"a": {"one.fa": [("r", random_dna(60, 1))], "two.fasta.gz": [("r", random_dna(60, 2))],
+                               "three.fna": [("r", random_dna(60, 3))]}})
+    genomes, _, _ = _discover(tiny_config(**DATA_SHAPE, data_dir=root, species_distribution={"a": 1.0}))
     assert sorted(os.path.basename(p) for p in genomes["a"]) == ["one.fa", "three.fna", "two.fasta.gz"]
 
 
@@ -534,9 +531,9 @@ def test_a_finished_epoch_sampler_is_freed_at_once_without_the_cycle_collector(m
         gc.enable()
 
 
-def test_batch_mixes_windows_from_at_least_8_chunks(tmp_path, make_genomes, make_config, dna):
-    root = make_genomes({"a": {"a.fa": [("r", dna(600 * 40, 60))]}})
-    cfg = make_config(root, species_distribution={"a": 1.0})
+def test_batch_mixes_windows_from_at_least_8_chunks(make_genomes):
+    root = make_genomes({"a": {"a.fa": [("r", random_dna(600 * 40, 60))]}})
+    cfg = tiny_config(**DATA_SHAPE, data_dir=root, species_distribution={"a": 1.0})
     index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
     assert len(index.train) >= 16
     sampler = plm.EpochSampler(index, cfg, epoch=0, shard=0, n_shards=1)

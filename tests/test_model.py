@@ -10,7 +10,6 @@ torch.distributed.run with two gloo processes.
 import math
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,22 +19,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ddp_worker
 import plant_lm_train as plm
-from conftest import random_dna, write_fasta
+from _helpers import TESTS, TWO_LAYERS, describe, random_dna, run_train, tiny_config, write_fasta
 
 VOCAB = plm.VOCAB_SIZE
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def tiny_config(**overrides):
-    values = dict(d_model=32, n_layers=2, n_heads=2, context_size=16, local_attn_window=4, dropout=0.0)
-    values.update(overrides)
-    return plm.Config(**values).validate()
-
 
 def fill_memory(model, seed=1):
     """A live memory path: random bucket rows and weights, non-zero gates, memory_kv large enough to matter."""
@@ -52,7 +43,7 @@ def fill_memory(model, seed=1):
 
 def make_model(cfg=None, n_species=3, seed=0, memory=True, kernel="sdpa"):
     """A tiny PlantLM in eval mode; with memory=True (and cfg.use_global_memory) its memory path is live."""
-    cfg = cfg or tiny_config()
+    cfg = cfg or tiny_config(**TWO_LAYERS)
     torch.manual_seed(seed)
     model = plm.PlantLM(cfg, n_species, attention_kernel=kernel).eval()
     if memory and cfg.use_global_memory:
@@ -123,7 +114,7 @@ def test_local_window_mask_gives_query_i_keys_i_minus_w_plus_1_to_i(window):
 @pytest.mark.parametrize("window", [1, 4, 16])
 def test_attention_output_at_t_depends_exactly_on_inputs_t_minus_w_plus_1_to_t(kernel, use_memory, window):
     """One BucketAttention layer: output t moves when input j changes iff t - (W - 1) <= j <= t."""
-    cfg = tiny_config(local_attn_window=window, use_global_memory=use_memory)
+    cfg = tiny_config(**TWO_LAYERS, local_attn_window=window, use_global_memory=use_memory)
     model = make_model(cfg, kernel=kernel)
     attn, T = model.blocks[0].attn, cfg.context_size
     rotary = (model.rotary_cos[:T], model.rotary_sin[:T])
@@ -149,7 +140,7 @@ def test_attention_output_at_t_depends_exactly_on_inputs_t_minus_w_plus_1_to_t(k
 
 @pytest.mark.parametrize("kernel", ["sdpa", "flex"])
 def test_logits_at_or_before_t_ignore_tokens_after_t_with_live_memory(kernel):
-    cfg = tiny_config()
+    cfg = tiny_config(**TWO_LAYERS)
     model = make_model(cfg, kernel=kernel)
     assert model.bucket_memory.abs().sum() > 0 and all(b.attn.memory_gate.abs().min() > 0 for b in model.blocks)
     tokens, species = random_batch(cfg)
@@ -167,7 +158,7 @@ def test_logits_at_or_before_t_ignore_tokens_after_t_with_live_memory(kernel):
 
 def test_whole_model_receptive_field_is_n_layers_times_window_minus_one():
     """Logits at t depend on tokens t - L(W - 1) .. t and no others (the memory is fixed during a forward)."""
-    cfg = tiny_config()
+    cfg = tiny_config(**TWO_LAYERS)
     model = make_model(cfg)
     tokens, species = random_batch(cfg, batch=2)
     tokens = tokens[:, :-1]
@@ -188,7 +179,7 @@ def test_whole_model_receptive_field_is_n_layers_times_window_minus_one():
 @pytest.mark.parametrize("use_memory", [False, True], ids=["local-only", "with-memory"])
 @pytest.mark.parametrize("length", [16, 11])
 def test_flex_and_sdpa_kernels_give_the_same_logits(use_memory, length):
-    cfg = tiny_config(use_global_memory=use_memory)
+    cfg = tiny_config(**TWO_LAYERS, use_global_memory=use_memory)
     sdpa = make_model(cfg, kernel="sdpa")
     flex = plm.PlantLM(cfg, 3, attention_kernel="flex").eval()
     flex.load_state_dict(sdpa.state_dict())
@@ -208,7 +199,7 @@ def test_flex_and_sdpa_kernels_give_the_same_logits(use_memory, length):
 
 def test_memory_row_is_the_first_observation_then_decays_to_1_over_e_after_global_context_tokens():
     G = 1000
-    cfg = tiny_config(global_context=G)
+    cfg = tiny_config(**TWO_LAYERS, global_context=G)
     model = make_model(cfg, memory=False)
     g = torch.Generator().manual_seed(0)
     k, other = 7, 100
@@ -227,7 +218,7 @@ def test_observations_at_one_bucket_are_weighted_by_exp_minus_tokens_between_ove
     memory_k = (a x + y) / (a + 1) with a = exp(-(between + 1) / G). With between = G - 1 this is exactly the
     spec's (e^-1 x + y) / (e^-1 + 1); with between = G (the spec's wording) y's own token decays x once more."""
     G = 1000
-    cfg = tiny_config(global_context=G)
+    cfg = tiny_config(**TWO_LAYERS, global_context=G)
     model = make_model(cfg, memory=False)
     g = torch.Generator().manual_seed(1)
     k = 42
@@ -250,7 +241,7 @@ def test_memory_rows_are_exponentially_weighted_means_of_all_their_observations(
     """Several steps of random observations vs a float64 reference: row b = sum_i w_i h_i / sum_i w_i and
     weight_b = sum_i w_i, with w_i = exp(-(tokens observed in later steps) / G)."""
     G = 50
-    cfg = tiny_config(global_context=G)
+    cfg = tiny_config(**TWO_LAYERS, global_context=G)
     model = make_model(cfg, memory=False)
     rng = np.random.default_rng(3)
     observed = {}  # bucket -> [(tokens seen up to and including its step, vector)]
@@ -277,7 +268,7 @@ def test_memory_rows_are_exponentially_weighted_means_of_all_their_observations(
 
 def test_rows_without_observations_keep_their_memory_and_decay_their_weight():
     G = 1000
-    cfg = tiny_config(global_context=G)
+    cfg = tiny_config(**TWO_LAYERS, global_context=G)
     model = make_model(cfg)  # random memory and weights
     before_memory, before_weight = model.bucket_memory.clone(), model.bucket_weight.clone()
     g = torch.Generator().manual_seed(2)
@@ -294,7 +285,7 @@ def test_rows_without_observations_keep_their_memory_and_decay_their_weight():
 def test_attention_reads_every_memory_row_at_unit_rms_at_every_step():
     """The stored rows are running means whose scale drifts; what attention reads is each row at unit RMS, at every
     step (a renormalization every N steps made the scale jump from ~0.5 to 1 at exactly those steps)."""
-    cfg = tiny_config()
+    cfg = tiny_config(**TWO_LAYERS)
     model = make_model(cfg, memory=False)
     scale = {1: 5.0, 2: 0.1, 4095: 40.0}
     g = torch.Generator().manual_seed(4)
@@ -314,7 +305,7 @@ def test_attention_reads_every_memory_row_at_unit_rms_at_every_step():
 # ----------------------------------------------------------------------------- bucket memory: observations
 
 def test_bucket_observations_sum_hidden_states_and_count_tokens_per_id():
-    cfg = tiny_config()
+    cfg = tiny_config(**TWO_LAYERS)
     model = make_model(cfg, memory=False)
     g = torch.Generator().manual_seed(6)
     tokens = torch.randint(0, 12, (3, cfg.context_size), generator=g)  # many repeated ids
@@ -338,7 +329,7 @@ def test_bucket_observations_sum_hidden_states_and_count_tokens_per_id():
 # ----------------------------------------------------------------------------- bucket memory: frozen outside training
 
 def test_forward_and_backward_never_change_the_memory_in_train_or_eval_mode():
-    cfg = tiny_config()
+    cfg = tiny_config(**TWO_LAYERS)
     model = make_model(cfg)
     memory, weight = model.bucket_memory.clone(), model.bucket_weight.clone()
     tokens, species = random_batch(cfg)
@@ -354,7 +345,7 @@ def test_forward_and_backward_never_change_the_memory_in_train_or_eval_mode():
 
 
 def test_evaluate_leaves_the_memory_alone_and_returns_the_mean_loss_over_all_windows():
-    cfg = tiny_config(batch_size=4)
+    cfg = tiny_config(**TWO_LAYERS, batch_size=4)
     model = make_model(cfg)
     model.train()
     memory, weight = model.bucket_memory.clone(), model.bucket_weight.clone()
@@ -372,7 +363,7 @@ def test_evaluate_leaves_the_memory_alone_and_returns_the_mean_loss_over_all_win
 # ----------------------------------------------------------------------------- bucket memory: state dict
 
 def test_memory_is_in_the_state_dict_and_round_trips_through_a_checkpoint(tmp_path):
-    cfg = tiny_config()
+    cfg = tiny_config(**TWO_LAYERS)
     model = make_model(cfg)
     state = model.state_dict()
     assert {"bucket_memory", "bucket_weight"} <= set(state)
@@ -389,7 +380,7 @@ def test_memory_is_in_the_state_dict_and_round_trips_through_a_checkpoint(tmp_pa
 
 
 def test_without_global_memory_there_are_no_memory_parameters_and_the_memory_is_ignored():
-    cfg = tiny_config(use_global_memory=False)
+    cfg = tiny_config(**TWO_LAYERS, use_global_memory=False)
     model = make_model(cfg)
     names = [name for name, _ in model.named_parameters()]
     assert not [n for n in names if "memory" in n], names
@@ -402,7 +393,7 @@ def test_without_global_memory_there_are_no_memory_parameters_and_the_memory_is_
 
 
 def test_with_global_memory_the_logits_depend_on_the_memory_once_the_gate_opens():
-    cfg = tiny_config()
+    cfg = tiny_config(**TWO_LAYERS)
     model = make_model(cfg, memory=False)
     tokens, species = random_batch(cfg)
     with torch.no_grad():
@@ -421,7 +412,7 @@ def test_with_global_memory_the_logits_depend_on_the_memory_once_the_gate_opens(
 # ----------------------------------------------------------------------------- loss, init, size, FLOPs
 
 def test_loss_is_fp32_cross_entropy_of_the_logits_under_bf16_autocast():
-    cfg = tiny_config()
+    cfg = tiny_config(**TWO_LAYERS)
     model = make_model(cfg)
     tokens, species = random_batch(cfg, batch=4)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -473,7 +464,7 @@ def test_default_model_parameter_count_matches_hand_count(default_model):
 
 
 def hand_flops(n_tokens, forwards, use_memory):
-    """Training FLOPs (2 per multiply-add) for tiny_config(): d 32, L 2, T 16, W 4, 4096 buckets, vocab 4096.
+    """Training FLOPs (2 per multiply-add) of the model tests' config: d 32, L 2, T 16, W 4, 4096 buckets, vocab 4096.
 
     Forward per token: linears 24 d^2 per layer (qkv 6, proj 2, MLP 16); local attention 4 d FLOPs per key (QK and
     PV) with on average (1+2+3+4*13)/16 = 3.625 keys; head 2 d V; global attention 4 d per memory row per layer.
@@ -492,7 +483,7 @@ def hand_flops(n_tokens, forwards, use_memory):
 
 @pytest.mark.parametrize("use_memory", [False, True], ids=["local-only", "with-memory"])
 def test_flops_per_step_matches_hand_count(use_memory):
-    model = plm.PlantLM(tiny_config(use_global_memory=use_memory), 3)
+    model = plm.PlantLM(tiny_config(**TWO_LAYERS, use_global_memory=use_memory), 3)
     n_tokens, forwards = 8 * 4 * 16, 4
     assert model.flops_per_step(n_tokens, forwards) == pytest.approx(hand_flops(n_tokens, forwards, use_memory),
                                                                      rel=1e-9)
@@ -502,7 +493,7 @@ def test_flops_per_step_matches_hand_count(use_memory):
 def test_flops_per_step_matmul_part_matches_flop_counter_of_a_training_step(use_memory):
     """torch's FlopCounterMode counts the matmuls of a real forward + backward (not CPU SDPA): they must equal
     flops_per_step minus its attention terms."""
-    cfg = tiny_config(use_global_memory=use_memory)
+    cfg = tiny_config(**TWO_LAYERS, use_global_memory=use_memory)
     model = make_model(cfg).train()
     tokens, species = random_batch(cfg, batch=2)
     counter = FlopCounterMode(display=False)
@@ -528,16 +519,14 @@ def ddp_results(tmp_path_factory):
     out_dir.mkdir()
     for i, species in enumerate(("a", "b")):
         write_fasta(data_dir / species / f"{species}.fa", [(f"{species}_chr1", random_dna(12_000, 100 + i))])
-    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    env.pop("RESUME", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "ddp_worker.py"), str(out_dir), str(data_dir)]
     try:
-        proc = subprocess.run(cmd, cwd=str(root), env=env, capture_output=True, text=True, timeout=60)
+        proc = run_train([], cwd=root, nproc=2, timeout=60, script=os.path.join(TESTS, "ddp_worker.py"),
+                         script_args=[str(out_dir), str(data_dir)])
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"ddp_worker.py did not finish in 60 s:\n{(e.stderr or '')[-3000:]}")
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        pytest.fail(f"ddp_worker.py did not finish in 60 s:\n{stderr[-3000:]}")
     if proc.returncode != 0:
-        pytest.fail(f"ddp_worker.py failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        pytest.fail(f"ddp_worker.py failed: {describe(proc)}")
     return out_dir
 
 

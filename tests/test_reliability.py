@@ -1,7 +1,7 @@
 """Reliability tests of plant_lm_train.py: untrusted or broken checkpoints, failed saves, non-finite training,
 bad input data, errors inside DataLoader workers, and Config errors caught before any heavy work.
 
-Training runs are CPU subprocesses of a tiny config (tests/_train_helpers.py); most data cases run in-process at
+Training runs are CPU subprocesses of the tiny config (TINY in tests/_helpers.py); most data cases run in-process at
 the level of scan_genomes / discover_genomes / read_fasta, a few through the entry point to check the exit code
 and the one-line `error: <path>: ...` message.
 """
@@ -23,23 +23,20 @@ import pytest
 import torch
 
 import plant_lm_train as plm
-from _train_helpers import (REPO, TESTS, TINY, describe, load, random_genome, read_jsonl, run_sh, run_train,
-                            train_env, write_fasta_gz)
-
-TINY_CFG = dict(d_model=32, n_layers=1, n_heads=2, context_size=16, local_attn_window=4, chunk_size=600,
-                eval_windows=16, batch_size=4, accumulation_steps=2, num_workers=0)
+from _helpers import (REPO, SCRIPT, TESTS, TINY_ARGS, describe, load, random_dna, read_jsonl, run_sh, run_train,
+                      tiny_config, train_env, write_fasta)
 
 
 @pytest.fixture(scope="module")
 def genome_dir(tmp_path_factory):
     """One synthetic species 's': 6 kbp of seeded random DNA in one gzipped file."""
     root = tmp_path_factory.mktemp("genome") / "data"
-    write_fasta_gz(root / "s" / "s.fa.gz", [("s_chr1", random_genome(6_000, seed=11))])
+    write_fasta(root / "s" / "s.fa.gz", [("s_chr1", random_dna(6_000, seed=11))])
     return str(root)
 
 
 def train_args(data_dir, *extra):
-    return [f"--data_dir={data_dir}", *TINY, "--species_distribution=s:1", "--use_global_memory=false", *extra]
+    return [f"--data_dir={data_dir}", *TINY_ARGS, "--species_distribution=s:1", "--use_global_memory=false", *extra]
 
 
 def error_lines(stderr):
@@ -70,7 +67,7 @@ class _RunsCode:
 
 
 def armed_checkpoint(path, marker):
-    cfg = plm.Config(**TINY_CFG)
+    cfg = tiny_config()
     payload = tiny_payload(cfg, step=10**6)  # the highest step: find_latest_checkpoint would prefer it
     payload["extra"] = _RunsCode(f"touch {shlex.quote(str(marker))}")
     torch.save(payload, str(path))
@@ -115,19 +112,19 @@ def test_train_refuses_to_resume_from_a_pickle_that_would_run_code(genome_dir, t
 # ----------------------------------------------------------------------------- 10. incompatible checkpoints
 
 def test_check_compatible_lists_every_differing_field():
-    saved = dataclasses.asdict(plm.Config(**{**TINY_CFG, "d_model": 48, "n_layers": 2}))
+    saved = dataclasses.asdict(tiny_config(d_model=48, n_layers=2))
     with pytest.raises(ValueError) as exc:
-        plm.check_compatible(saved, plm.Config(**TINY_CFG), ["a", "b"], ["a", "c"], "ck.pt")
+        plm.check_compatible(saved, tiny_config(), ["a", "b"], ["a", "c"], "ck.pt")
     message = str(exc.value)
     assert "ck.pt does not match" in message
     assert "d_model: checkpoint 48 vs now 32" in message and "n_layers: checkpoint 2 vs now 1" in message
     assert "species: checkpoint ['a', 'b'] vs data now ['a', 'c']" in message
     assert "--resume=none" in message
-    plm.check_compatible(dataclasses.asdict(plm.Config(**TINY_CFG)), plm.Config(**TINY_CFG), ["a"], ["a"], "ck.pt")
+    plm.check_compatible(dataclasses.asdict(tiny_config()), tiny_config(), ["a"], ["a"], "ck.pt")
 
 
 def test_train_resume_from_another_d_model_names_the_field_and_exits_2(genome_dir, tmp_path):
-    cfg48 = plm.Config(**{**TINY_CFG, "d_model": 48, "data_dir": genome_dir, "use_global_memory": False})
+    cfg48 = tiny_config(d_model=48, data_dir=genome_dir, use_global_memory=False)
     path = str(tmp_path / "d48.pt")
     plm.save_checkpoint(path, tiny_payload(cfg48))
     proc = run_train(train_args(genome_dir, "--max_steps=1", f"--log_dir={tmp_path / 'logs'}",
@@ -141,7 +138,7 @@ def test_train_resume_from_another_d_model_names_the_field_and_exits_2(genome_di
 def test_run_sh_reports_a_mismatched_checkpoint_once_before_torchrun(genome_dir, tmp_path):
     """A changed model size is the commonest resume error; from the ranks, every torchrun restart repeated it (and
     on gloo a restart after it could hang)."""
-    cfg48 = plm.Config(**{**TINY_CFG, "d_model": 48, "data_dir": genome_dir, "use_global_memory": False})
+    cfg48 = tiny_config(d_model=48, data_dir=genome_dir, use_global_memory=False)
     ckpt_dir = tmp_path / "ckpt"
     plm.save_checkpoint(str(ckpt_dir / "model_latest.pt"), tiny_payload(cfg48))
     proc = run_sh(train_args(genome_dir, f"--checkpoint_dir={ckpt_dir}", f"--log_dir={tmp_path / 'logs'}"), tmp_path,
@@ -154,15 +151,15 @@ def test_run_sh_reports_a_mismatched_checkpoint_once_before_torchrun(genome_dir,
 @pytest.mark.parametrize("field, value", [("chunk_size", 1200), ("val_fraction", 0.5)])
 def test_resume_refuses_a_changed_validation_split(field, value):
     """Either field moves chunks between the splits: trained-on sequence would be scored as validation."""
-    saved = dataclasses.asdict(plm.Config(**TINY_CFG))
+    saved = dataclasses.asdict(tiny_config())
     with pytest.raises(ValueError, match=rf"{field}: checkpoint {saved[field]!r} vs now {value!r}"):
-        plm.check_compatible(saved, plm.Config(**{**TINY_CFG, field: value}), ["a"], ["a"], "ck.pt")
+        plm.check_compatible(saved, tiny_config(**{field: value}), ["a"], ["a"], "ck.pt")
 
 
 def test_resume_none_on_the_command_line_beats_resume_auto_in_the_environment(genome_dir, tmp_path):
-    """The incompatibility message advises --resume=none, but train() reads RESUME from the environment first,
-    so with RESUME=auto exported (as a launcher script might) the flag is ignored and the run fails again."""
-    cfg48 = plm.Config(**{**TINY_CFG, "d_model": 48, "data_dir": genome_dir, "use_global_memory": False})
+    """The incompatibility message advises --resume=none: with RESUME=auto exported (as a launcher script might),
+    the flag on the command line must still win, or the advice fails again on the same checkpoint."""
+    cfg48 = tiny_config(d_model=48, data_dir=genome_dir, use_global_memory=False)
     ckpt_dir = tmp_path / "ckpt"
     plm.save_checkpoint(str(ckpt_dir / "model_latest.pt"), tiny_payload(cfg48))
     proc = run_train(train_args(genome_dir, "--max_steps=1", "--resume=none", f"--log_dir={tmp_path / 'logs'}",
@@ -174,7 +171,7 @@ def test_resume_none_on_the_command_line_beats_resume_auto_in_the_environment(ge
 # ----------------------------------------------------------------------------- 11. atomic saves
 
 def test_find_latest_checkpoint_skips_temporary_and_truncated_files(tmp_path):
-    cfg = plm.Config(**TINY_CFG)
+    cfg = tiny_config()
     folder = tmp_path / "ckpt"
     good = str(folder / "model_latest.pt")
     plm.save_checkpoint(good, tiny_payload(cfg, step=5))
@@ -191,7 +188,7 @@ def test_find_latest_checkpoint_skips_temporary_and_truncated_files(tmp_path):
 
 
 def test_find_latest_checkpoint_prefers_a_regular_checkpoint_to_model_best_at_the_same_step(tmp_path):
-    cfg = plm.Config(**TINY_CFG)
+    cfg = tiny_config()
     folder = tmp_path / "ckpt"
     plm.save_checkpoint(str(folder / "model_best.pt"), tiny_payload(cfg, step=7))
     plm.save_checkpoint(str(folder / "model_epoch_1.pt"), tiny_payload(cfg, step=5))
@@ -259,7 +256,7 @@ def test_a_run_removes_the_temporary_file_a_killed_save_left(genome_dir, tmp_pat
 # ----------------------------------------------------------------------------- 12. failed saves
 
 def test_save_checkpoint_on_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    cfg = plm.Config(**TINY_CFG)
+    cfg = tiny_config()
     path = str(tmp_path / "ckpt" / "model_latest.pt")
     plm.save_checkpoint(path, tiny_payload(cfg, step=1))
     before = open(path, "rb").read()
@@ -281,13 +278,13 @@ def test_save_checkpoint_on_a_full_disk_keeps_the_previous_checkpoint(tmp_path, 
 
 
 def test_save_checkpoint_into_a_path_under_a_regular_file_gives_the_clear_message(tmp_path):
-    """Root ignores permissions, so the unwritable directory is one whose parent is a regular file. Today
-    os.makedirs runs before the try block of save_checkpoint, so the raw NotADirectoryError escapes."""
+    """Root ignores permissions, so the unwritable directory is one whose parent is a regular file: os.makedirs
+    fails there with NotADirectoryError, which save_checkpoint must report like any failed write, not let escape."""
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file")
     path = str(blocker / "ckpt" / "model_latest.pt")
     with pytest.raises(OSError, match=re.escape(f"cannot write checkpoint {path}") + ".*previous checkpoint is kept"):
-        plm.save_checkpoint(path, tiny_payload(plm.Config(**TINY_CFG)))
+        plm.save_checkpoint(path, tiny_payload(tiny_config()))
 
 
 def test_train_stops_with_a_clear_message_when_it_cannot_write_a_checkpoint(genome_dir, tmp_path):
@@ -305,7 +302,7 @@ def test_train_stops_with_a_clear_message_when_it_cannot_write_a_checkpoint(geno
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_save_checkpoint_refuses_non_finite_weights_and_writes_nothing(tmp_path, bad):
-    payload = tiny_payload(plm.Config(**TINY_CFG))
+    payload = tiny_payload(tiny_config())
     payload["model_state_dict"]["blocks.0.mlp.fc.weight"][3, 5] = bad
     path = tmp_path / "ckpt" / "model_latest.pt"
     with pytest.raises(RuntimeError, match=r"refusing to write .*model_latest\.pt: blocks\.0\.mlp\.fc\.weight holds "
@@ -338,7 +335,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_training_after_max_bad_st
 
 def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_to_resume_from(genome_dir, tmp_path):
     ckpt_dir = tmp_path / "ckpt"
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "plant_lm_train.py"),
+    proc = subprocess.Popen([sys.executable, SCRIPT,
                              *train_args(genome_dir, "--max_steps=100000", "--checkpoint_every=2",
                                          f"--checkpoint_dir={ckpt_dir}", f"--log_dir={tmp_path / 'logs'}")],
                             cwd=str(tmp_path), env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -371,7 +368,7 @@ def test_a_run_without_validation_windows_says_so_and_trains_without_scoring_zer
     """One species whose genome fits in one chunk: the chunk trains, nothing is held out. A validation loss of 0
     would be a lie, and would pin model_best.pt to the first evaluation."""
     data_dir = tmp_path / "data"
-    write_fasta_gz(data_dir / "s" / "s.fa.gz", [("s_chr1", random_genome(540, seed=12))])  # < chunk_size 600
+    write_fasta(data_dir / "s" / "s.fa.gz", [("s_chr1", random_dna(540, seed=12))])  # < chunk_size 600
     ckpt_dir, log_dir = tmp_path / "ckpt", tmp_path / "logs"
     proc = run_train(train_args(str(data_dir), "--max_steps=4", "--eval_every=2", f"--checkpoint_dir={ckpt_dir}",
                                 f"--log_dir={log_dir}"), cwd=tmp_path)
@@ -386,23 +383,17 @@ def test_a_run_without_validation_windows_says_so_and_trains_without_scoring_zer
 
 # ----------------------------------------------------------------------------- 15. bad input data
 
-def data_cfg(data_dir, **overrides):
-    values = dict(TINY_CFG, data_dir=str(data_dir), species_distribution={})
-    values.update(overrides)
-    return plm.Config(**values).validate()
-
-
 def scan(data_dir, **overrides):
     warnings = []
-    index = plm.scan_genomes(data_cfg(data_dir, **overrides), warn=warnings.append, progress=False)
+    index = plm.scan_genomes(tiny_config(data_dir=data_dir, **overrides), warn=warnings.append, progress=False)
     return index, warnings
 
 
-def write_text_fasta(path, text, compress=False):
+def write_raw(path, content):
+    """Write text or bytes as they are (malformed FASTA, binary junk), creating the directory; returns the path."""
     os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    data = text.encode() if isinstance(text, str) else text
     with open(path, "wb") as f:
-        f.write(gzip.compress(data) if compress else data)
+        f.write(content.encode() if isinstance(content, str) else content)
     return str(path)
 
 
@@ -410,11 +401,11 @@ def all_tokens(path, cfg):
     return [chunk.tokens.tolist() for chunk in plm.chunk_file(str(path), "x", "f", cfg)]
 
 
-GOOD = random_genome(3_000, seed=21)
+GOOD = random_dna(3_000, seed=21)
 
 
 def good_species(root, name="good"):
-    return write_fasta_gz(os.path.join(str(root), name, "good.fa.gz"), [("good_chr1", GOOD)])
+    return write_fasta(os.path.join(str(root), name, "good.fa.gz"), [("good_chr1", GOOD)])
 
 
 def test_missing_and_empty_data_dirs_are_data_errors_naming_the_path(tmp_path):
@@ -449,7 +440,7 @@ def test_species_directory_without_fasta_is_skipped_with_a_warning(tmp_path):
 ])
 def test_a_bad_file_is_skipped_with_a_warning_naming_it(tmp_path, name, content, reason):
     good_species(tmp_path, "s")
-    bad = write_text_fasta(tmp_path / "s" / name, content)
+    bad = write_raw(tmp_path / "s" / name, content)
     index, warnings = scan(tmp_path)
     assert [w for w in warnings if bad in w and reason in w and "file skipped" in w], warnings
     assert [p for p, _ in index.skipped] == [bad]
@@ -457,15 +448,15 @@ def test_a_bad_file_is_skipped_with_a_warning_naming_it(tmp_path, name, content,
 
 
 def test_a_data_dir_of_only_bad_files_fails_before_training(tmp_path):
-    write_text_fasta(tmp_path / "s" / "x.fa", b"\0\1\2" * 1000)
-    write_text_fasta(tmp_path / "t" / "n.fa", ">n\n" + "N" * 5000 + "\n")
+    write_raw(tmp_path / "s" / "x.fa", b"\0\1\2" * 1000)
+    write_fasta(tmp_path / "t" / "n.fa", [("n", "N" * 5000)], line_width=None)
     with pytest.raises(plm.DataError, match=re.escape(str(tmp_path)) + ": no usable sequence in any genome"):
         scan(tmp_path)
 
 
 def test_empty_records_and_records_of_only_n_are_counted_not_fatal(tmp_path):
-    write_text_fasta(tmp_path / "s" / "g.fa", f">e1\n>e2 empty too\n\n>r\n{GOOD}\n>e3\n")
-    write_text_fasta(tmp_path / "n" / "n.fa", ">n1\n" + "N" * 3000 + "\n>n2\n" + "n" * 700 + "\n")
+    write_raw(tmp_path / "s" / "g.fa", f">e1\n>e2 empty too\n\n>r\n{GOOD}\n>e3\n")
+    write_fasta(tmp_path / "n" / "n.fa", [("n1", "N" * 3000), ("n2", "n" * 700)], line_width=None)
     index, warnings = scan(tmp_path)
     # (FileStats.records counts records that hold sequence: 1 here, although the file has 4 records)
     assert index.species == ["s"] and index.stats["s"].records >= 1
@@ -475,9 +466,9 @@ def test_empty_records_and_records_of_only_n_are_counted_not_fatal(tmp_path):
 
 
 def test_lowercase_only_genome_trains_like_uppercase(tmp_path):
-    cfg = data_cfg(tmp_path)
-    upper = write_text_fasta(tmp_path / "u.fa", f">u\n{GOOD}\n")
-    lower = write_text_fasta(tmp_path / "l.fa", f">l\n{GOOD.lower()}\n")
+    cfg = tiny_config(data_dir=tmp_path)
+    upper = write_fasta(tmp_path / "u.fa", [("u", GOOD)], line_width=None)
+    lower = write_fasta(tmp_path / "l.fa", [("l", GOOD.lower())], line_width=None)
     assert all_tokens(lower, cfg) == all_tokens(upper, cfg) and all_tokens(upper, cfg)
     assert all(chunk.repeat.all() for chunk in plm.chunk_file(lower, "x", "f", cfg))
     (tmp_path / "d" / "soft").mkdir(parents=True)
@@ -487,11 +478,11 @@ def test_lowercase_only_genome_trains_like_uppercase(tmp_path):
 
 
 def test_crlf_blank_lines_and_comment_lines_read_like_clean_fasta(tmp_path):
-    cfg = data_cfg(tmp_path)
-    clean = write_text_fasta(tmp_path / "clean.fa", f">r desc\n{GOOD}\n")
+    cfg = tiny_config(data_dir=tmp_path)
+    clean = write_fasta(tmp_path / "clean.fa", [("r desc", GOOD)], line_width=None)
+    crlf = write_fasta(tmp_path / "crlf.fa", [("r desc", GOOD)], line_width=70, newline="\r\n")
     lines = [GOOD[i:i + 70] for i in range(0, len(GOOD), 70)]
-    crlf = write_text_fasta(tmp_path / "crlf.fa", ">r desc\r\n" + "\r\n".join(lines) + "\r\n")
-    messy = write_text_fasta(tmp_path / "messy.fa", ";comment before the header\n\n>r desc\n" + "\n\n".join(
+    messy = write_raw(tmp_path / "messy.fa", ";comment before the header\n\n>r desc\n" + "\n\n".join(
         lines[:10]) + "\n;a comment inside the record\n" + "\n".join(lines[10:]) + "\n\n\n")
     expected = all_tokens(clean, cfg)
     assert expected and all_tokens(crlf, cfg) == expected and all_tokens(messy, cfg) == expected
@@ -500,7 +491,7 @@ def test_crlf_blank_lines_and_comment_lines_read_like_clean_fasta(tmp_path):
 
 def test_a_chromosome_on_one_line_streams_in_bounded_pieces(tmp_path):
     n = 5_000_000
-    seq = np.frombuffer(b"ACGT", dtype=np.uint8)[np.random.default_rng(4).integers(0, 4, n)].tobytes()
+    seq = random_dna(n, seed=4).encode()
     path = tmp_path / "one_line.fa"
     path.write_bytes(b">chr1 one line\n" + seq + b"\n")
     for block in (1 << 20, 1 << 22):
@@ -511,7 +502,8 @@ def test_a_chromosome_on_one_line_streams_in_bounded_pieces(tmp_path):
 
 
 def test_duplicate_record_ids_are_both_used_with_a_warning(tmp_path):
-    path = write_text_fasta(tmp_path / "s" / "dup.fa", f">chr1\n{GOOD}\n>chr1 again\n{GOOD[::-1]}\n>chr2\n{GOOD}\n")
+    path = write_fasta(tmp_path / "s" / "dup.fa", [("chr1", GOOD), ("chr1 again", GOOD[::-1]), ("chr2", GOOD)],
+                       line_width=None)
     index, warnings = scan(tmp_path, species_distribution={"s": 1.0})
     assert {c.key[2] for c in index.train + index.val} == {0, 1, 2}
     assert index.stats["s"].records == 3
@@ -546,8 +538,8 @@ def test_entry_point_reports_bad_data_in_one_line_and_exits_2(tmp_path, case):
     if case != "missing":
         data.mkdir()
     if case == "only_bad_files":
-        write_text_fasta(data / "s" / "x.fa", np.random.default_rng(5).integers(0, 256, 5000, np.uint8).tobytes())
-        write_text_fasta(data / "s" / "t.fa.gz", gzip.compress(f">t\n{GOOD}\n".encode())[:500])
+        write_raw(data / "s" / "x.fa", np.random.default_rng(5).integers(0, 256, 5000, np.uint8).tobytes())
+        write_raw(data / "s" / "t.fa.gz", gzip.compress(f">t\n{GOOD}\n".encode())[:500])
     proc = run_train(train_args(data, "--max_steps=1", f"--log_dir={tmp_path / 'logs'}",
                                 f"--checkpoint_dir={tmp_path / 'ckpt'}"), cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, describe(proc)
@@ -564,7 +556,7 @@ def test_entry_point_reports_bad_data_in_one_line_and_exits_2(tmp_path, case):
 
 def test_a_genome_corrupted_after_the_scan_fails_in_the_worker_with_a_one_line_message(tmp_path):
     data = tmp_path / "data"
-    path = write_fasta_gz(data / "s" / "s.fa.gz", [("s_chr1", random_genome(6_000, seed=12))])
+    path = write_fasta(data / "s" / "s.fa.gz", [("s_chr1", random_dna(6_000, seed=12))])
     start = time.time()
     proc = run_train(train_args(data, "--num_workers=1", "--max_steps=5", f"--log_dir={tmp_path / 'logs'}",
                                 f"--checkpoint_dir={tmp_path / 'ckpt'}"), cwd=tmp_path, timeout=120,
@@ -572,8 +564,8 @@ def test_a_genome_corrupted_after_the_scan_fails_in_the_worker_with_a_one_line_m
     assert time.time() - start < 120
     assert proc.returncode == 2, describe(proc)
     assert path in proc.stderr and "not gzip-compressed" in proc.stderr
-    # today: "error: Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):
-    # ... plant_lm_train.DataError: <path>: named .gz but is not gzip-compressed" (the worker's whole traceback)
+    # the worker's DataError reaches the main process wrapped in the worker's whole traceback ("Caught DataError in
+    # DataLoader worker process 0.\nOriginal Traceback ..."): main() must print only the error's own line
     assert "Traceback" not in proc.stderr, describe(proc)
     assert error_lines(proc.stderr)[0] == f"error: {path}: named .gz but is not gzip-compressed"
 

@@ -16,19 +16,19 @@ import pytest
 import torch
 
 import plant_lm_train as plm
-from _train_helpers import TESTS, TINY, describe, random_genome, read_jsonl, run_train, train_env, write_fasta_gz
+from _helpers import TESTS, TINY_ARGS, describe, random_dna, read_jsonl, run_train, tiny_config, write_fasta
 
 
 @pytest.fixture(scope="module")
 def genome_dir(tmp_path_factory):
     """One species 's': 6 kbp of seeded random DNA (12 steps per epoch at the TINY config)."""
     root = tmp_path_factory.mktemp("genome") / "data"
-    write_fasta_gz(root / "s" / "s.fa.gz", [("s_chr1", random_genome(6_000, seed=11))])
+    write_fasta(root / "s" / "s.fa.gz", [("s_chr1", random_dna(6_000, seed=11))])
     return str(root)
 
 
 def args(data_dir, tmp_path, *extra):
-    return [f"--data_dir={data_dir}", *TINY, "--species_distribution=s:1", "--use_global_memory=false",
+    return [f"--data_dir={data_dir}", *TINY_ARGS, "--species_distribution=s:1", "--use_global_memory=false",
             f"--checkpoint_dir={tmp_path / 'ckpt'}", f"--log_dir={tmp_path / 'logs'}", *extra]
 
 
@@ -129,8 +129,7 @@ def test_every_epoch_checkpoint_is_kept_by_default(genome_dir, tmp_path):
 
 
 def test_the_disk_report_warns_naming_the_figures_when_free_space_is_short(tmp_path, monkeypatch):
-    cfg = plm.Config(d_model=32, n_layers=1, n_heads=2, context_size=16, local_attn_window=4,
-                     checkpoint_dir=str(tmp_path / "ckpt"), n_epochs=10)
+    cfg = tiny_config(checkpoint_dir=str(tmp_path / "ckpt"), n_epochs=10)
     model = plm.PlantLM(cfg, 1)
     run = types.SimpleNamespace(cfg=cfg, learner=types.SimpleNamespace(model=model), total_steps=100, per_epoch=10)
     usage = namedtuple("usage", "total used free")

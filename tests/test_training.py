@@ -1,7 +1,7 @@
 """Tests of the training loop and entry point of plant_lm_train.py, on the CPU.
 
 Every training run is a subprocess (python or torchrun with gloo) on a tiny model (d_model 32, one layer, 16-token
-context, the full 4096-row bucket memory); see tests/_train_helpers.py. The data is a ~20 kbp slice of the real
+context, the full 4096-row bucket memory); see TINY in tests/_helpers.py. The data is a ~20 kbp slice of the real
 TAIR10 chromosome 1 plus a learnable synthetic species (a 97-base motif repeated, 1% point mutations), small enough
 that a 2-process run crosses an epoch boundary in ~30 steps, so both model_epoch_N.pt and model_latest.pt appear.
 """
@@ -26,13 +26,12 @@ import pytest
 import torch
 
 import plant_lm_train as plm
-from _train_helpers import (SCRIPT, TESTS, TINY, describe, load, motif_genome, read_jsonl, real_slice,
-                            run_sh, run_train, state_differences, train_env, write_fasta_gz)
+from _helpers import (SCRIPT, TESTS, TINY_ARGS, describe, load, motif_genome, read_jsonl, real_slice, run_sh,
+                      run_train, state_differences, tiny_config, train_env, write_fasta)
 
 SPECIES_ARG = "--species_distribution=arabidopsis:1,motif:1"
 LEARN = ["--learning_rate=3e-3"]
 E2E_STEPS = 36
-FAKE_KEY = "fake0wandb0key0d41d8cd98f00b204e9800998ecf8427e"
 KEEP = os.path.join(TESTS, "_keep_checkpoints.py")
 
 
@@ -43,24 +42,20 @@ def data_dir(tmp_path_factory, real_genome):
     """arabidopsis: the first 20 kbp of TAIR10 chr1 (streamed); motif: 8 kbp of a repeated 97-base motif."""
     root = tmp_path_factory.mktemp("genomes") / "data"
     real_slice(real_genome("arabidopsis"), root / "arabidopsis" / "slice.fa.gz", 20_000)
-    write_fasta_gz(root / "motif" / "motif.fa.gz", [("motif_chr1", motif_genome(8_000, seed=0))])
+    write_fasta(root / "motif" / "motif.fa.gz", [("motif_chr1", motif_genome(8_000, seed=0))])
     return str(root)
 
 
 def base_args(data_dir, *extra):
-    return [f"--data_dir={data_dir}", *TINY, SPECIES_ARG, *LEARN, *extra]
+    return [f"--data_dir={data_dir}", *TINY_ARGS, SPECIES_ARG, *LEARN, *extra]
 
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, data_dir):
-    """One 2-process torchrun (gloo) run of E2E_STEPS steps from cwd = a fresh directory (logs/, dna_model/ there).
-
-    A fake WANDB_API_KEY is in its environment (wandb disabled): it must never reach a log or a checkpoint.
-    """
+    """One 2-process torchrun (gloo) run of E2E_STEPS steps from cwd = a fresh directory (logs/, dna_model/ there)."""
     run_dir = tmp_path_factory.mktemp("e2e")
     start = time.time()
-    proc = run_train(base_args(data_dir, f"--max_steps={E2E_STEPS}"), cwd=run_dir, nproc=2,
-                     env=train_env(WANDB_API_KEY=FAKE_KEY))
+    proc = run_train(base_args(data_dir, f"--max_steps={E2E_STEPS}"), cwd=run_dir, nproc=2)
     log_paths = sorted(glob.glob(str(run_dir / "logs" / "training_*.log")))
     log_text = open(log_paths[0]).read() if log_paths else ""
     match = re.search(r"(\d+) steps per\s+epoch", log_text)
@@ -151,8 +146,7 @@ def test_training_log_has_config_versions_species_data_parameters_and_batch(e2e_
     assert re.search(r"1 motif\s+1 species_distribution\s+50.0%", text), text
     assert re.search(r"arabidopsis: 1 file\(s\), 1 record\(s\), 20,000 bases read", text)
     assert re.search(r"motif: 1 file\(s\), 1 record\(s\), 8,000 bases read", text)
-    n_params = sum(p.numel() for p in plm.PlantLM(plm.Config(d_model=32, n_layers=1, n_heads=2, context_size=16,
-                                                             local_attn_window=4), 2).parameters())
+    n_params = sum(p.numel() for p in plm.PlantLM(tiny_config(), 2).parameters())
     assert f"model: {n_params:,} parameters" in text
     assert "effective batch: 4 x 2 accumulation x 2 rank(s) = 16 windows = 256 tokens per optimizer step" in text
     assert f"done: {E2E_STEPS} steps" in text
@@ -185,14 +179,6 @@ def test_loss_curve_png_is_written(e2e_ok):
     with open(plots[0], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert not glob.glob(str(e2e_ok.log_dir / "*.tmp.png"))
-
-
-def test_wandb_api_key_never_reaches_logs_outputs_or_checkpoints(e2e_ok):
-    assert FAKE_KEY not in e2e_ok.proc.stdout + e2e_ok.proc.stderr
-    for folder, _, names in os.walk(e2e_ok.dir):
-        for name in names:
-            with open(os.path.join(folder, name), "rb") as f:
-                assert FAKE_KEY.encode() not in f.read(), os.path.join(folder, name)
 
 
 # ----------------------------------------------------------------------------- 2. exact resume
@@ -247,9 +233,9 @@ def _straight_then_resumed(data_dir, tmp_path, nproc, total, resume_at, extra=()
 def test_resume_mid_epoch_single_process_is_bitwise_exact(data_dir, tmp_path):
     """1 process, default dropout 0.1, resume at step 4 of 8 (mid-epoch: the data stream fast-forwards).
 
-    Fails while the dropout RNG drifts: train() restores the checkpoint's torch RNG state and only then calls
-    iter(DataLoader), whose base seed is drawn from the global torch RNG, so the resumed run's dropout masks are
-    one draw off those of the straight run (with --dropout=0 the same comparison is bitwise equal).
+    The dropout masks must go on exactly as in the straight run: iter(DataLoader) draws its base seed from the
+    global torch RNG, so train() restores the checkpoint's RNG states only after that call (restored before it,
+    the resumed run's masks would be one draw off).
     """
     _straight_then_resumed(data_dir, tmp_path, nproc=1, total=8, resume_at=4)
 
@@ -368,11 +354,8 @@ def test_parse_overrides_species_distribution_pair_and_json_forms(text):
 
 # ----------------------------------------------------------------------------- 5. Config.validate
 
-TINY_CFG = dict(d_model=32, n_layers=1, n_heads=2, context_size=16, local_attn_window=4, chunk_size=600)
-
-
 def test_tiny_config_is_valid():
-    plm.Config(**TINY_CFG).validate()
+    tiny_config()
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -394,22 +377,61 @@ def test_tiny_config_is_valid():
 ])
 def test_validate_rejects_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=re.escape(f"Config.{field}")):
-        plm.Config(**{**TINY_CFG, **overrides}).validate()
+        tiny_config(**overrides)
 
 
 @pytest.mark.parametrize("overrides, field", [
-    ({"n_heads": 0}, "n_heads"),  # today: ZeroDivisionError from d_model % n_heads, which main() does not catch
-    ({"n_heads": -2}, "n_heads"),  # today: accepted, then the model fails on a negative view
-    ({"n_layers": 0}, "n_layers"),  # today: accepted, trains a model without a single block
-    ({"d_model": 0}, "d_model"),  # today: accepted
-    ({"max_bad_steps": 0}, "max_bad_steps"),  # today: accepted, then training stops at the first log step
+    ({"n_heads": 0}, "n_heads"),  # named as such: not a d_model error, nor a ZeroDivisionError from d_model % n_heads
+    ({"n_heads": -2}, "n_heads"),  # not a d_model error, nor a failed view inside the model
+    ({"n_layers": 0}, "n_layers"),  # a model without a single block
+    ({"d_model": 0}, "d_model"),  # 0 is divisible by any head count, and its head dim 0 is even
+    ({"max_bad_steps": 0}, "max_bad_steps"),  # training would stop at its first log step
 ])
 def test_validate_rejects_degenerate_model_and_guard_sizes(overrides, field):
     with pytest.raises(ValueError, match=re.escape(f"Config.{field}")):
-        plm.Config(**{**TINY_CFG, **overrides}).validate()
+        tiny_config(**overrides)
 
 
-# ----------------------------------------------------------------------------- 6. wandb without credentials
+# ----------------------------------------------------------------------------- 6. wandb
+
+WANDB_KEY = "fake0wandb0key0d41d8cd98f00b204e9800998ecf8427e"  # a made-up WANDB_API_KEY
+NETRC_KEY = "fake0netrc0key0e3b0c44298fc1c149afbf4c8996fb924"  # a made-up wandb password in ~/.netrc
+
+
+def test_an_offline_wandb_run_writes_the_api_key_nowhere(data_dir, tmp_path):
+    """With WANDB_API_KEY set and a wandb password in ~/.netrc, a run that logs to wandb offline (its run file with
+    the config and metrics, console capture and debug logs, under wandb/ and ~/.cache/wandb) must copy neither
+    secret into its output, logs/, the metrics jsonl, the wandb files, HOME or the checkpoints."""
+    home, run_dir = tmp_path / "home", tmp_path / "run"
+    home.mkdir()
+    run_dir.mkdir()
+    netrc = home / ".netrc"
+    netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {NETRC_KEY}\n")
+    netrc.chmod(0o600)
+    proc = run_train(base_args(data_dir, "--max_steps=2", "--use_global_memory=false"), cwd=run_dir,
+                     env=train_env(WANDB_MODE="offline", WANDB_API_KEY=WANDB_KEY, HOME=home))
+    assert proc.returncode == 0, describe(proc)
+
+    written = {}  # every file the run wrote (symbolic links are copies of others), by path
+    for folder, _, names in os.walk(tmp_path):
+        for name in names:
+            path = os.path.join(folder, name)
+            if path != str(netrc) and not os.path.islink(path):
+                with open(path, "rb") as f:
+                    written[path] = f.read()
+    (wandb_run,) = glob.glob(str(run_dir / "wandb" / "offline-run-*"))
+    assert any(data_dir.encode() in data for path, data in written.items() if path.startswith(wandb_run)), \
+        "the run's config is not in its wandb files: a secret logged with it would go unseen"
+    assert glob.glob(str(run_dir / "logs" / "metrics_*.jsonl")) and glob.glob(str(run_dir / "dna_model" / "*.pt"))
+
+    for secret in (WANDB_KEY, NETRC_KEY):
+        assert secret not in proc.stdout + proc.stderr, f"{secret} is in the run's output"
+        leaked = [path for path, data in written.items() if secret.encode() in data]
+        assert not leaked, f"{secret} is in {leaked}"
+        for path in glob.glob(str(run_dir / "dna_model" / "*.pt")):
+            assert secret not in json.dumps(load(path)["config"]), f"{secret} is in the config saved in {path}"
+
+
 
 def test_wandb_online_without_credentials_falls_back_to_offline_without_blocking(data_dir, tmp_path):
     home = tmp_path / "home"
@@ -440,7 +462,7 @@ def test_the_progress_bar_counts_to_the_end_of_the_epoch_or_of_the_run(step, per
 
 
 def test_run_sh_trains_on_the_cpu_with_two_processes(data_dir, tmp_path):
-    proc = run_sh([*TINY, SPECIES_ARG, "--max_steps=2", "--use_global_memory=false",
+    proc = run_sh([*TINY_ARGS, SPECIES_ARG, "--max_steps=2", "--use_global_memory=false",
                    f"--checkpoint_dir={tmp_path / 'ckpt'}", f"--log_dir={tmp_path / 'logs'}"], tmp_path,
                   WORLD_SIZE=2, DATA_DIR=data_dir)
     assert proc.returncode == 0, describe(proc)
@@ -497,7 +519,7 @@ def eval_files(e2e_ok, tmp_path_factory, data_dir):
     np.random.default_rng(7).shuffle(bases)
     shuffled = bases.tobytes().decode()
     assert sorted(shuffled) == sorted(seq) and shuffled != seq
-    shuffled_fa = write_fasta_gz(folder / "shuffled.fa.gz", [("motif_shuffled", shuffled)])
+    shuffled_fa = write_fasta(folder / "shuffled.fa.gz", [("motif_shuffled", shuffled)])
     return str(e2e_ok.ckpt_dir / "model_latest.pt"), train_fa, shuffled_fa, folder
 
 
@@ -568,7 +590,7 @@ def test_eval_average_species_scores_every_record(eval_files, capsys):
 
 def test_eval_reports_a_file_with_nothing_to_score_instead_of_a_perfect_score(eval_files, tmp_path, capsys):
     ckpt, train_fa, _, _ = eval_files
-    short = write_fasta_gz(tmp_path / "short.fa.gz", [("contigs", ("ACGTTGCA" * 10 + "N") * 20)])  # 80-base runs
+    short = write_fasta(tmp_path / "short.fa.gz", [("contigs", ("ACGTTGCA" * 10 + "N") * 20)])  # 80-base runs
     out_json = tmp_path / "mixed.json"
     assert plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", train_fa, short,
                      "--json", str(out_json)]) == 0
@@ -585,7 +607,7 @@ def test_eval_reports_a_file_with_nothing_to_score_instead_of_a_perfect_score(ev
 
 def test_eval_of_a_protein_file_is_an_error_naming_it(eval_files, tmp_path, capsys):
     ckpt, _, _, _ = eval_files
-    protein = write_fasta_gz(tmp_path / "p.fa.gz", [("sp|P69905|HBA_HUMAN", "MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMF" * 20)])
+    protein = write_fasta(tmp_path / "p.fa.gz", [("sp|P69905|HBA_HUMAN", "MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMF" * 20)])
     assert plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", protein]) == 2
     assert re.search(rf"error: {re.escape(protein)}: .* looks like protein", capsys.readouterr().err)
 
@@ -603,14 +625,15 @@ def test_eval_never_updates_the_bucket_memory(eval_files):
 
 
 def test_eval_keeps_records_with_the_same_id_apart(eval_files, tmp_path):
-    """Two records named chr1 (two assemblies concatenated, say): scan_genomes warns and trains on both, but
-    evaluate_fasta keys its per-record totals by id, so both land in one entry of the per-record results."""
+    """Two records named chr1 (two assemblies concatenated, say): scan_genomes warns and trains on both, and
+    evaluate_fasta keys its per-record totals by record index too, so each keeps its own entry ('chr1 (record N)')
+    instead of both landing in one."""
     ckpt_path, _, _, _ = eval_files
     ckpt = load(ckpt_path)
     cfg = plm.Config(**ckpt["config"])
     model = plm.PlantLM(cfg, len(ckpt["species"]))
     model.load_state_dict(ckpt["model_state_dict"])
-    fasta = write_fasta_gz(tmp_path / "dup.fa.gz", [("chr1", motif_genome(1200, seed=1)),
+    fasta = write_fasta(tmp_path / "dup.fa.gz", [("chr1", motif_genome(1200, seed=1)),
                                                     ("chr1", motif_genome(1800, seed=2))])
     (result,) = plm.evaluate_fasta(model, cfg, [fasta], 0, torch.device("cpu"), progress=False)
     assert len(result["records"]) == 2, f"records with the same id were merged: {list(result['records'])}"
