@@ -32,6 +32,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 # ----------------------------------------------------------------------------- Config
 
 VOCAB_SIZE = 4**6  # one token per 6-mer (the tokenizer's bit layout fixes the 6; see BASES_PER_TOKEN)
+GLOBAL_MEMORIES = ("retrieval", "buckets", "none")  # see PlantLM and RetrievalIndex
+# The retrieval memory looks up the 2, 3 and 4 tokens (12, 18, 24 bases) before each target, and, because a lookup
+# may reach before the window, every sample then carries that many tokens of the chunk in front of it.
+RETRIEVAL_CONTEXT_TOKENS = (2, 3, 4)
 FASTA_SUFFIXES = (".fa", ".fna", ".fasta")
 # The spec's species weights. A species found in data_dir but not named here gets default_species_weight.
 SPEC_SPECIES_WEIGHTS = {"glycine_max": 1.0, "arabidopsis": 0.8, "oryza_sativa": 0.7, "zea_mays": 0.6,
@@ -68,7 +72,8 @@ class Config:
     local_attn_window: int = field(default=32, metadata=ARCHITECTURE)  # keys per query, its own position included
     n_buckets: int = field(default=VOCAB_SIZE, metadata=ARCHITECTURE)  # rows of the bucket memory, one per 6-mer
     global_context: int = 200_000  # tokens after which an observation's weight in the memory falls to 1/e
-    use_global_memory: bool = field(default=True, metadata=ARCHITECTURE)
+    global_memory: str = field(default="buckets", metadata=ARCHITECTURE)  # retrieval | buckets | none
+    retrieval_mixing: str = field(default="dirichlet", metadata=ARCHITECTURE)  # dirichlet | gate (retrieval only)
     # optimization
     batch_size: int = 16  # windows per micro-batch per rank
     accumulation_steps: int = 4
@@ -99,6 +104,11 @@ class Config:
     @property
     def window_stride(self):
         return max(1, round(self.context_size * (1 - self.overlap_ratio)))
+
+    @property
+    def prefix_tokens(self):
+        """Tokens of the chunk each sample carries in front of its window: what the retrieval lookups need."""
+        return max(RETRIEVAL_CONTEXT_TOKENS) if self.global_memory == "retrieval" else 0
 
     @property
     def window_bases(self):
@@ -132,6 +142,8 @@ class Config:
             (self.keep_epoch_checkpoints >= 0, "keep_epoch_checkpoints", "must be >= 0 (0 keeps all)"),
             (0 <= self.dropout < 1, "dropout", "must be in [0, 1)"),
             (self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "must be auto, bf16, fp16 or fp32"),
+            (self.global_memory in GLOBAL_MEMORIES, "global_memory", "must be retrieval, buckets or none"),
+            (self.retrieval_mixing in ("dirichlet", "gate"), "retrieval_mixing", "must be dirichlet or gate"),
             (self.compile_mode in ("default", "max-autotune", "max-autotune-no-cudagraphs"), "compile_mode",
              "must be default, max-autotune or max-autotune-no-cudagraphs (CUDA graphs do not yet work here)"),
             (self.default_species_weight >= 0, "default_species_weight", "must be >= 0"),
@@ -239,6 +251,15 @@ def window_starts(n_tokens, context_size, stride):
     if n_tokens < span:
         return np.zeros(0, dtype=np.int64)
     return np.arange(0, n_tokens - span + 1, stride, dtype=np.int64)
+
+
+def window_tokens(tokens, starts, cfg):
+    """A chunk's windows at `starts`, int16 [n, prefix + context + 1]: each carries the cfg.prefix_tokens tokens in
+    front of it, -1 where the chunk has none."""
+    at = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(-cfg.prefix_tokens, cfg.context_size + 1)
+    windows = tokens[np.maximum(at, 0)].astype(np.int16)  # 6-mer ids < 4096
+    windows[at < 0] = -1
+    return windows
 
 
 def windows_per_chunk(n_tokens, context_size, stride):
@@ -606,7 +627,6 @@ class SpeciesStream:
         self.owned = {c.key for c in chunks}
         labels = {c.key[1] for c in chunks}
         self.files = [(p, label) for p, label in files if label in labels]
-        self.offsets = np.arange(cfg.context_size + 1)
         self.open, self.source = [], None
 
     def _next_open_chunk(self):
@@ -623,7 +643,7 @@ class SpeciesStream:
             self.open.append(opened)
 
     def draw(self, count):
-        """`count` windows as (tokens [count, context+1] int16, chunk keys)."""
+        """`count` windows as (tokens [count, prefix + context + 1] int16, chunk keys)."""
         windows, keys = [], []
         while count:
             if not self.open:
@@ -636,7 +656,7 @@ class SpeciesStream:
                 current = self.open[i]
                 take = min(int(picks[i]), current.left)
                 starts = current.starts[current.drawn:current.drawn + take]
-                windows.append(current.chunk.tokens[starts[:, None] + self.offsets])
+                windows.append(window_tokens(current.chunk.tokens, starts, self.cfg))
                 keys.extend([current.chunk.key] * take)
                 current.drawn += take
                 count -= take
@@ -645,7 +665,7 @@ class SpeciesStream:
                         self.open[i] = opened
                     else:
                         del self.open[i]
-        return np.concatenate(windows).astype(np.int16), keys
+        return np.concatenate(windows), keys
 
 
 class EpochSampler:
@@ -671,7 +691,7 @@ class EpochSampler:
         self.probs /= self.probs.sum()
 
     def next_batch(self, batch_size):
-        """(tokens [B, context+1] int16, species ids [B] int64, chunk keys) with rows in random order."""
+        """(tokens [B, prefix + context + 1] int16, species ids [B] int64, chunk keys) with rows in random order."""
         species = self.rng.choice(len(self.probs), size=batch_size, p=self.probs)
         parts, ids, keys = [], [], []
         for species_id, count in enumerate(np.bincount(species, minlength=len(self.probs))):
@@ -688,7 +708,7 @@ class EpochSampler:
 class GenomeStream(IterableDataset):
     """The training stream of one rank: one item per optimizer step, epoch after epoch, without end.
 
-    An item is the step's `accumulation_steps` micro-batches at once (tokens [A, B, context+1] int16, species
+    An item is the step's `accumulation_steps` micro-batches at once (tokens [A, B, prefix + context + 1] int16, species
     [A, B]), so the main process pays one hand-over and one host-to-device copy per step. A DataLoader polls its
     workers round-robin from worker 0, so worker w serves global steps start + w, start + w + n_workers, ...;
     the shard follows the steps it serves, which makes the stream the same whatever step it starts at.
@@ -732,21 +752,169 @@ def load_validation(index, cfg):
         if len(mine):
             wanted[chunk.key] = mine * stride
     windows, species = {}, {}
-    offsets = np.arange(cfg.context_size + 1)
     for name in index.species:
         for path, label in index.files.get(name, []):
             if not any(k[1] == label and k[0] == name for k in wanted):
                 continue
             for chunk in chunk_file(path, name, label, cfg, wanted=set(wanted)):
                 if chunk.tokens is not None:
-                    windows[chunk.key] = chunk.tokens[wanted[chunk.key][:, None] + offsets]
+                    windows[chunk.key] = window_tokens(chunk.tokens, wanted[chunk.key], cfg)
                     species[chunk.key] = index.species.index(name)
     keys = [c.key for c in index.val if c.key in windows]
     if not keys:
-        return torch.zeros(0, cfg.context_size + 1, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return (torch.zeros(0, cfg.prefix_tokens + cfg.context_size + 1, dtype=torch.long),
+                torch.zeros(0, dtype=torch.long))
     tokens = torch.from_numpy(np.concatenate([windows[k] for k in keys]).astype(np.int64))
     ids = torch.from_numpy(np.concatenate([np.full(len(windows[k]), species[k]) for k in keys]))
     return tokens, ids
+
+
+# ----------------------------------------------------------------------------- retrieval memory
+
+class RetrievalIndex:
+    """What the training genomes say comes next: counts of every (context, next 6-mer) in the training chunks.
+
+    The memory of `global_memory = retrieval`. For each context length in RETRIEVAL_CONTEXT_TOKENS (12, 18, 24 bases)
+    it holds every (context + next 6 bases) string of the training chunks, on both strands and at every base offset
+    (a homolog's 6-mer frame is arbitrary after any indel), packed 2 bits a base into one int64 key (at most 30
+    bases), sorted and unique, with cumulative counts. A context's count is then a range sum and a (context, target)
+    count an exact hit, each one binary search (torch.searchsorted) on the device that trains. Validation chunks are
+    never in it.
+    """
+
+    def __init__(self, keys, cumulative, digest):
+        self.keys, self.cumulative, self.digest = keys, cumulative, digest  # one tensor each per context length
+
+    def to(self, device):
+        return RetrievalIndex([k.to(device) for k in self.keys], [c.to(device) for c in self.cumulative], self.digest)
+
+    @torch.no_grad()
+    def counts(self, windows, prefix, exclude_self):
+        """windows [B, prefix + T + 1] (-1 before a chunk's start) -> [B, T, O, 2] float32: for each of the T targets
+        and each context length, (occurrences of the context, occurrences of the context followed by the target).
+
+        exclude_self (training): a training window is in the index, so its own occurrence is taken out of both
+        counts (leave-one-out), twice where the string is its own reverse complement and so also sits on the
+        other strand at the same place. Overlapping windows hold the same occurrence, so they drop out with it.
+        """
+        B, T = windows.shape[0], windows.shape[1] - prefix - 1
+        per_length = []
+        for k, keys, cumulative in zip(RETRIEVAL_CONTEXT_TOKENS, self.keys, self.cumulative):
+            grams = windows.unfold(1, k + 1, 1)[:, prefix + 1 - k:prefix + 1 - k + T]  # [B, T, k + 1]: context, target
+            key = torch.zeros(B, T, dtype=torch.int64, device=windows.device)
+            for i in range(k + 1):
+                key = (key << 12) | grams[..., i].long().clamp_min(0)
+            context = (key >> 12) << 12
+            in_context = cumulative[torch.searchsorted(keys, context + VOCAB_SIZE)] - \
+                cumulative[torch.searchsorted(keys, context)]
+            at = torch.searchsorted(keys, key).clamp_max(len(keys) - 1)
+            with_target = torch.where(keys[at] == key, cumulative[at + 1] - cumulative[at], 0)
+            if exclude_self:
+                own = 1 + (reverse_complement_key(key, BASES_PER_TOKEN * (k + 1)) == key).long()
+                in_context, with_target = (in_context - own).clamp_min(0), (with_target - own).clamp_min(0)
+            known = (grams >= 0).all(-1)  # the context lies within the chunk
+            per_length.append(torch.stack([in_context * known, with_target * known], -1))
+        return torch.stack(per_length, 2).float()
+
+
+def reverse_complement_key(key, n_bases):
+    """The packed key of the reverse complement of the n_bases bases packed (2 bits a base, first base highest)."""
+    reverse = torch.zeros_like(key)
+    for _ in range(n_bases):
+        reverse = (reverse << 2) | (3 - (key & 3))
+        key = key >> 2
+    return reverse
+
+
+def retrieval_index(index, cfg, rt, warn=print):
+    """The RetrievalIndex of this data set's training chunks, on rt.device: loaded from checkpoint_dir when an index
+    of the same training chunks is cached there, else built by rank 0 (on its device) and cached."""
+    digest = training_chunks_digest(index)
+    path = os.path.join(cfg.checkpoint_dir, f"retrieval_index_{digest}.pt")
+    if rt.is_main and not os.path.exists(path):
+        t_start = time.time()
+        built = build_retrieval_index(index, cfg, rt.device, digest)
+        save_retrieval_index(built, path)
+        entries = sum(len(k) for k in built.keys)
+        warn(f"retrieval index: {entries:,} (context, next 6-mer) entries over {len(RETRIEVAL_CONTEXT_TOKENS)} context "
+             f"lengths, built in {time.time() - t_start:.0f} s, cached as {path} ({os.path.getsize(path) / 1e9:.2f} GB)")
+    if rt.distributed:
+        dist.barrier()  # the other ranks wait for rank 0's build
+    return load_retrieval_index(path, rt.device)
+
+
+def training_chunks_digest(index):
+    """A hash of what the index is built from: every training chunk's identity and length, and each file's size."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(repr((RETRIEVAL_CONTEXT_TOKENS, BASES_PER_TOKEN)).encode())
+    for chunk in sorted(index.train, key=lambda c: c.key):
+        h.update(repr((chunk.key, chunk.n_tokens)).encode())
+    for species in sorted(index.files):
+        for path, label in index.files[species]:
+            h.update(repr((label, os.path.getsize(path))).encode())
+    return h.hexdigest()
+
+
+def build_retrieval_index(index, cfg, device, digest):
+    """Read the training chunks once and count their (context, next 6-mer) strings on both strands."""
+    bases, lengths = [], []
+    for name in index.species:
+        wanted = {c.key for c in index.train if c.key[0] == name}
+        for path, label in index.files.get(name, []):
+            for chunk in chunk_file(path, name, label, cfg, wanted=wanted):
+                if chunk.tokens is not None:
+                    bases.append(token_bases(chunk.tokens))
+                    lengths.append(len(bases[-1]))
+    forward = torch.from_numpy(np.concatenate(bases)).to(device)
+    reverse = 3 - forward.flip(0)  # the other strand, read 5' to 3': the chunks in reverse order
+    keys, cumulative = [], []
+    for k in RETRIEVAL_CONTEXT_TOKENS:
+        n_bases = BASES_PER_TOKEN * (k + 1)
+        strands = [kmer_keys(forward, lengths, n_bases), kmer_keys(reverse, lengths[::-1], n_bases)]
+        unique, counts = merge_counts([torch.unique(s, sorted=True, return_counts=True) for s in strands])
+        keys.append(unique.cpu())
+        cumulative.append(torch.cat([counts.new_zeros(1), counts.cumsum(0)]).cpu())
+        del strands
+    return RetrievalIndex(keys, cumulative, digest)
+
+
+def token_bases(tokens):
+    """6-mer ids -> their bases as 2-bit codes (uint8 0..3), in order."""
+    shifts = 2 * np.arange(BASES_PER_TOKEN - 1, -1, -1)
+    return ((tokens.astype(np.int64)[:, None] >> shifts) & 3).astype(np.uint8).reshape(-1)
+
+
+def kmer_keys(bases, lengths, n_bases):
+    """The packed keys of every n_bases-long string of `bases` that lies within one of the pieces of `lengths`."""
+    n = len(bases) - n_bases + 1
+    key = torch.zeros(max(n, 0), dtype=torch.int64, device=bases.device)
+    for i in range(n_bases):
+        key = (key << 2) | bases[i:i + n]
+    ends = torch.tensor(np.cumsum(lengths), device=bases.device)
+    crossing = (ends[:, None] - torch.arange(n_bases - 1, 0, -1, device=bases.device)).flatten()  # last starts
+    keep = torch.ones(max(n, 0), dtype=torch.bool, device=bases.device)
+    keep[crossing[(crossing >= 0) & (crossing < n)]] = False
+    return key[keep]
+
+
+def merge_counts(parts):
+    """(unique keys, counts) pairs -> one sorted (unique keys, summed counts)."""
+    unique, inverse = torch.unique(torch.cat([u for u, _ in parts]), sorted=True, return_inverse=True)
+    counts = torch.zeros(len(unique), dtype=torch.int64, device=unique.device)
+    return unique, counts.index_add_(0, inverse, torch.cat([c for _, c in parts]))
+
+
+def save_retrieval_index(memory_index, path):
+    write_atomically(path, {"keys": memory_index.keys, "cumulative": memory_index.cumulative,
+                            "digest": memory_index.digest, "context_tokens": list(RETRIEVAL_CONTEXT_TOKENS)})
+
+
+def load_retrieval_index(path, device):
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if saved.get("context_tokens") != list(RETRIEVAL_CONTEXT_TOKENS):
+        raise ConfigError(f"{path}: a retrieval index of other context lengths ({saved.get('context_tokens')}); "
+                          f"delete it and it is rebuilt")
+    return RetrievalIndex(saved["keys"], saved["cumulative"], saved["digest"]).to(device)
 
 
 # ----------------------------------------------------------------------------- model
@@ -789,7 +957,7 @@ class BucketAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
-        if cfg.use_global_memory:
+        if cfg.global_memory == "buckets":
             self.memory_kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
             self.memory_gate = nn.Parameter(torch.zeros(cfg.n_heads))
 
@@ -837,7 +1005,16 @@ class Block(nn.Module):
 
 
 class PlantLM(nn.Module):
-    """Causal next-6-mer model: token + species embeddings, rotary local attention, a global bucket memory."""
+    """Causal next-6-mer model: token + species embeddings, rotary local attention, and a global memory.
+
+    global_memory = retrieval: the final distribution over the next 6-mer is the LM's, smoothed toward what the
+    training genomes say follows the same 12, 18 and 24 bases (RetrievalIndex counts, given to forward). With
+    retrieval_mixing = dirichlet, each context length in turn, shortest first, takes the estimate so far as the prior
+    of a Dirichlet over the next 6-mer: p <- (count(context, x) + a p(x)) / (count(context) + a), the concentration a
+    read from the final hidden state per position and context length. With gate, p <- (1 - g) p + g count(context,
+    x) / count(context) for the longest context that occurs, g a learned gate of the hidden state (as kNN-LM).
+    global_memory = buckets: the spec's memory, 4096 rows the attention reads in every layer (BucketAttention).
+    """
 
     def __init__(self, cfg, n_species, attention_kernel="sdpa"):
         super().__init__()
@@ -856,11 +1033,16 @@ class PlantLM(nn.Module):
         # the decayed count of those observations. Both are state, not parameters: saved, never trained.
         self.register_buffer("bucket_memory", torch.zeros(cfg.n_buckets, cfg.d_model))
         self.register_buffer("bucket_weight", torch.zeros(cfg.n_buckets))
+        if cfg.global_memory == "retrieval":  # per position, one value per context length (see mixed_nats)
+            self.retrieval_head = nn.Linear(cfg.d_model, len(RETRIEVAL_CONTEXT_TOKENS))
         self._block_masks = {}
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):  # GPT-2: residual projections scaled by depth
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        if cfg.global_memory == "retrieval":  # start from one pseudo-count per context (dirichlet), or g = 0.12 (gate)
+            nn.init.zeros_(self.retrieval_head.weight)
+            nn.init.constant_(self.retrieval_head.bias, 0.0 if cfg.retrieval_mixing == "dirichlet" else -2.0)
 
     @staticmethod
     def _init_weights(module):
@@ -881,21 +1063,51 @@ class PlantLM(nn.Module):
                 self._block_masks[key] = local_window_mask(index[:, None], index[None, :], window)
         return self._block_masks[key]
 
-    def forward(self, tokens, species, targets=None):
-        """Logits [B, T, V] (or the mean fp32 cross-entropy when targets are given) and the final hidden states."""
+    def forward(self, tokens, species, targets=None, retrieval=None, reduction="mean"):
+        """Logits [B, T, V] and the final hidden states; with targets, the fp32 cross-entropy in nats (the mean over
+        targets that are not -100, or per target with reduction='none') in place of the logits. `retrieval` is
+        RetrievalIndex.counts for the targets, required with global_memory = retrieval."""
         B, T = tokens.shape
         x = self.dropout(self.token_embedding(tokens) + self.species_embedding(species)[:, None, :])
         rotary = (self.rotary_cos[:T], self.rotary_sin[:T])
         mask = self.local_mask(T, tokens.device)
-        memory = self.memory_rows() if self.cfg.use_global_memory else None
+        memory = self.memory_rows() if self.cfg.global_memory == "buckets" else None
         for block in self.blocks:
             x = block(x, rotary, mask, memory)
         hidden = self.ln_final(x)
         logits = self.head(hidden)
         if targets is None:
             return logits, hidden.detach()
-        loss = F.cross_entropy(logits.float().view(-1, VOCAB_SIZE), targets.reshape(-1))
-        return loss, hidden.detach()
+        if self.cfg.global_memory == "retrieval":
+            nats = self.mixed_nats(logits, hidden, targets, retrieval)
+        else:
+            nats = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+        if reduction == "none":
+            return nats, hidden.detach()
+        return nats.sum() / (targets != -100).sum().clamp_min(1), hidden.detach()
+
+    def mixed_nats(self, logits, hidden, targets, retrieval):
+        """-log p(target) [B, T] of the LM's distribution smoothed by the retrieved counts (class docstring).
+
+        Only the target's probability is needed, so each step of the smoothing is a scalar per position: the
+        4096-way distribution is never built. Where a context never occurs, its step leaves p as it was."""
+        log_p = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+        values = self.retrieval_head(hidden).float()  # [B, T, context lengths]
+        in_context, with_target = retrieval.unbind(-1)
+        if self.cfg.retrieval_mixing == "dirichlet":
+            for i in range(values.shape[-1]):
+                log_p = torch.logaddexp(with_target[..., i].log(), values[..., i] + log_p) - \
+                    torch.logaddexp(in_context[..., i].log(), values[..., i])
+        else:
+            lengths = torch.arange(1, values.shape[-1] + 1, device=values.device)
+            longest = ((in_context > 0) * lengths).amax(-1, keepdim=True)  # 0 where no context occurs
+            pick = (longest - 1).clamp_min(0)
+            gate = values.gather(-1, pick).squeeze(-1)
+            frequency = with_target.gather(-1, pick).squeeze(-1).log() - \
+                in_context.gather(-1, pick).squeeze(-1).clamp_min(1).log()
+            mixed = torch.logaddexp(F.logsigmoid(-gate) + log_p, F.logsigmoid(gate) + frequency)
+            log_p = torch.where(longest.squeeze(-1) > 0, mixed, log_p)
+        return torch.where(targets != -100, -log_p, 0.0)
 
     def memory_rows(self):
         """The bucket memory as attention reads it: every row scaled to unit RMS (an empty row stays zero).
@@ -939,7 +1151,7 @@ class PlantLM(nn.Module):
         keys_per_query = sum(min(i + 1, W) for i in range(T)) / T
         per_token = L * (24 * d * d + 4 * keys_per_query * d) + 2 * d * VOCAB_SIZE
         per_forward = 0
-        if cfg.use_global_memory:
+        if cfg.global_memory == "buckets":
             per_token += L * 4 * cfg.n_buckets * d
             per_forward = L * 2 * cfg.n_buckets * d * 2 * d
         # the memory's key/value projection reads a buffer: its backward is the weight gradient only (1x, not 2x)
@@ -1038,6 +1250,8 @@ def start_run(cfg, rt, log, build_model):
     total_steps = per_epoch * cfg.n_epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.n_epochs)
     run = Run(cfg, rt, log, index, build_learner(cfg, rt, len(index.species), build_model), val_tokens, val_species,
               per_epoch, total_steps)
+    if cfg.global_memory == "retrieval":
+        run.learner.memory_index = retrieval_index(index, cfg, rt, warn)
     if rt.is_main:
         for leftover in remove_stale_temporaries(cfg.checkpoint_dir):
             warn(f"removed {leftover}: the temporary file of a save that was interrupted")
@@ -1117,6 +1331,7 @@ class Learner:
     scaler: torch.amp.GradScaler
     autocast_dtype: torch.dtype
     fixed_scale: float  # None with fp16 (the loss scale moves); 1.0 otherwise
+    memory_index: "RetrievalIndex" = None  # with global_memory = retrieval
     # Bad-step accounting on the device, so that no step waits for the host: the current and the longest run of
     # consecutive non-finite steps, and the count of skipped steps.
     consecutive_bad: torch.Tensor = None
@@ -1148,7 +1363,7 @@ def build_learner(cfg, rt, n_species, build_model=None):
     zero = lambda: torch.zeros((), device=rt.device)  # noqa: E731
     return Learner(cfg, rt, model, compiled, wrap_ddp(compiled, rt.device) if rt.distributed else compiled, kernel,
                    build_optimizer(model, cfg, rt.device), scaler, autocast_dtype, None if use_scaler else 1.0,
-                   zero(), zero(), zero())
+                   consecutive_bad=zero(), worst_streak=zero(), skipped_steps=zero())
 
 
 def train_step(learner, step_tokens, step_species, lr):
@@ -1163,15 +1378,18 @@ def train_step(learner, step_tokens, step_species, lr):
     step_loss = torch.zeros((), device=rt.device)
     observations = None
     for micro in range(cfg.accumulation_steps):
-        inputs, targets = step_tokens[micro, :, :-1], step_tokens[micro, :, 1:]
+        windows = step_tokens[micro]
+        inputs, targets = windows[:, cfg.prefix_tokens:-1], windows[:, cfg.prefix_tokens + 1:]
+        memory = {} if learner.memory_index is None else {  # leave-one-out: a window never retrieves itself
+            "retrieval": learner.memory_index.counts(windows, cfg.prefix_tokens, exclude_self=True)}
         syncs_gradients = micro == cfg.accumulation_steps - 1
         # gradients are all-reduced only on the last micro-batch; no_sync must wrap the forward too
         with learner.wrapped.no_sync() if rt.distributed and not syncs_gradients else contextlib.nullcontext():
             with learner.autocast():
-                loss, hidden = learner.wrapped(inputs, step_species[micro], targets)
+                loss, hidden = learner.wrapped(inputs, step_species[micro], targets, **memory)
             learner.scaler.scale(loss / cfg.accumulation_steps).backward()
         step_loss += loss.detach() / cfg.accumulation_steps
-        if cfg.use_global_memory:
+        if cfg.global_memory == "buckets":
             seen = model.bucket_observations(inputs, hidden)
             observations = seen if observations is None else observations.add_(seen)
     # the memory's all-reduce runs on NCCL's stream while the optimizer steps on the compute stream
@@ -1262,7 +1480,8 @@ def validate(run):
     if not len(run.val_tokens):
         return
     learner = run.learner
-    run.val_loss = evaluate(learner.compiled, run.val_tokens, run.val_species, run.cfg, run.rt, learner.autocast_dtype)
+    run.val_loss = evaluate(learner.compiled, run.val_tokens, run.val_species, run.cfg, run.rt, learner.autocast_dtype,
+                            learner.memory_index)
     improved = run.val_loss < run.best_val  # the same on every rank: the loss is all-reduced
     run.best_val = min(run.best_val, run.val_loss)
     to_bits = NATS_PER_TOKEN_TO_BITS_PER_BASE
@@ -1299,7 +1518,8 @@ def save_run(run, name, epoch=None):
             "scaler_state_dict": learner.scaler.state_dict(),
             "epoch": (run.step - 1) // run.per_epoch if epoch is None else epoch, "step": run.step,
             "config": dataclasses.asdict(run.cfg), "species": run.index.species, "steps_per_epoch": run.per_epoch,
-            "world_size": rt.world_size, "best_val_loss": run.best_val, "rng_states": all_states}
+            "world_size": rt.world_size, "best_val_loss": run.best_val, "rng_states": all_states,
+            "retrieval_index": learner.memory_index and learner.memory_index.digest}
         try:
             save_checkpoint(path, payload)
         except OSError as e:  # a full disk, say: the run cannot keep its work, so it stops, saying what is kept
@@ -1333,12 +1553,12 @@ def epoch_bar_span(step, per_epoch, total_steps):
 
 
 @torch.no_grad()
-def evaluate(model, tokens, species, cfg, rt, autocast_dtype):
+def evaluate(model, tokens, species, cfg, rt, autocast_dtype, memory_index=None):
     """Mean loss (nats/token) over the fixed validation windows; every rank scores its share, then all-reduce.
 
     `model` is the bare (or compiled) module, not the DDP wrapper, so a rank with fewer rows joins no collective
     but the final sum. Batches keep the training micro-batch shape, so compiled graphs are reused; padding rows
-    are ignored through the -100 target.
+    are ignored through the -100 target. Validation chunks are not in the memory index: nothing is left out.
     """
     was_training = model.training
     model.eval()
@@ -1349,10 +1569,12 @@ def evaluate(model, tokens, species, cfg, rt, autocast_dtype):
         valid = len(rows)
         rows = torch.cat([rows, rows[:1].expand(cfg.batch_size - valid)])
         batch = tokens[rows].to(rt.device)
-        targets = batch[:, 1:].clone()
+        targets = batch[:, cfg.prefix_tokens + 1:].clone()
         targets[valid:] = -100
+        memory = {} if memory_index is None else {
+            "retrieval": memory_index.counts(batch, cfg.prefix_tokens, exclude_self=False)}
         with torch.autocast(rt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss, _ = model(batch[:, :-1], species[rows].to(rt.device), targets)
+            loss, _ = model(batch[:, cfg.prefix_tokens:-1], species[rows].to(rt.device), targets, **memory)
         n_targets = valid * cfg.context_size
         total += torch.stack([loss.double() * n_targets, torch.full((), n_targets, device=rt.device).double()])
     if rt.distributed:
@@ -1469,11 +1691,16 @@ def data_summary(index, cfg):
 # ----------------------------------------------------------------------------- training: checkpoint files
 
 def save_checkpoint(path, payload):
-    """Write to a temporary file in the same directory, fsync, then rename: a checkpoint exists only when whole."""
-    folder = os.path.dirname(path) or "."
+    """A checkpoint of finite weights, written atomically (write_atomically): it exists only when whole."""
     for name, tensor in payload["model_state_dict"].items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise TrainingStopped(f"refusing to write {path}: {name} holds non-finite values")
+    write_atomically(path, payload)
+
+
+def write_atomically(path, payload):
+    """torch.save to a temporary file in the same directory, fsync, rename: the file exists only when whole."""
+    folder = os.path.dirname(path) or "."
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(folder, exist_ok=True)
@@ -1588,6 +1815,15 @@ def resume_path(cfg, warn=print):
     return None if cfg.resume == "none" else cfg.resume
 
 
+def checkpoint_config(saved):
+    """The Config a checkpoint was written with: a field it predates had its default value then."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in saved.items() if k in names}
+    if "use_global_memory" in saved and "global_memory" not in saved:  # the boolean before retrieval existed
+        values["global_memory"] = "buckets" if saved["use_global_memory"] else "none"
+    return Config(**values)
+
+
 def check_compatible(saved_config, cfg, saved_species, species, path, warn=print):
     """May this run continue the run saved at `path`? Raises ConfigError, listing each differing field, unless so.
 
@@ -1597,11 +1833,11 @@ def check_compatible(saved_config, cfg, saved_species, species, path, warn=print
     old run, silently, under a reshaped schedule. Runtime fields may differ; each difference is reported.
     species=None leaves the species to a later check (run.sh's pre-check runs before the genomes are scanned).
     """
-    defaults = Config()  # a field the checkpoint predates had its default value then
+    saved_cfg = checkpoint_config(saved_config)
 
     def differences(kind):
         return [f"{name}: checkpoint {saved!r} vs now {now!r}" for name in fields_of_kind(kind)
-                if (saved := saved_config.get(name, getattr(defaults, name))) != (now := getattr(cfg, name))]
+                if (saved := getattr(saved_cfg, name)) != (now := getattr(cfg, name))]
 
     fixed = differences("architecture") + differences("split")
     if species is not None and saved_species != species:
@@ -1824,8 +2060,9 @@ def scored_targets(n_tokens, context_size, stride):
 
 
 @torch.no_grad()
-def evaluate_fasta(model, cfg, paths, species_id, device, batch_size=64, progress=True):
-    """Per-record and per-file loss of a FASTA file, with the checkpoint's frozen bucket memory."""
+def evaluate_fasta(model, cfg, paths, species_id, device, batch_size=64, progress=True, memory_index=None):
+    """Per-record and per-file loss of a FASTA file, with the checkpoint's global memory: its frozen bucket memory,
+    or the retrieval index of its training chunks (memory_index)."""
     from tqdm import tqdm
     model.eval()
     autocast_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
@@ -1838,9 +2075,11 @@ def evaluate_fasta(model, cfg, paths, species_id, device, batch_size=64, progres
             rows = torch.from_numpy(np.stack([w for w, _, _ in pending]).astype(np.int64)).to(device)
             masks = torch.from_numpy(np.stack([m for _, m, _ in pending])).to(device)
             species = torch.full((len(rows),), species_id, device=device)
+            prefix = cfg.prefix_tokens
+            memory = {} if memory_index is None else {
+                "retrieval": memory_index.counts(rows, prefix, exclude_self=False)}
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits, _ = model(rows[:, :-1], species)
-            nats = F.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")
+                nats, _ = model(rows[:, prefix:-1], species, rows[:, prefix + 1:], reduction="none", **memory)
             nats = (nats * masks).sum(1).double().cpu().numpy()
             for (_, mask, record), value in zip(pending, nats):
                 entry = totals.setdefault(record, [0.0, 0])
@@ -1852,7 +2091,7 @@ def evaluate_fasta(model, cfg, paths, species_id, device, batch_size=64, progres
         bar = tqdm(desc=os.path.basename(path), unit=" windows", disable=not progress)
         for chunk in chunk_file(path, "eval", path, cfg, stats=stats):
             for start, mask in scored_targets(chunk.n_tokens, cfg.context_size, cfg.window_stride):
-                pending.append((chunk.tokens[start:start + cfg.context_size + 1], mask,
+                pending.append((window_tokens(chunk.tokens, [start], cfg)[0], mask,
                                 (chunk.key[2], chunk.record_id)))
                 if len(pending) == batch_size:
                     flush()
@@ -1890,8 +2129,7 @@ def eval_main(argv):
     parser.add_argument("fasta", nargs="+")
     args = parser.parse_args(argv)
     ckpt = load_checkpoint(args.checkpoint)
-    known = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(Config)}}
-    cfg = Config(**known)
+    cfg = checkpoint_config(ckpt["config"])
     species = ckpt["species"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = PlantLM(cfg, len(species))
@@ -1904,12 +2142,22 @@ def eval_main(argv):
         species_id = species.index(args.species)
     else:
         raise ConfigError(f"species {args.species!r} is unknown to {args.checkpoint}; known species: "
-                         f"{', '.join(species)} (or 'average' for the mean species embedding)")
+                          f"{', '.join(species)} (or 'average' for the mean species embedding)")
+    memory_index = None
+    if cfg.global_memory == "retrieval":  # the index of the checkpoint's own training chunks, cached beside it
+        path = os.path.join(os.path.dirname(args.checkpoint) or ".", f"retrieval_index_{ckpt['retrieval_index']}.pt")
+        if not os.path.exists(path):
+            raise ConfigError(f"{args.checkpoint} reads the retrieval index {path}, which is missing; it is rebuilt "
+                              f"by a training run on the same data with --checkpoint_dir set to that folder")
+        memory_index = load_retrieval_index(path, device)
+        print(f"memory: retrieval index {ckpt['retrieval_index']} ({path}), the training chunks of "
+              f"{', '.join(species)}", file=sys.stderr)
     for path in args.fasta:
         if not os.path.isfile(path):
             raise DataError(f"{path}: " + ("a directory; give the FASTA files in it" if os.path.isdir(path) else
                                            "no such file"))
-    results = evaluate_fasta(model.to(device), cfg, args.fasta, species_id, device, args.batch_size)
+    results = evaluate_fasta(model.to(device), cfg, args.fasta, species_id, device, args.batch_size,
+                             memory_index=memory_index)
     print(f"{'file / record':60s} {'tokens':>12s} {'nats/token':>11s} {'bits/base':>10s}")
     for result in results:
         for record, r in result["records"].items():

@@ -4,7 +4,6 @@ Benchmark-only dependency: transformers (not in requirements.txt). Run it throug
 through exactly the same data pipeline, optimizer, schedule and loop as Plant LM.
 """
 
-import math
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,8 +17,8 @@ class GPT2Baseline(nn.Module):
     def __init__(self, cfg, n_species, attention_kernel=None):
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
-        if cfg.use_global_memory:
-            raise ValueError("the GPT-2 baseline has no bucket memory: run it with --use_global_memory=false")
+        if cfg.global_memory != "none":
+            raise ValueError("the GPT-2 baseline has no global memory: run it with --global_memory=none")
         self.cfg = cfg
         self.gpt2 = GPT2LMHeadModel(GPT2Config(
             vocab_size=plm.VOCAB_SIZE, n_positions=cfg.context_size, n_embd=cfg.d_model, n_layer=cfg.n_layers,

@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes, at a given batch: kernels grouped into attention, matmuls, loss,
 optimizer, bucket-memory update and the rest, from torch.profiler.
 
-    python bench/profile_step.py --batch_size=4096 [--use_global_memory=false ...]  -> bench/results/profile_*.json
+    python bench/profile_step.py --batch_size=4096 [--global_memory=retrieval|buckets|none ...]  -> bench/results/profile_*.json
 Synthetic tokens (the data pipeline is measured separately, as data_wait in the throughput runs); the step is
 plant_lm_train.train_step itself: compiled forward/backward over the accumulation micro-batches, clip, fused AdamW,
 memory observations and update. Figures are per optimizer step (batch_size x accumulation_steps windows).
@@ -59,7 +59,7 @@ def main():
     kernel_total = sum(totals.values())
     flops = model.flops_per_step(cfg.batch_size * cfg.accumulation_steps * cfg.context_size, cfg.accumulation_steps)
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join(sys.argv), "batch_size": cfg.batch_size, "use_global_memory": cfg.use_global_memory,
+              "command": " ".join(sys.argv), "batch_size": cfg.batch_size, "global_memory": cfg.global_memory,
               "seconds_per_step_mean_of_10": seconds_per_step,
               "accumulation_steps": cfg.accumulation_steps,
               "tokens_per_s": cfg.batch_size * cfg.accumulation_steps * cfg.context_size / seconds_per_step,
@@ -68,7 +68,7 @@ def main():
               "share": {k: v / kernel_total for k, v in totals.items()},
               "top_kernels_ms": [(k, us / 1000) for k, us in sorted(kernels, key=lambda x: -x[1])[:25]]}
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    name = f"profile_b{cfg.batch_size}{'' if cfg.use_global_memory else '_nomem'}.json"
+    name = f"profile_b{cfg.batch_size}_{cfg.global_memory}.json"
     with open(os.path.join(os.path.dirname(__file__), "results", name), "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps({k: v for k, v in result.items() if k != "top_kernels_ms"}, indent=1))

@@ -42,11 +42,11 @@ def fill_memory(model, seed=1):
 
 
 def make_model(cfg=None, n_species=3, seed=0, memory=True, kernel="sdpa"):
-    """A tiny PlantLM in eval mode; with memory=True (and cfg.use_global_memory) its memory path is live."""
+    """A tiny PlantLM in eval mode; with memory=True (and global_memory = buckets) its memory path is live."""
     cfg = cfg or tiny_config(**TWO_LAYERS)
     torch.manual_seed(seed)
     model = plm.PlantLM(cfg, n_species, attention_kernel=kernel).eval()
-    if memory and cfg.use_global_memory:
+    if memory and cfg.global_memory == "buckets":
         fill_memory(model, seed + 1)
     return model
 
@@ -114,7 +114,7 @@ def test_local_window_mask_gives_query_i_keys_i_minus_w_plus_1_to_i(window):
 @pytest.mark.parametrize("window", [1, 4, 16])
 def test_attention_output_at_t_depends_exactly_on_inputs_t_minus_w_plus_1_to_t(kernel, use_memory, window):
     """One BucketAttention layer: output t moves when input j changes iff t - (W - 1) <= j <= t."""
-    cfg = tiny_config(**TWO_LAYERS, local_attn_window=window, use_global_memory=use_memory)
+    cfg = tiny_config(**TWO_LAYERS, local_attn_window=window, global_memory="buckets" if use_memory else "none")
     model = make_model(cfg, kernel=kernel)
     attn, T = model.blocks[0].attn, cfg.context_size
     rotary = (model.rotary_cos[:T], model.rotary_sin[:T])
@@ -179,7 +179,7 @@ def test_whole_model_receptive_field_is_n_layers_times_window_minus_one():
 @pytest.mark.parametrize("use_memory", [False, True], ids=["local-only", "with-memory"])
 @pytest.mark.parametrize("length", [16, 11])
 def test_flex_and_sdpa_kernels_give_the_same_logits(use_memory, length):
-    cfg = tiny_config(**TWO_LAYERS, use_global_memory=use_memory)
+    cfg = tiny_config(**TWO_LAYERS, global_memory="buckets" if use_memory else "none")
     sdpa = make_model(cfg, kernel="sdpa")
     flex = plm.PlantLM(cfg, 3, attention_kernel="flex").eval()
     flex.load_state_dict(sdpa.state_dict())
@@ -380,7 +380,7 @@ def test_memory_is_in_the_state_dict_and_round_trips_through_a_checkpoint(tmp_pa
 
 
 def test_without_global_memory_there_are_no_memory_parameters_and_the_memory_is_ignored():
-    cfg = tiny_config(**TWO_LAYERS, use_global_memory=False)
+    cfg = tiny_config(**TWO_LAYERS, global_memory="none")
     model = make_model(cfg)
     names = [name for name, _ in model.named_parameters()]
     assert not [n for n in names if "memory" in n], names
@@ -483,7 +483,7 @@ def hand_flops(n_tokens, forwards, use_memory):
 
 @pytest.mark.parametrize("use_memory", [False, True], ids=["local-only", "with-memory"])
 def test_flops_per_step_matches_hand_count(use_memory):
-    model = plm.PlantLM(tiny_config(**TWO_LAYERS, use_global_memory=use_memory), 3)
+    model = plm.PlantLM(tiny_config(**TWO_LAYERS, global_memory="buckets" if use_memory else "none"), 3)
     n_tokens, forwards = 8 * 4 * 16, 4
     assert model.flops_per_step(n_tokens, forwards) == pytest.approx(hand_flops(n_tokens, forwards, use_memory),
                                                                      rel=1e-9)
@@ -493,7 +493,7 @@ def test_flops_per_step_matches_hand_count(use_memory):
 def test_flops_per_step_matmul_part_matches_flop_counter_of_a_training_step(use_memory):
     """torch's FlopCounterMode counts the matmuls of a real forward + backward (not CPU SDPA): they must equal
     flops_per_step minus its attention terms."""
-    cfg = tiny_config(**TWO_LAYERS, use_global_memory=use_memory)
+    cfg = tiny_config(**TWO_LAYERS, global_memory="buckets" if use_memory else "none")
     model = make_model(cfg).train()
     tokens, species = random_batch(cfg, batch=2)
     counter = FlopCounterMode(display=False)

@@ -36,7 +36,7 @@ def genome_dir(tmp_path_factory):
 
 
 def train_args(data_dir, *extra):
-    return [f"--data_dir={data_dir}", *TINY_ARGS, "--species_distribution=s:1", "--use_global_memory=false", *extra]
+    return [f"--data_dir={data_dir}", *TINY_ARGS, "--species_distribution=s:1", "--global_memory=none", *extra]
 
 
 def error_lines(stderr):
@@ -124,7 +124,7 @@ def test_check_compatible_lists_every_differing_field():
 
 
 def test_train_resume_from_another_d_model_names_the_field_and_exits_2(genome_dir, tmp_path):
-    cfg48 = tiny_config(d_model=48, data_dir=genome_dir, use_global_memory=False)
+    cfg48 = tiny_config(d_model=48, data_dir=genome_dir, global_memory="none")
     path = str(tmp_path / "d48.pt")
     plm.save_checkpoint(path, tiny_payload(cfg48))
     proc = run_train(train_args(genome_dir, "--max_steps=1", f"--log_dir={tmp_path / 'logs'}",
@@ -138,7 +138,7 @@ def test_train_resume_from_another_d_model_names_the_field_and_exits_2(genome_di
 def test_run_sh_reports_a_mismatched_checkpoint_once_before_torchrun(genome_dir, tmp_path):
     """A changed model size is the commonest resume error; from the ranks, every torchrun restart repeated it (and
     on gloo a restart after it could hang)."""
-    cfg48 = tiny_config(d_model=48, data_dir=genome_dir, use_global_memory=False)
+    cfg48 = tiny_config(d_model=48, data_dir=genome_dir, global_memory="none")
     ckpt_dir = tmp_path / "ckpt"
     plm.save_checkpoint(str(ckpt_dir / "model_latest.pt"), tiny_payload(cfg48))
     proc = run_sh(train_args(genome_dir, f"--checkpoint_dir={ckpt_dir}", f"--log_dir={tmp_path / 'logs'}"), tmp_path,
@@ -159,7 +159,7 @@ def test_resume_refuses_a_changed_validation_split(field, value):
 def test_resume_none_on_the_command_line_beats_resume_auto_in_the_environment(genome_dir, tmp_path):
     """The incompatibility message advises --resume=none: with RESUME=auto exported (as a launcher script might),
     the flag on the command line must still win, or the advice fails again on the same checkpoint."""
-    cfg48 = tiny_config(d_model=48, data_dir=genome_dir, use_global_memory=False)
+    cfg48 = tiny_config(d_model=48, data_dir=genome_dir, global_memory="none")
     ckpt_dir = tmp_path / "ckpt"
     plm.save_checkpoint(str(ckpt_dir / "model_latest.pt"), tiny_payload(cfg48))
     proc = run_train(train_args(genome_dir, "--max_steps=1", "--resume=none", f"--log_dir={tmp_path / 'logs'}",

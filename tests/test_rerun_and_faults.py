@@ -28,7 +28,7 @@ def genome_dir(tmp_path_factory):
 
 
 def args(data_dir, tmp_path, *extra):
-    return [f"--data_dir={data_dir}", *TINY_ARGS, "--species_distribution=s:1", "--use_global_memory=false",
+    return [f"--data_dir={data_dir}", *TINY_ARGS, "--species_distribution=s:1", "--global_memory=none",
             f"--checkpoint_dir={tmp_path / 'ckpt'}", f"--log_dir={tmp_path / 'logs'}", *extra]
 
 
@@ -36,7 +36,8 @@ def args(data_dir, tmp_path, *extra):
 
 def test_config_fields_carry_their_kind_as_metadata():
     assert set(plm.fields_of_kind("architecture")) == {"d_model", "n_layers", "n_heads", "context_size",
-                                                      "local_attn_window", "n_buckets", "use_global_memory"}
+                                                      "local_attn_window", "n_buckets", "global_memory",
+                                                      "retrieval_mixing"}
     assert set(plm.fields_of_kind("split")) == {"chunk_size", "val_fraction"}
     assert {"log_every", "eval_every", "max_minutes", "num_workers"} <= set(plm.fields_of_kind("runtime"))
     assert {"learning_rate", "n_epochs", "batch_size", "max_steps"} <= set(plm.fields_of_kind(None))

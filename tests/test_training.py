@@ -329,7 +329,7 @@ def test_parse_overrides_rejects_malformed_arguments(arg):
 @pytest.mark.parametrize("text, value", [("true", True), ("True", True), ("1", True), ("yes", True),
                                          ("false", False), ("FALSE", False), ("0", False), ("no", False)])
 def test_parse_overrides_parses_bools(text, value):
-    assert plm.parse_overrides([f"--use_global_memory={text}"]) == {"use_global_memory": value}
+    assert plm.parse_overrides([f"--compile={text}"]) == {"compile": value}
 
 
 def test_parse_overrides_types_follow_the_fields():
@@ -408,7 +408,7 @@ def test_an_offline_wandb_run_writes_the_api_key_nowhere(data_dir, tmp_path):
     netrc = home / ".netrc"
     netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {NETRC_KEY}\n")
     netrc.chmod(0o600)
-    proc = run_train(base_args(data_dir, "--max_steps=2", "--use_global_memory=false"), cwd=run_dir,
+    proc = run_train(base_args(data_dir, "--max_steps=2", "--global_memory=none"), cwd=run_dir,
                      env=train_env(WANDB_MODE="offline", WANDB_API_KEY=WANDB_KEY, HOME=home))
     assert proc.returncode == 0, describe(proc)
 
@@ -439,7 +439,7 @@ def test_wandb_online_without_credentials_falls_back_to_offline_without_blocking
     env = train_env(WANDB_MODE="online", HOME=home)
     env.pop("WANDB_SILENT")
     assert "WANDB_API_KEY" not in env
-    proc = run_train(base_args(data_dir, "--max_steps=2", "--use_global_memory=false"), cwd=tmp_path, env=env,
+    proc = run_train(base_args(data_dir, "--max_steps=2", "--global_memory=none"), cwd=tmp_path, env=env,
                      timeout=200)  # stdin is /dev/null: a login prompt would fail, not hang
     assert proc.returncode == 0, describe(proc)
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if re.search("wandb", line, re.I)
@@ -462,7 +462,7 @@ def test_the_progress_bar_counts_to_the_end_of_the_epoch_or_of_the_run(step, per
 
 
 def test_run_sh_trains_on_the_cpu_with_two_processes(data_dir, tmp_path):
-    proc = run_sh([*TINY_ARGS, SPECIES_ARG, "--max_steps=2", "--use_global_memory=false",
+    proc = run_sh([*TINY_ARGS, SPECIES_ARG, "--max_steps=2", "--global_memory=none",
                    f"--checkpoint_dir={tmp_path / 'ckpt'}", f"--log_dir={tmp_path / 'logs'}"], tmp_path,
                   WORLD_SIZE=2, DATA_DIR=data_dir)
     assert proc.returncode == 0, describe(proc)
