@@ -1,0 +1,288 @@
+"""The retrieval memory (global_memory = retrieval): the index counts what a brute-force count finds, a training
+window never retrieves itself, the cache follows the training split, the mixture is the formula it claims, and
+every global_memory value trains, resumes and evaluates.
+"""
+
+import collections
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import plant_lm_train as plm
+from _helpers import TINY_ARGS, describe, random_dna, read_jsonl, run_train, tiny_config, write_fasta
+
+COMPLEMENT = str.maketrans("ACGT", "TGCA")
+
+
+def reverse_complement(seq):
+    return seq.translate(COMPLEMENT)[::-1]
+
+
+def retrieval_config(data_dir, tmp_path, **overrides):
+    return tiny_config(data_dir=data_dir, global_memory="retrieval", checkpoint_dir=str(tmp_path / "ckpt"),
+                       **overrides)
+
+
+@pytest.fixture(scope="module")
+def repeats_dir(tmp_path_factory):
+    """Two species of random DNA that share planted copies of two 60-base segments (one also reverse-complemented)
+    and hold one 30-base palindrome: counts of 1, 2 and more, on both strands."""
+    rng = np.random.default_rng(5)
+    shared, other = random_dna(60, rng), random_dna(60, rng)
+    half = random_dna(15, rng)
+    palindrome = half + reverse_complement(half)
+    a = random_dna(1500, rng) + shared + random_dna(900, rng) + palindrome + random_dna(1200, rng) + other
+    b = random_dna(800, rng) + reverse_complement(shared) + random_dna(1400, rng) + shared + random_dna(1000, rng)
+    root = tmp_path_factory.mktemp("repeats") / "data"
+    write_fasta(root / "a" / "a.fa", [("a1", a + random_dna(1200, rng))])
+    write_fasta(root / "b" / "b.fa", [("b1", b + other + random_dna(1100, rng))])
+    return str(root)
+
+
+def training_sequences(index, cfg):
+    """The bases of every training chunk, as str."""
+    seqs = []
+    for name in index.species:
+        wanted = {c.key for c in index.train if c.key[0] == name}
+        for path, label in index.files[name]:
+            for chunk in plm.chunk_file(path, name, label, cfg, wanted=wanted):
+                if chunk.tokens is not None:
+                    seqs.append(plm.detokenize(chunk.tokens))
+    return seqs
+
+
+def brute_force_counts(seqs, n_bases):
+    counts = collections.Counter()
+    for seq in seqs:
+        for strand in (seq, reverse_complement(seq)):
+            counts.update(strand[i:i + n_bases] for i in range(len(strand) - n_bases + 1))
+    return counts
+
+
+def all_windows(index, cfg, chunks):
+    """Every window (with its prefix) of the given chunks, as one int64 tensor."""
+    rows = []
+    for name in index.species:
+        wanted = {c.key for c in chunks if c.key[0] == name}
+        for path, label in index.files[name]:
+            for chunk in plm.chunk_file(path, name, label, cfg, wanted=wanted):
+                if chunk.tokens is not None:
+                    starts = plm.window_starts(chunk.n_tokens, cfg.context_size, cfg.window_stride)
+                    rows.append(plm.window_tokens(chunk.tokens, starts, cfg))
+    return torch.from_numpy(np.concatenate(rows).astype(np.int64))
+
+
+def test_index_counts_agree_with_a_brute_force_count_on_both_strands_and_every_offset(repeats_dir, tmp_path):
+    cfg = retrieval_config(repeats_dir, tmp_path)
+    index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
+    memory = plm.build_retrieval_index(index, cfg, torch.device("cpu"), "test")
+    seqs = training_sequences(index, cfg)
+    windows = all_windows(index, cfg, index.train + index.val)
+    counts = memory.counts(windows, cfg.prefix_tokens, exclude_self=False)
+    assert counts.shape == (len(windows), cfg.context_size, len(plm.RETRIEVAL_CONTEXT_TOKENS), 2)
+    checked = collections.Counter()
+    for o, k in enumerate(plm.RETRIEVAL_CONTEXT_TOKENS):
+        truth = brute_force_counts(seqs, 6 * (k + 1))
+        by_context = collections.Counter()
+        for key, n in truth.items():
+            by_context[key[:-6]] += n
+        for w, row in enumerate(windows.tolist()):
+            for t in range(cfg.context_size):
+                target = cfg.prefix_tokens + 1 + t
+                if min(row[target - k:target + 1]) < 0:  # the context reaches before the chunk
+                    assert counts[w, t, o].tolist() == [0, 0]
+                    continue
+                context = plm.detokenize(row[target - k:target])
+                expected = [by_context[context], truth[context + plm.detokenize(row[target:target + 1])]]
+                assert counts[w, t, o].tolist() == expected, (k, w, t)
+                checked[(k, min(expected[1], 3))] += 1
+    for k in plm.RETRIEVAL_CONTEXT_TOKENS:  # the planted copies give targets seen 2 and 3+ times at every length
+        assert checked[(k, 2)] > 0 and checked[(k, 3)] > 0, checked
+
+
+def test_a_training_window_never_retrieves_its_own_target(repeats_dir, tmp_path):
+    cfg = retrieval_config(repeats_dir, tmp_path)
+    index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
+    memory = plm.build_retrieval_index(index, cfg, torch.device("cpu"), "test")
+    windows = all_windows(index, cfg, index.train)
+    kept = memory.counts(windows, cfg.prefix_tokens, exclude_self=False)
+    left_out = memory.counts(windows, cfg.prefix_tokens, exclude_self=True)
+    known = kept[..., 0] > 0
+    # every training target is in the index, once, or twice where its string is its own reverse complement
+    own = kept - left_out
+    assert torch.equal(own[..., 0][known], own[..., 1][known])
+    assert set(own[..., 1][known].unique().tolist()) == {1.0, 2.0}
+    assert (kept[..., 1][known] >= own[..., 1][known]).all()
+    # in unique random sequence the longest contexts are seen only at their own place: nothing is left
+    longest = left_out[:, :, -1, 1]
+    copies = kept[:, :, -1, 1] > own[:, :, -1, 1]
+    assert (longest[~copies] == 0).all() and (longest[copies] >= 1).all() and copies.any()
+
+
+def test_validation_windows_are_not_in_the_index(repeats_dir, tmp_path):
+    cfg = retrieval_config(repeats_dir, tmp_path, val_fraction=0.2)
+    index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
+    memory = plm.build_retrieval_index(index, cfg, torch.device("cpu"), "test")
+    train_strings = brute_force_counts(training_sequences(index, cfg), 30)
+    windows = all_windows(index, cfg, index.val)
+    counts = memory.counts(windows, cfg.prefix_tokens, exclude_self=False)
+    for w, row in enumerate(windows.tolist()):
+        for t in range(cfg.context_size):
+            target = cfg.prefix_tokens + 1 + t
+            if min(row[target - 4:target + 1]) >= 0:
+                string = plm.detokenize(row[target - 4:target + 1])
+                assert counts[w, t, -1, 1].item() == train_strings[string]  # 0 unless a training chunk holds it
+
+
+def test_the_index_cache_follows_the_training_split_and_the_files(repeats_dir, tmp_path, monkeypatch):
+    cfg = retrieval_config(repeats_dir, tmp_path)
+    rt = plm.Runtime(0, 0, 1, torch.device("cpu"))
+    index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
+    first = plm.retrieval_index(index, cfg, rt, warn=lambda m: None)
+    cached = tmp_path / "ckpt" / f"retrieval_index_{first.digest}.pt"
+    assert cached.exists()
+
+    def no_build(*args):
+        raise AssertionError("rebuilt an index that is cached")
+    monkeypatch.setattr(plm, "build_retrieval_index", no_build)
+    again = plm.retrieval_index(index, cfg, rt, warn=lambda m: None)
+    assert again.digest == first.digest and all(torch.equal(a, b) for a, b in zip(again.keys, first.keys))
+    monkeypatch.undo()
+    other_split = retrieval_config(repeats_dir, tmp_path, val_fraction=0.3)
+    other_index = plm.scan_genomes(other_split, warn=lambda m: None, progress=False)
+    assert {c.key for c in other_index.train} != {c.key for c in index.train}
+    rebuilt = plm.retrieval_index(other_index, other_split, rt, warn=lambda m: None)
+    assert rebuilt.digest != first.digest
+    assert (tmp_path / "ckpt" / f"retrieval_index_{rebuilt.digest}.pt").exists()
+    assert sum(len(k) for k in rebuilt.keys) < sum(len(k) for k in first.keys)  # fewer training chunks
+
+
+def test_a_changed_genome_file_changes_the_index_digest(tmp_path):
+    root = tmp_path / "data"
+    write_fasta(root / "s" / "s.fa", [("s1", random_dna(3000, 1))])
+    cfg = retrieval_config(root, tmp_path)
+    before = plm.training_chunks_digest(plm.scan_genomes(cfg, warn=lambda m: None, progress=False))
+    write_fasta(root / "s" / "s.fa", [("s1", random_dna(3000, 2)), ("s2", "A")])
+    after = plm.training_chunks_digest(plm.scan_genomes(cfg, warn=lambda m: None, progress=False))
+    assert before != after
+
+
+# ----------------------------------------------------------------------------- the mixture
+
+def mixture_case(mixing, seed=0):
+    cfg = tiny_config(global_memory="retrieval", retrieval_mixing=mixing, dropout=0.0)
+    torch.manual_seed(seed)
+    model = plm.PlantLM(cfg, 2).eval()
+    with torch.no_grad():
+        model.retrieval_head.weight.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, plm.VOCAB_SIZE, (3, cfg.context_size + 1), generator=g)
+    species = torch.tensor([0, 1, 0])
+    n = torch.randint(0, 6, (3, cfg.context_size, 3), generator=g).float()
+    c = torch.minimum(torch.randint(0, 4, n.shape, generator=g).float(), n)
+    return cfg, model, tokens, species, torch.stack([n, c], -1)
+
+
+@pytest.mark.parametrize("mixing", ["dirichlet", "gate"])
+def test_with_no_context_found_the_mixture_is_the_plain_model(mixing):
+    cfg, model, tokens, species, _ = mixture_case(mixing)
+    nothing = torch.zeros(3, cfg.context_size, 3, 2)
+    nats, _ = model(tokens[:, :-1], species, tokens[:, 1:], retrieval=nothing, reduction="none")
+    logits, _ = model(tokens[:, :-1], species)
+    plain = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+    assert torch.allclose(nats, plain, atol=1e-5)
+
+
+def test_dirichlet_smoothing_is_the_stated_recursion():
+    cfg, model, tokens, species, counts = mixture_case("dirichlet")
+    nats, _ = model(tokens[:, :-1], species, tokens[:, 1:], retrieval=counts, reduction="none")
+    logits, hidden = model(tokens[:, :-1], species)
+    p = torch.softmax(logits.double(), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    alpha = model.retrieval_head(hidden).double().exp()
+    for i in range(3):  # 12, then 18, then 24 bases: p <- (c + a p) / (n + a)
+        n, c = counts[..., i, 0].double(), counts[..., i, 1].double()
+        p = (c + alpha[..., i] * p) / (n + alpha[..., i])
+    assert torch.allclose(nats.double(), -p.log(), atol=1e-5)
+
+
+def test_the_gate_mixes_in_the_longest_context_that_occurs():
+    cfg, model, tokens, species, counts = mixture_case("gate")
+    nats, _ = model(tokens[:, :-1], species, tokens[:, 1:], retrieval=counts, reduction="none")
+    logits, hidden = model(tokens[:, :-1], species)
+    p = torch.softmax(logits.double(), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    gates = torch.sigmoid(model.retrieval_head(hidden).double())
+    expected = p.clone()
+    for b in range(3):
+        for t in range(cfg.context_size):
+            found = [i for i in range(3) if counts[b, t, i, 0] > 0]
+            if found:
+                i = found[-1]
+                g = gates[b, t, i]
+                expected[b, t] = (1 - g) * p[b, t] + g * counts[b, t, i, 1] / counts[b, t, i, 0]
+    assert torch.allclose(nats.double(), -expected.log(), atol=1e-5)
+
+
+@pytest.mark.parametrize("mixing", ["dirichlet", "gate"])
+def test_padding_targets_are_ignored_by_the_mixture(mixing):
+    cfg, model, tokens, species, counts = mixture_case(mixing)
+    targets = tokens[:, 1:].clone()
+    targets[2] = -100
+    mean, _ = model(tokens[:, :-1], species, targets, retrieval=counts)
+    per_target, _ = model(tokens[:2, :-1], species[:2], tokens[:2, 1:], retrieval=counts[:2], reduction="none")
+    assert mean.item() == pytest.approx(per_target.mean().item(), rel=1e-6)
+
+
+def test_windows_carry_the_chunk_tokens_before_them_and_minus_one_before_the_chunk():
+    cfg = tiny_config(global_memory="retrieval")
+    tokens = np.arange(100, dtype=np.uint16)
+    windows = plm.window_tokens(tokens, [0, 2, 8], cfg)
+    assert windows.shape == (3, 4 + cfg.context_size + 1)
+    assert windows[0, :4].tolist() == [-1, -1, -1, -1] and windows[1, :4].tolist() == [-1, -1, 0, 1]
+    assert windows[2].tolist() == list(range(4, 8 + cfg.context_size + 1))
+    plain = plm.window_tokens(tokens, [8], tiny_config(global_memory="none"))
+    assert plain[0].tolist() == windows[2, 4:].tolist()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def unique_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unique") / "data"
+    write_fasta(root / "s" / "s.fa.gz", [("s1", random_dna(9_000, 21))])
+    return str(root)
+
+
+def test_training_on_unique_sequence_learns_nothing_from_its_own_occurrence(unique_dir, tmp_path):
+    """Each target is in the index once, at its own place. Were it not left out, the first step's loss would be
+    far below the uniform 8.3 nats: the mixture would put half its mass on the one occurrence."""
+    proc = run_train([f"--data_dir={unique_dir}", *TINY_ARGS, "--species_distribution=s:1", "--global_memory=retrieval",
+                      "--max_steps=1", f"--checkpoint_dir={tmp_path / 'ckpt'}", f"--log_dir={tmp_path / 'logs'}"],
+                     cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    first = next(r for r in read_jsonl(tmp_path / "logs") if "loss" in r)
+    assert first["loss"] > 8.0, first
+
+
+@pytest.mark.parametrize("memory", plm.GLOBAL_MEMORIES)
+def test_every_global_memory_trains_resumes_and_evaluates(memory, unique_dir, tmp_path):
+    args = [f"--data_dir={unique_dir}", *TINY_ARGS, "--species_distribution=s:1", f"--global_memory={memory}",
+            f"--checkpoint_dir={tmp_path / 'ckpt'}", f"--log_dir={tmp_path / 'logs'}", "--val_fraction=0.2"]
+    first = run_train([*args, "--max_steps=2"], cwd=tmp_path)
+    assert first.returncode == 0, describe(first)
+    resumed = run_train([*args, "--max_steps=3", "--resume_with_new_settings=true"], cwd=tmp_path)
+    assert resumed.returncode == 0, describe(resumed)
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+    assert ("retrieval index" in first.stdout) == (memory == "retrieval")
+    assert "retrieval index" not in resumed.stdout  # cached, not rebuilt
+    ckpt = plm.load_checkpoint(str(tmp_path / "ckpt" / "model_latest.pt"))
+    assert ckpt["step"] == 3 and ckpt["config"]["global_memory"] == memory
+    novel = write_fasta(tmp_path / "novel.fa", [("n1", random_dna(700, 99)), ("short", random_dna(200, 98))])
+    scored = run_train(["eval", "--checkpoint", str(tmp_path / "ckpt" / "model_latest.pt"), "--species", "s", novel],
+                       cwd=tmp_path)
+    assert scored.returncode == 0, describe(scored)
+    overall = re.search(r"^overall\s+([\d,]+)\s+([\d.]+)\s+([\d.]+)$", scored.stdout, flags=re.M)
+    assert overall and 1.5 < float(overall.group(3)) < 2.5, scored.stdout
+    assert ("retrieval index " + str(ckpt["retrieval_index"]) in scored.stderr) == (memory == "retrieval")
