@@ -24,6 +24,9 @@ Side check: the same scoring on the first batch of TRAINING windows the trainer 
 of 1, 4096 windows), out of sample (model refit on the training chunks minus the ones those windows came from; counts
 are additive, so theirs are subtracted) and in-sample (the full fit, which counted them: optimistic at high orders).
 Also printed: the share of bases in each window set that repeat a 13-mer seen earlier in the same window.
+
+bench/mixture_baseline.py scores the same windows with a context-mixing model over orders 0..31 (static and online
+mixer weights); it replaces order-12 Kneser-Ney as the floor.
 """
 
 import argparse
