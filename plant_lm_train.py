@@ -1480,13 +1480,15 @@ def validate(run):
     if not len(run.val_tokens):
         return
     learner = run.learner
-    run.val_loss = evaluate(learner.compiled, run.val_tokens, run.val_species, run.cfg, run.rt, learner.autocast_dtype,
-                            learner.memory_index)
+    run.val_loss, by_species = evaluate(learner.compiled, run.val_tokens, run.val_species, run.cfg, run.rt,
+                                        learner.autocast_dtype, learner.memory_index)
     improved = run.val_loss < run.best_val  # the same on every rank: the loss is all-reduced
     run.best_val = min(run.best_val, run.val_loss)
     to_bits = NATS_PER_TOKEN_TO_BITS_PER_BASE
     run.log.metrics({"step": run.step, "epoch": run.step / run.per_epoch, "val_loss": run.val_loss,
                      "val_bits_per_base": run.val_loss * to_bits, "best_val_loss": run.best_val,
+                     "val_bits_per_base_by_species": {name: loss * to_bits for name, loss in
+                                                      zip(run.index.species, by_species)},
                      "elapsed_s": time.time() - run.t_start, "train_s": run.train_seconds})
     run.log.info(f"step {run.step}: validation loss {run.val_loss:.4f} nats/token = {run.val_loss * to_bits:.4f} "
                  f"bits/base (best {run.best_val * to_bits:.4f})")
@@ -1554,7 +1556,8 @@ def epoch_bar_span(step, per_epoch, total_steps):
 
 @torch.no_grad()
 def evaluate(model, tokens, species, cfg, rt, autocast_dtype, memory_index=None):
-    """Mean loss (nats/token) over the fixed validation windows; every rank scores its share, then all-reduce.
+    """Mean loss (nats/token) over the fixed validation windows, overall and per species id (a list); every rank
+    scores its share, then all-reduce.
 
     `model` is the bare (or compiled) module, not the DDP wrapper, so a rank with fewer rows joins no collective
     but the final sum. Batches keep the training micro-batch shape, so compiled graphs are reused; padding rows
@@ -1563,7 +1566,8 @@ def evaluate(model, tokens, species, cfg, rt, autocast_dtype, memory_index=None)
     was_training = model.training
     model.eval()
     mine = torch.arange(rt.rank, len(tokens), rt.world_size)
-    total = torch.zeros(2, dtype=torch.float64, device=rt.device)
+    n_species = int(species.max()) + 1 if len(species) else 1  # the same on every rank: all rows are everywhere
+    totals = torch.zeros(n_species, 2, dtype=torch.float64, device=rt.device)  # per species: nats, targets
     for start in range(0, len(mine), cfg.batch_size):
         rows = mine[start:start + cfg.batch_size]
         valid = len(rows)
@@ -1574,13 +1578,16 @@ def evaluate(model, tokens, species, cfg, rt, autocast_dtype, memory_index=None)
         memory = {} if memory_index is None else {
             "retrieval": memory_index.counts(batch, cfg.prefix_tokens, exclude_self=False)}
         with torch.autocast(rt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss, _ = model(batch[:, cfg.prefix_tokens:-1], species[rows].to(rt.device), targets, **memory)
-        n_targets = valid * cfg.context_size
-        total += torch.stack([loss.double() * n_targets, torch.full((), n_targets, device=rt.device).double()])
+            nats, _ = model(batch[:, cfg.prefix_tokens:-1], species[rows].to(rt.device), targets, reduction="none",
+                            **memory)
+        row_nats = nats[:valid].double().sum(1)
+        totals.index_add_(0, species[rows[:valid]].to(rt.device),
+                          torch.stack([row_nats, torch.full_like(row_nats, cfg.context_size)], 1))
     if rt.distributed:
-        dist.all_reduce(total)
+        dist.all_reduce(totals)
     model.train(was_training)
-    return (total[0] / total[1].clamp_min(1)).item()
+    overall = totals.sum(0)
+    return (overall[0] / overall[1].clamp_min(1)).item(), (totals[:, 0] / totals[:, 1].clamp_min(1)).tolist()
 
 
 # ----------------------------------------------------------------------------- training: set-up helpers

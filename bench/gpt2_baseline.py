@@ -25,11 +25,11 @@ class GPT2Baseline(nn.Module):
             n_head=cfg.n_heads, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
             bos_token_id=0, eos_token_id=0))
 
-    def forward(self, tokens, species, targets=None):
+    def forward(self, tokens, species, targets=None, reduction="mean"):
         logits = self.gpt2(input_ids=tokens).logits
         if targets is None:
             return logits, None
-        return F.cross_entropy(logits.float().view(-1, plm.VOCAB_SIZE), targets.reshape(-1)), None
+        return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction=reduction), None
 
     def flops_per_step(self, n_tokens, batch_forwards):
         d, L, T = self.cfg.d_model, self.cfg.n_layers, self.cfg.context_size

@@ -1,7 +1,8 @@
 """Where a training step's GPU time goes, at a given batch: kernels grouped into attention, matmuls, loss,
 optimizer, bucket-memory update and the rest, from torch.profiler.
 
-    python bench/profile_step.py --batch_size=4096 [--global_memory=retrieval|buckets|none ...]  -> bench/results/profile_*.json
+    python bench/profile_step.py --batch_size=4096 --accumulation_steps=1 [--global_memory=retrieval|buckets|none ...]
+        -> bench/results/profile_b4096_MEMORY.json   (INDEX_ENTRIES=N: the retrieval index's size per context length)
 Synthetic tokens (the data pipeline is measured separately, as data_wait in the throughput runs); the step is
 plant_lm_train.train_step itself: compiled forward/backward over the accumulation micro-batches, clip, fused AdamW,
 memory observations and update. Figures are per optimizer step (batch_size x accumulation_steps windows).
@@ -17,7 +18,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import plant_lm_train as plm  # noqa: E402
 
-GROUPS = [("attention", ("flash", "fmha", "flex", "attention", "sdpa", "triton_tem_fused")),
+GROUPS = [("retrieval lookup", ("searchsorted",)),
+          ("attention", ("flash", "fmha", "flex", "attention", "sdpa", "triton_tem_fused")),
           ("optimizer", ("adam", "multi_tensor", "foreach", "clip", "norm")),
           ("memory update", ("index_add", "scatter", "bincount")),
           ("loss", ("cross_entropy", "log_softmax", "nll")),
@@ -30,7 +32,9 @@ def main():
     rt = plm.Runtime(0, 0, 1, torch.device("cuda"))
     learner = plm.build_learner(cfg, rt, 3)  # the trainer's model, compiled forward, fused AdamW and scaler
     model = learner.model
-    tokens = torch.randint(0, plm.VOCAB_SIZE, (cfg.accumulation_steps, cfg.batch_size, cfg.context_size + 1))
+    if cfg.global_memory == "retrieval":  # an index of the bundled genomes' size: what a lookup searches
+        learner.memory_index = synthetic_index(int(os.environ.get("INDEX_ENTRIES", 200_000_000)), rt.device)
+    tokens = torch.randint(0, plm.VOCAB_SIZE, (cfg.accumulation_steps, cfg.batch_size, cfg.prefix_tokens + cfg.context_size + 1))
     species = torch.randint(0, 3, (cfg.accumulation_steps, cfg.batch_size))
 
     def step(n):
@@ -74,6 +78,14 @@ def main():
     print(json.dumps({k: v for k, v in result.items() if k != "top_kernels_ms"}, indent=1))
     for k, ms in result["top_kernels_ms"][:15]:
         print(f"{ms:8.3f} ms  {k[:110]}")
+
+
+def synthetic_index(entries, device):
+    """A RetrievalIndex of `entries` random sorted keys per context length, each seen once."""
+    g = torch.Generator(device=device).manual_seed(0)
+    keys = [torch.randint(0, 2**(12 * (k + 1)), (entries,), device=device, generator=g).sort().values
+            for k in plm.RETRIEVAL_CONTEXT_TOKENS]
+    return plm.RetrievalIndex(keys, [torch.arange(entries + 1, device=device) for _ in keys], "synthetic")
 
 
 if __name__ == "__main__":

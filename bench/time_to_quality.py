@@ -1,7 +1,10 @@
-"""Validation bits/base against training wall-clock, several variants with the same budget, side by side.
+"""Validation bits/base against training wall-clock or optimizer steps, several variants side by side.
 
-    python bench/time_to_quality.py --name NAME --minutes 5 --variant "LABEL:--model=plant ..." [--variant ...]
+    python bench/time_to_quality.py --name NAME --minutes 5 [--steps N] [--concurrent K] \
+        --variant "LABEL:--model=plant ..." [--variant ...]
 With several GPUs, variants run at the same time, one per GPU (CUDA_VISIBLE_DEVICES); otherwise one after another.
+--concurrent K runs K variants at once whatever the GPUs, sharing them: use it for curves at equal steps only
+(--steps), since a shared GPU slows each variant by what the others do.
 The clock is Config.max_minutes' clock: time in optimizer steps after the first (compilation and validation are
 left out). Writes bench/results/NAME.json and NAME.png (with the Markov floor from markov_baseline.json if there).
 """
@@ -22,6 +25,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--name", required=True)
     parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--steps", type=int, default=0, help="also stop each variant after this many steps")
+    parser.add_argument("--concurrent", type=int, default=0, help="variants at once (default: one per GPU)")
     parser.add_argument("--variant", action="append", required=True, help="LABEL:--arg=v --arg=v")
     args = parser.parse_args()
     import torch
@@ -31,13 +36,14 @@ def main():
         label, _, arglist = spec.partition(":")
         logs = tempfile.mkdtemp(prefix=f"ttq_{label}_")
         command = [sys.executable, os.path.join(HERE, "train_variant.py"), *arglist.split(),
-                   f"--max_minutes={args.minutes}", f"--log_dir={logs}", f"--checkpoint_dir={logs}/ckpt",
-                   "--resume=none"]
+                   f"--max_minutes={args.minutes}", f"--max_steps={args.steps}", f"--log_dir={logs}",
+                   f"--checkpoint_dir={logs}/ckpt", "--resume=none"]
         env = dict(os.environ, WANDB_MODE="disabled")
         if n_gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(i % n_gpus)
         runs.append({"label": label, "args": arglist.split(), "logs": logs, "command": command, "env": env})
-    batches = [runs[i:i + max(1, n_gpus)] for i in range(0, len(runs), max(1, n_gpus))]
+    at_once = args.concurrent or max(1, n_gpus)
+    batches = [runs[i:i + at_once] for i in range(0, len(runs), at_once)]
     for batch in batches:
         procs = [subprocess.Popen(r["command"], env=r["env"], stdout=subprocess.DEVNULL,
                                   stderr=open(os.path.join(r["logs"], "stderr.txt"), "w")) for r in batch]
@@ -47,8 +53,11 @@ def main():
     for r in runs:
         records = [json.loads(line) for path in glob.glob(f"{r['logs']}/metrics_*.jsonl") for line in open(path)]
         val = [(rec["train_s"], rec["val_bits_per_base"], rec["step"]) for rec in records if "val_bits_per_base" in rec]
+        by_species = [(rec["step"], rec["val_bits_per_base_by_species"]) for rec in records
+                      if "val_bits_per_base_by_species" in rec]
         train = [rec for rec in records if "tokens_per_s" in rec]
         results.append({"label": r["label"], "args": r["args"], "returncode": r["returncode"], "curve": val,
+                        "curve_by_species": by_species,
                         "final_val_bits_per_base": val[-1][1] if val else None,
                         "best_val_bits_per_base": min(v for _, v, _ in val) if val else None,
                         "steps": train[-1]["step"] if train else 0,
@@ -60,7 +69,7 @@ def main():
     markov = json.load(open(markov_path))["validation"]["bits_per_base"] if os.path.exists(markov_path) else None
     meta = {"device": torch.cuda.get_device_name(0) if n_gpus else "cpu", "gpus_used": n_gpus,
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-            "statistic": "one run per variant; variants ran concurrently, one per GPU" if n_gpus > 1 else "one run"}
+            "statistic": f"one run per variant; {at_once} at a time on {max(n_gpus, 1)} device(s)"}
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", f"{args.name}.json"), "w") as f:
         json.dump({"meta": meta, "markov_bits_per_base": markov, "results": results}, f, indent=1)

@@ -351,13 +351,16 @@ def test_evaluate_leaves_the_memory_alone_and_returns_the_mean_loss_over_all_win
     memory, weight = model.bucket_memory.clone(), model.bucket_weight.clone()
     tokens, species = random_batch(cfg, batch=7, seed=8)  # 7 windows: the last batch is padded
     rt = plm.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    loss = plm.evaluate(model, tokens, species, cfg, rt, None)
+    loss, by_species = plm.evaluate(model, tokens, species, cfg, rt, None)
     assert torch.equal(model.bucket_memory, memory) and torch.equal(model.bucket_weight, weight)
     assert model.training  # restored
     with torch.no_grad():
         logits, _ = model.eval()(tokens[:, :-1], species)
     expected = F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)).item()
     assert loss == pytest.approx(expected, rel=1e-6)
+    nats = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
+    assert by_species == pytest.approx([nats[species == s].mean().item() for s in range(int(species.max()) + 1)],
+                                       rel=1e-6)  # the mean over each species' windows
 
 
 # ----------------------------------------------------------------------------- bucket memory: state dict
