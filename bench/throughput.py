@@ -79,9 +79,9 @@ def main():
         result = run_variant(label, arglist.split(), args.steps, args.log_every, {})
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "tokens_per_s_windows"}), flush=True)
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", f"{args.name}.json"), "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
+        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+        with open(os.path.join(HERE, "results", f"{args.name}.json"), "w") as f:  # after each: a cut run keeps some
+            json.dump({"meta": meta, "results": results}, f, indent=1)
     print(f"\n{'variant':28s} {'tokens/s':>12s} {'MFU':>7s} {'peak GB':>8s} {'data wait':>9s} {'recompiles':>10s}")
     for r in results:
         if "error" in r:
