@@ -72,8 +72,8 @@ class Config:
     local_attn_window: int = field(default=32, metadata=ARCHITECTURE)  # keys per query, its own position included
     n_buckets: int = field(default=VOCAB_SIZE, metadata=ARCHITECTURE)  # rows of the bucket memory, one per 6-mer
     global_context: int = 200_000  # tokens after which an observation's weight in the memory falls to 1/e
-    global_memory: str = field(default="buckets", metadata=ARCHITECTURE)  # retrieval | buckets | none
-    retrieval_mixing: str = field(default="dirichlet", metadata=ARCHITECTURE)  # dirichlet | gate (retrieval only)
+    global_memory: str = field(default="retrieval", metadata=ARCHITECTURE)  # retrieval | buckets | none
+    retrieval_mixing: str = field(default="gate", metadata=ARCHITECTURE)  # gate | dirichlet (retrieval only)
     # optimization
     batch_size: int = 16  # windows per micro-batch per rank
     accumulation_steps: int = 4

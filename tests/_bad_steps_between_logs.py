@@ -21,8 +21,8 @@ class BadForAWhile(plm.PlantLM):
         super().__init__(*args, **kwargs)
         self.training_forwards = 0
 
-    def forward(self, tokens, species, targets=None):
-        loss, hidden = super().forward(tokens, species, targets)
+    def forward(self, tokens, species, targets=None, **kwargs):
+        loss, hidden = super().forward(tokens, species, targets, **kwargs)
         if self.training:
             if self.training_forwards in BAD_FORWARDS:
                 loss = loss * torch.tensor(float("inf"))

@@ -76,10 +76,10 @@ class RecordingPlantLM(plm.PlantLM):
         super().__init__(*args, **kwargs)
         self.seen = []
 
-    def forward(self, tokens, species, targets=None):
+    def forward(self, tokens, species, targets=None, **kwargs):
         if self.training:
             self.seen.append(tokens.detach().clone())
-        return super().forward(tokens, species, targets)
+        return super().forward(tokens, species, targets, **kwargs)
 
 
 def run_memory(outdir, data_dir, rank):

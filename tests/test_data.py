@@ -819,6 +819,9 @@ def test_real_validation_windows_are_tokens_of_all_species(real_index):
     cfg, index, _ = real_index
     tokens, ids = plm.load_validation(index, cfg)
     total = index.windows(index.val, cfg)
-    assert tokens.shape == (min(cfg.eval_windows, total), cfg.context_size + 1)
-    assert tokens.dtype == torch.long and int(tokens.min()) >= 0 and int(tokens.max()) < plm.VOCAB_SIZE
+    # the default memory, retrieval, gives each window the 4 tokens before it (-1 where the chunk starts)
+    assert tokens.shape == (min(cfg.eval_windows, total), cfg.prefix_tokens + cfg.context_size + 1)
+    assert cfg.prefix_tokens == 4 and int(tokens.min()) >= -1 and int(tokens.max()) < plm.VOCAB_SIZE
+    window = tokens[:, cfg.prefix_tokens:]
+    assert tokens.dtype == torch.long and int(window.min()) >= 0
     assert set(ids.tolist()) == {0, 1, 2}

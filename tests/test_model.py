@@ -440,16 +440,19 @@ def test_init_is_gpt2_residual_projections_scaled_by_depth(default_model):
     residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)
     checked = {"residual": 0, "other": 0}
     for name, p in default_model.named_parameters():
-        if p.dim() < 2:
+        if p.dim() < 2 or name.startswith("retrieval_head"):
             continue
         kind = "residual" if name.endswith("proj.weight") else "other"
         want = residual_std if kind == "residual" else 0.02
         assert p.std().item() == pytest.approx(want, rel=0.1), name
         assert abs(p.mean().item()) < 0.1 * want, name
         checked[kind] += 1
-    assert checked == {"residual": 2 * cfg.n_layers, "other": 2 + 3 * cfg.n_layers}  # embeddings; qkv, fc, memory_kv
+    assert checked == {"residual": 2 * cfg.n_layers, "other": 2 + 2 * cfg.n_layers}  # embeddings; qkv, fc
     assert default_model.head.weight is default_model.token_embedding.weight  # tied
-    for block in default_model.blocks:
+    head = default_model.retrieval_head  # starts at the same gate, 0.12, everywhere: weight 0, bias -2
+    assert torch.equal(head.weight, torch.zeros_like(head.weight)) and torch.equal(head.bias, torch.full((3,), -2.0))
+    buckets = plm.PlantLM(plm.Config(global_memory="buckets"), 3)
+    for block in buckets.blocks:
         assert torch.equal(block.attn.memory_gate, torch.zeros(cfg.n_heads))  # starts as a plain local model
 
 
@@ -458,12 +461,15 @@ def test_default_model_parameter_count_matches_hand_count(default_model):
     embeddings = V * d + S * d  # token embedding (= the tied head) + species embedding
     per_layer = (2 * d  # ln_attn
                  + d * 3 * d + d * d  # qkv, attention output projection
-                 + d * 2 * d + H  # memory_kv, memory_gate
                  + 2 * d  # ln_mlp
                  + d * 4 * d + 4 * d * d)  # MLP fc, proj
-    expected = embeddings + L * per_layer + 2 * d  # + ln_final
-    assert expected == 24_132_144
+    retrieval_head = d * 3 + 3  # one gate per context length (12, 18, 24 bases) from the final hidden state
+    expected = embeddings + L * per_layer + 2 * d + retrieval_head  # + ln_final
+    assert expected == 20_987_907
     assert sum(p.numel() for p in default_model.parameters()) == expected
+    bucket_memory = L * (d * 2 * d + H)  # memory_kv, memory_gate in every layer
+    buckets = plm.PlantLM(plm.Config(global_memory="buckets"), S)
+    assert sum(p.numel() for p in buckets.parameters()) == expected - retrieval_head + bucket_memory == 24_132_144
 
 
 def hand_flops(n_tokens, forwards, use_memory):
