@@ -60,11 +60,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import plant_lm_train as plm  # noqa: E402
+from markov_baseline import holdout_keys, load_train_codes, tokens_to_codes  # noqa: E402  the same held-out chunks
 
 BASES_PER_TOKEN = 6
 ORDERS = tuple(range(13)) + (14, 16, 18, 20, 22, 24, 28, 31)
 DENSE_MAX = 12  # orders up to this use a dense 4^(k+1) table
-HOLDOUT_FRACTION = 0.05  # as bench/markov_baseline.py
 HELD_WINDOW_STEP = 3  # every 3rd window of the held-out chunks
 PRIOR = 0.4  # additive prior of the direct input
 LEVELS = np.array([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 1024])  # count quantization edges
@@ -74,7 +74,6 @@ IRLS_ITERS = 12
 GROUP = 16
 ETAS = (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008)
 ALPHAS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
-SHIFTS = (2 * np.arange(BASES_PER_TOKEN - 1, -1, -1)).astype(np.int64)
 
 T0 = time.time()
 
@@ -85,41 +84,6 @@ def log(msg):
 
 
 # ----------------------------------------------------------------------------- data (same windows as the trainer)
-
-def tokens_to_codes(tokens):
-    """6-mer ids [..., n] -> base codes 0..3 [..., n*6] uint8, first base of each token first."""
-    tokens = np.asarray(tokens).astype(np.int64)
-    codes = (tokens[..., None] >> SHIFTS) & 3
-    return codes.reshape(*tokens.shape[:-1], tokens.shape[-1] * BASES_PER_TOKEN).astype(np.uint8)
-
-
-def holdout_keys(train_chunks):
-    """The chunks bench/markov_baseline.py holds out: per species ~5% by smallest unit_hash('markov-holdout', key)."""
-    chosen, by_species = set(), {}
-    for chunk in train_chunks:
-        by_species.setdefault(chunk.key[0], []).append(chunk)
-    for chunks in by_species.values():
-        if len(chunks) < 2:
-            continue
-        ranked = sorted(chunks, key=lambda c: plm.unit_hash("markov-holdout", *c.key))
-        n = min(max(1, round(HOLDOUT_FRACTION * len(chunks))), len(chunks) - 1)
-        chosen.update(c.key for c in ranked[:n])
-    return chosen
-
-
-def load_train_codes(index, cfg):
-    wanted = {c.key for c in index.train}
-    codes = {}
-    for name in index.species:
-        for path, label in index.files.get(name, []):
-            for chunk in plm.chunk_file(path, name, label, cfg, wanted=wanted):
-                if chunk.tokens is not None:
-                    codes[chunk.key] = tokens_to_codes(chunk.tokens)
-    missing = wanted - set(codes)
-    if missing:
-        raise RuntimeError(f"{len(missing)} training chunks not found on re-reading, e.g. {next(iter(missing))}")
-    return codes
-
 
 def chunk_windows(codes, n_tokens, cfg):
     starts = plm.window_starts(n_tokens, cfg.context_size, cfg.window_stride) * BASES_PER_TOKEN
