@@ -63,6 +63,10 @@ class Config:
     val_fraction: float = field(default=0.02, metadata=SPLIT)  # fraction of chunks held out, by hash of the chunk
     eval_windows: int = 4096  # fixed validation windows scored at each evaluation (0 = all)
     open_chunks_per_species: int = 16  # chunks each loader worker interleaves, per species
+    # augmentation of the training windows; validation and eval always read frame 0 of the forward strand, unweighted
+    frame_shift: bool = False  # each window starts 0 to 5 bases (at random) after a 6-mer boundary: every frame trains
+    reverse_complement: float = 0.0  # probability that a window is read from the reverse strand
+    repeat_loss_weight: float = 1.0  # loss weight of soft-masked (repeat) targets, the others 1; 1 = unweighted
     num_workers: int = field(default=4, metadata=RUNTIME)  # DataLoader workers per rank
     # model
     d_model: int = field(default=512, metadata=ARCHITECTURE)
@@ -138,6 +142,8 @@ class Config:
             (0 < self.val_fraction < 1, "val_fraction", "must be in (0, 1)"),
             (self.eval_windows >= 0, "eval_windows", "must be >= 0"),
             (self.open_chunks_per_species >= 1, "open_chunks_per_species", "must be >= 1"),
+            (0 <= self.reverse_complement <= 1, "reverse_complement", "must be a probability in [0, 1]"),
+            (0 < self.repeat_loss_weight < math.inf, "repeat_loss_weight", "must be finite and > 0 (1 = unweighted)"),
             (self.num_workers >= 0, "num_workers", "must be >= 0"),
             (self.keep_epoch_checkpoints >= 0, "keep_epoch_checkpoints", "must be >= 0 (0 keeps all)"),
             (0 <= self.dropout < 1, "dropout", "must be in [0, 1)"),
@@ -236,6 +242,48 @@ def detokenize(tokens):
     return np.frombuffer(b"ACGT", dtype=np.uint8)[digits].tobytes().decode()
 
 
+def soft_mask_bits(codes):
+    """Base codes -> per 6-mer, which of its bases are soft-masked (lowercase): 6 bits in the token's own layout at
+    one bit a base (first base highest), so that shift_tokens(..., bits=1) moves them to another frame exactly."""
+    n = len(codes) // BASES_PER_TOKEN
+    masked = ((np.asarray(codes[: n * BASES_PER_TOKEN], dtype=np.uint8) >> 2) & 1).reshape(n, BASES_PER_TOKEN)
+    return (masked << np.arange(BASES_PER_TOKEN - 1, -1, -1, dtype=np.uint8)).sum(1, dtype=np.uint8)
+
+
+# soft_mask_bits -> is the 6-mer a repeat: at least 3 of its 6 bases soft-masked
+IS_REPEAT = np.array([bin(bits).count("1") >= 3 for bits in range(2**BASES_PER_TOKEN)])
+
+
+def _reverse_complement_table():
+    """6-mer id -> the id of its reverse complement: base i (from the left) becomes base 5 - i, and 3 - code
+    complements a base (A<->T, C<->G)."""
+    ids = np.arange(VOCAB_SIZE, dtype=np.int64)
+    table = np.zeros(VOCAB_SIZE, dtype=np.int64)
+    for i in range(BASES_PER_TOKEN):
+        table |= (3 - ((ids >> (2 * (BASES_PER_TOKEN - 1 - i))) & 3)) << (2 * i)
+    return table
+
+
+REVERSE_COMPLEMENT = _reverse_complement_table()
+
+
+def shift_tokens(tokens, shift, bits=2):
+    """Frame `shift` of consecutive 6-mers, [..., n + 1] -> [..., n]: token i becomes the 6 bases that start `shift`
+    bases into it (its last 6 - shift bases, then the first `shift` of token i + 1), so no FASTA is re-read for
+    another frame. shift: 0..5, an int or an array broadcast over the last axis ([rows, 1]: one per row).
+    bits: per base, 2 for 6-mer ids, 1 for soft_mask_bits."""
+    width = BASES_PER_TOKEN * bits
+    tokens = np.asarray(tokens, dtype=np.int64)
+    return ((tokens[..., :-1] << (bits * shift)) | (tokens[..., 1:] >> (width - bits * shift))) & ((1 << width) - 1)
+
+
+def reverse_complement_tokens(windows):
+    """Windows of 6-mer ids [..., n] as the reverse strand reads them: the order reversed and every 6-mer reverse-
+    complemented; -1 (no token) stays -1."""
+    flipped = np.asarray(windows, dtype=np.int64)[..., ::-1]
+    return np.where(flipped >= 0, REVERSE_COMPLEMENT[np.maximum(flipped, 0)], -1)
+
+
 def acgt_segments(codes):
     """(start, end) of each maximal run of A/C/G/T (any case) in a code array: the sequence is split, never spliced."""
     valid = codes < 8
@@ -253,13 +301,34 @@ def window_starts(n_tokens, context_size, stride):
     return np.arange(0, n_tokens - span + 1, stride, dtype=np.int64)
 
 
-def window_tokens(tokens, starts, cfg):
-    """A chunk's windows at `starts`, int16 [n, prefix + context + 1]: each carries the cfg.prefix_tokens tokens in
-    front of it, -1 where the chunk has none."""
-    at = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(-cfg.prefix_tokens, cfg.context_size + 1)
-    windows = tokens[np.maximum(at, 0)].astype(np.int16)  # 6-mer ids < 4096
-    windows[at < 0] = -1
-    return windows
+def window_reads(starts, n_tokens, cfg, shifts, reverse):
+    """Where a chunk's windows read, for window_tokens and window_repeats: (frame-0 token positions [n, prefix +
+    context + 2] in forward order, one more than a window holds since a shifted 6-mer ends in the next token; which
+    of the window's prefix + context + 1 tokens lie in the chunk; shifts [n, 1]; reverse [n, 1]). On the reverse
+    strand the tokens in front of a window are those after it on the forward strand."""
+    starts = np.asarray(starts, dtype=np.int64)
+    starts, shifts, reverse = (np.broadcast_to(a, starts.shape)[:, None] for a in (starts, shifts, reverse))
+    at = np.where(reverse, starts, starts - cfg.prefix_tokens) + np.arange(cfg.prefix_tokens + cfg.context_size + 2)
+    end = n_tokens - (shifts > 0)  # a shifted frame holds one 6-mer fewer: the chunk's last 6 - shift bases make none
+    inside = (at[:, :-1] >= 0) & (at[:, :-1] < end)
+    return np.clip(at, 0, n_tokens - 1), inside, shifts, reverse
+
+
+def window_tokens(tokens, starts, cfg, shifts=0, reverse=False):
+    """A chunk's windows at token `starts`, int16 [n, prefix + context + 1]: each carries the cfg.prefix_tokens tokens
+    in front of it, -1 where the chunk has none. Training augments them: `shifts` (0..5, per window) starts a window
+    that many bases after its token, `reverse` (per window) reads it from the reverse strand."""
+    at, inside, shifts, reverse = window_reads(starts, len(tokens), cfg, shifts, reverse)
+    windows = np.where(inside, shift_tokens(tokens[at], shifts), -1)
+    return np.where(reverse, reverse_complement_tokens(windows), windows).astype(np.int16)  # 6-mer ids < 4096
+
+
+def window_repeats(soft_mask, starts, cfg, shifts=0, reverse=False):
+    """The repeat flag of each token of the same windows' window_tokens (False where there is none), from the chunk's
+    soft_mask_bits: at least 3 of the token's 6 bases soft-masked, in its own frame."""
+    at, inside, shifts, reverse = window_reads(starts, len(soft_mask), cfg, shifts, reverse)
+    flags = IS_REPEAT[shift_tokens(soft_mask[at], shifts, bits=1)] & inside
+    return np.where(reverse, flags[:, ::-1], flags)
 
 
 def windows_per_chunk(n_tokens, context_size, stride):
@@ -363,7 +432,12 @@ class Chunk:
     n_tokens: int
     record_id: str = ""
     tokens: np.ndarray = None  # uint16 6-mer ids
-    repeat: np.ndarray = None  # bool per token: at least 3 of its 6 bases soft-masked (lowercase)
+    soft_mask: np.ndarray = None  # uint8 soft_mask_bits per token: which of its bases are lowercase
+
+    @property
+    def repeat(self):
+        """bool per token: at least 3 of its 6 bases soft-masked (lowercase)."""
+        return None if self.soft_mask is None else IS_REPEAT[self.soft_mask]
 
 
 @dataclass
@@ -409,7 +483,7 @@ def chunk_file(path, species, file_label, cfg, wanted=None, stats=None):
         if wanted is None or key in wanted:
             codes = buffer[:usable]
             chunk.tokens = tokenize(codes)
-            chunk.repeat = ((codes >> 2) & 1).reshape(-1, BASES_PER_TOKEN).sum(1) >= 3
+            chunk.soft_mask = soft_mask_bits(codes)
         return chunk
 
     position = 0  # offset of the current piece within its record
@@ -605,9 +679,12 @@ def owned_chunks(files, owned, cfg):
 
 @dataclass
 class OpenChunk:
-    """A chunk a SpeciesStream is drawing from: its windows' starts in a random order, the first `drawn` used."""
+    """A chunk a SpeciesStream is drawing from: its windows in a random order (token starts, frame shifts, strands),
+    the first `drawn` used."""
     chunk: Chunk
     starts: np.ndarray
+    shifts: np.ndarray
+    reverse: np.ndarray
     drawn: int = 0
 
     @property
@@ -632,8 +709,8 @@ class SpeciesStream:
     def _next_open_chunk(self):
         """The next chunk of this pass, opened; None when the pass has no chunk left."""
         for chunk in self.source:
-            starts = window_starts(chunk.n_tokens, self.cfg.context_size, self.cfg.window_stride)
-            return OpenChunk(chunk, self.rng.permutation(starts))
+            starts = self.rng.permutation(window_starts(chunk.n_tokens, self.cfg.context_size, self.cfg.window_stride))
+            return OpenChunk(chunk, *draw_augmentations(starts, chunk.n_tokens, self.cfg, self.rng))
         return None
 
     def _new_pass(self):
@@ -643,8 +720,8 @@ class SpeciesStream:
             self.open.append(opened)
 
     def draw(self, count):
-        """`count` windows as (tokens [count, prefix + context + 1] int16, chunk keys)."""
-        windows, keys = [], []
+        """`count` windows as (tokens [count, prefix + context + 1] int16, chunk keys, the tokens' repeat flags)."""
+        windows, keys, repeats = [], [], []
         while count:
             if not self.open:
                 self._new_pass()
@@ -655,8 +732,10 @@ class SpeciesStream:
             for i in np.flatnonzero(picks)[::-1]:
                 current = self.open[i]
                 take = min(int(picks[i]), current.left)
-                starts = current.starts[current.drawn:current.drawn + take]
-                windows.append(window_tokens(current.chunk.tokens, starts, self.cfg))
+                drawn = slice(current.drawn, current.drawn + take)
+                how = (current.starts[drawn], self.cfg, current.shifts[drawn], current.reverse[drawn])
+                windows.append(window_tokens(current.chunk.tokens, *how))
+                repeats.append(window_repeats(current.chunk.soft_mask, *how))
                 keys.extend([current.chunk.key] * take)
                 current.drawn += take
                 count -= take
@@ -665,7 +744,22 @@ class SpeciesStream:
                         self.open[i] = opened
                     else:
                         del self.open[i]
-        return np.concatenate(windows), keys
+        return np.concatenate(windows), keys, np.concatenate(repeats)
+
+
+def draw_augmentations(starts, n_tokens, cfg, rng):
+    """(starts, frame shifts, reverse-strand flags) of a chunk's training windows, the shifts and strands drawn from
+    the stream's seeded rng (a resumed run replays them), and only when Config turns them on, so that without
+    augmentation the rng's sequence, and so the data order, is what it always was."""
+    shifts, reverse = np.zeros(len(starts), dtype=np.int64), np.zeros(len(starts), dtype=bool)
+    if cfg.frame_shift:
+        # a shifted window that would run past the chunk's end (only the last of a chunk can) is the last that fits
+        last = (n_tokens - cfg.context_size - 1) * BASES_PER_TOKEN
+        offsets = np.minimum(starts * BASES_PER_TOKEN + rng.integers(0, BASES_PER_TOKEN, len(starts)), last)
+        starts, shifts = np.divmod(offsets, BASES_PER_TOKEN)
+    if cfg.reverse_complement:
+        reverse = rng.random(len(starts)) < cfg.reverse_complement
+    return starts, shifts, reverse
 
 
 class EpochSampler:
@@ -691,27 +785,30 @@ class EpochSampler:
         self.probs /= self.probs.sum()
 
     def next_batch(self, batch_size):
-        """(tokens [B, prefix + context + 1] int16, species ids [B] int64, chunk keys) with rows in random order."""
+        """(tokens [B, prefix + context + 1] int16, species ids [B] int64, chunk keys, the tokens' repeat flags
+        [B, prefix + context + 1] bool) with rows in random order."""
         species = self.rng.choice(len(self.probs), size=batch_size, p=self.probs)
-        parts, ids, keys = [], [], []
+        parts, ids, keys, repeats = [], [], [], []
         for species_id, count in enumerate(np.bincount(species, minlength=len(self.probs))):
             if count:
-                windows, chunk_keys = self.streams[species_id].draw(int(count))
+                windows, chunk_keys, flags = self.streams[species_id].draw(int(count))
                 parts.append(windows)
                 ids.append(np.full(count, species_id))
                 keys.extend(chunk_keys)
+                repeats.append(flags)
         order = self.rng.permutation(batch_size)
         tokens, ids = np.concatenate(parts)[order], np.concatenate(ids)[order]
-        return tokens, ids, [keys[i] for i in order]
+        return tokens, ids, [keys[i] for i in order], np.concatenate(repeats)[order]
 
 
 class GenomeStream(IterableDataset):
     """The training stream of one rank: one item per optimizer step, epoch after epoch, without end.
 
-    An item is the step's `accumulation_steps` micro-batches at once (tokens [A, B, prefix + context + 1] int16, species
-    [A, B]), so the main process pays one hand-over and one host-to-device copy per step. A DataLoader polls its
-    workers round-robin from worker 0, so worker w serves global steps start + w, start + w + n_workers, ...;
-    the shard follows the steps it serves, which makes the stream the same whatever step it starts at.
+    An item is the step's `accumulation_steps` micro-batches at once (tokens [A, B, prefix + context + 1] int16,
+    species [A, B], the tokens' repeat flags [A, B, prefix + context + 1] bool), so the main process pays one hand-over
+    and one host-to-device copy per step. A DataLoader polls its workers round-robin from worker 0, so worker w serves
+    global steps start + w, start + w + n_workers, ...; the shard follows the steps it serves, which makes the stream
+    the same whatever step it starts at.
     """
 
     def __init__(self, index, cfg, rank, world_size, steps_per_epoch, start_step=0):
@@ -732,14 +829,17 @@ class GenomeStream(IterableDataset):
                 first = epoch * self.per_epoch + (role - epoch * self.per_epoch) % n_workers
                 for _ in range((step - first) // n_workers):  # fast-forward to resume mid-epoch
                     sampler.next_batch(micro * batch_size)
-            tokens, species, _ = sampler.next_batch(micro * batch_size)
+            tokens, species, _, repeat = sampler.next_batch(micro * batch_size)
             yield (torch.from_numpy(tokens).view(micro, batch_size, -1),
-                   torch.from_numpy(species).view(micro, batch_size))
+                   torch.from_numpy(species).view(micro, batch_size),
+                   torch.from_numpy(repeat).view(micro, batch_size, -1))
             step += n_workers
 
 
 def load_validation(index, cfg):
-    """The fixed validation windows: evenly spaced over the validation chunks, in file order, never shuffled."""
+    """The fixed validation windows: evenly spaced over the validation chunks, in file order, never shuffled, in frame
+    0 of the forward strand whatever the training augmentation. (tokens [N, prefix + context + 1] int64, species ids
+    [N], the tokens' repeat flags [N, prefix + context + 1] bool)."""
     stride = cfg.window_stride
     counts = [windows_per_chunk(c.n_tokens, cfg.context_size, stride) for c in index.val]
     total = sum(counts)
@@ -751,7 +851,7 @@ def load_validation(index, cfg):
         mine = picks[(picks >= bounds[i]) & (picks < bounds[i + 1])] - bounds[i]
         if len(mine):
             wanted[chunk.key] = mine * stride
-    windows, species = {}, {}
+    windows, species, repeats = {}, {}, {}
     for name in index.species:
         for path, label in index.files.get(name, []):
             if not any(k[1] == label and k[0] == name for k in wanted):
@@ -759,14 +859,16 @@ def load_validation(index, cfg):
             for chunk in chunk_file(path, name, label, cfg, wanted=set(wanted)):
                 if chunk.tokens is not None:
                     windows[chunk.key] = window_tokens(chunk.tokens, wanted[chunk.key], cfg)
+                    repeats[chunk.key] = window_repeats(chunk.soft_mask, wanted[chunk.key], cfg)
                     species[chunk.key] = index.species.index(name)
     keys = [c.key for c in index.val if c.key in windows]
+    width = cfg.prefix_tokens + cfg.context_size + 1
     if not keys:
-        return (torch.zeros(0, cfg.prefix_tokens + cfg.context_size + 1, dtype=torch.long),
-                torch.zeros(0, dtype=torch.long))
+        return (torch.zeros(0, width, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                torch.zeros(0, width, dtype=torch.bool))
     tokens = torch.from_numpy(np.concatenate([windows[k] for k in keys]).astype(np.int64))
     ids = torch.from_numpy(np.concatenate([np.full(len(windows[k]), species[k]) for k in keys]))
-    return tokens, ids
+    return tokens, ids, torch.from_numpy(np.concatenate([repeats[k] for k in keys]))
 
 
 # ----------------------------------------------------------------------------- retrieval memory
@@ -1177,9 +1279,10 @@ def train(cfg, build_model=None):
         while run.step < run.total_steps:
             bar = bar or epoch_progress_bar(run)
             t_step = time.time()
-            step_tokens, step_species = next(batches)
+            step_tokens, step_species, step_repeat = next(batches)
             meter.data_wait += time.time() - t_step
-            result = train_step(run.learner, step_tokens, step_species, lr_at(run.step, cfg, run.total_steps))
+            result = train_step(run.learner, step_tokens, step_species, step_repeat,
+                                lr_at(run.step, cfg, run.total_steps))
             run.step += 1
             meter.add(result)
             bar.update(1)
@@ -1218,6 +1321,7 @@ class Run:
     learner: "Learner"
     val_tokens: torch.Tensor
     val_species: torch.Tensor
+    val_repeat: torch.Tensor  # the validation tokens' repeat flags
     per_epoch: int
     total_steps: int
     loader: DataLoader = None
@@ -1241,7 +1345,7 @@ def start_run(cfg, rt, log, build_model):
         warn(f"no GPU found: training on the CPU with {rt.world_size} process(es) (gloo). This is slow; the progress "
              f"bar's ETA is the real estimate. Use a smaller model (--d_model=128 --n_layers=2) to try things out.")
     index = scan_genomes(cfg, warn=warn, progress=log.progress)
-    val_tokens, val_species = load_validation(index, cfg)
+    val_tokens, val_species, val_repeat = load_validation(index, cfg)
     if not len(val_tokens):
         warn(f"warning: no validation windows: a species whose sequence fits in one chunk (chunk_size = "
              f"{cfg.chunk_size:,} bases) keeps that chunk for training. Validation and model_best.pt are skipped; "
@@ -1249,7 +1353,7 @@ def start_run(cfg, rt, log, build_model):
     per_epoch = steps_per_epoch(index, cfg, rt.world_size)
     total_steps = per_epoch * cfg.n_epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.n_epochs)
     run = Run(cfg, rt, log, index, build_learner(cfg, rt, len(index.species), build_model), val_tokens, val_species,
-              per_epoch, total_steps)
+              val_repeat, per_epoch, total_steps)
     if cfg.global_memory == "retrieval":
         run.learner.memory_index = retrieval_index(index, cfg, rt, warn)
     if rt.is_main:
@@ -1344,7 +1448,8 @@ class Learner:
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # mean training loss of the step's micro-batches, nats/token, on the device
+    loss: torch.Tensor  # mean training loss of the step's micro-batches, nats/token, on the device: unweighted
+    weighted_loss: torch.Tensor  # the same with repeat targets weighted by repeat_loss_weight: what is trained
     grad_norm: torch.Tensor
     finite: torch.Tensor  # False when a gradient was not finite and the step was skipped
 
@@ -1366,29 +1471,35 @@ def build_learner(cfg, rt, n_species, build_model=None):
                    consecutive_bad=zero(), worst_streak=zero(), skipped_steps=zero())
 
 
-def train_step(learner, step_tokens, step_species, lr):
+def train_step(learner, step_tokens, step_species, step_repeat, lr):
     """One optimizer step: forward and backward over the accumulation micro-batches, clip, optimizer, memory update,
-    bad-step accounting. step_tokens [A, B, context + 1] and step_species [A, B] as the loader yields them.
-    Returns device tensors and never waits for the device."""
+    bad-step accounting. step_tokens [A, B, prefix + context + 1], step_species [A, B] and step_repeat (the tokens'
+    repeat flags) as the loader yields them. Returns device tensors and never waits for the device."""
     cfg, rt, model = learner.cfg, learner.rt, learner.model
     for group in learner.optimizer.param_groups:
         group["lr"] = lr
     step_tokens = step_tokens.to(rt.device, non_blocking=True).long()
     step_species = step_species.to(rt.device, non_blocking=True)
-    step_loss = torch.zeros((), device=rt.device)
+    # each target weighs 1, a repeat target repeat_loss_weight: the gradient follows the weighted mean, while the
+    # reported loss stays the plain mean, comparable across runs
+    step_weights = 1 + (cfg.repeat_loss_weight - 1) * step_repeat.to(rt.device, non_blocking=True).float()
+    step_loss, step_weighted = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
     observations = None
     for micro in range(cfg.accumulation_steps):
         windows = step_tokens[micro]
         inputs, targets = windows[:, cfg.prefix_tokens:-1], windows[:, cfg.prefix_tokens + 1:]
+        weights = step_weights[micro, :, cfg.prefix_tokens + 1:]
         memory = {} if learner.memory_index is None else {  # leave-one-out: a window never retrieves itself
             "retrieval": learner.memory_index.counts(windows, cfg.prefix_tokens, exclude_self=True)}
         syncs_gradients = micro == cfg.accumulation_steps - 1
         # gradients are all-reduced only on the last micro-batch; no_sync must wrap the forward too
         with learner.wrapped.no_sync() if rt.distributed and not syncs_gradients else contextlib.nullcontext():
             with learner.autocast():
-                loss, hidden = learner.wrapped(inputs, step_species[micro], targets, **memory)
-            learner.scaler.scale(loss / cfg.accumulation_steps).backward()
-        step_loss += loss.detach() / cfg.accumulation_steps
+                nats, hidden = learner.wrapped(inputs, step_species[micro], targets, reduction="none", **memory)
+            weighted = (nats * weights).sum() / weights.sum()
+            learner.scaler.scale(weighted / cfg.accumulation_steps).backward()
+        step_loss += nats.detach().mean() / cfg.accumulation_steps  # training windows have no -100 targets
+        step_weighted += weighted.detach() / cfg.accumulation_steps
         if cfg.global_memory == "buckets":
             seen = model.bucket_observations(inputs, hidden)
             observations = seen if observations is None else observations.add_(seen)
@@ -1408,7 +1519,7 @@ def train_step(learner, step_tokens, step_species, lr):
         if pending is not None:
             pending.wait()
         model.update_bucket_memory(torch.where(finite, observations, 0.0))  # a skipped step teaches it nothing
-    return StepResult(step_loss, grad_norm, finite)
+    return StepResult(step_loss, step_weighted, grad_norm, finite)
 
 
 # ----------------------------------------------------------------------------- training: log lines, validation, saves
@@ -1419,12 +1530,14 @@ class LogMeter:
     def __init__(self, run):
         self.t_start, self.steps, self.data_wait = time.time(), 0, 0.0
         self.loss_sum = torch.zeros((), device=run.rt.device)
+        self.weighted_sum = torch.zeros((), device=run.rt.device)
         self.good_steps = torch.zeros((), device=run.rt.device)
         self.skipped_before = int(run.learner.skipped_steps.item())
 
     def add(self, result):
         self.steps += 1
         self.loss_sum += torch.where(result.finite, result.loss, 0.0)
+        self.weighted_sum += torch.where(result.finite, result.weighted_loss, 0.0)
         self.good_steps += result.finite.float()
 
 
@@ -1441,19 +1554,21 @@ def write_log_line(run, meter, result):
     if skipped > meter.skipped_before:
         run.log.info(f"warning: {skipped - meter.skipped_before} step(s) up to step {run.step} had non-finite "
                      f"gradients and were skipped ({skipped} in all)")
-    totals = torch.stack([meter.loss_sum, meter.good_steps])
+    totals = torch.stack([meter.loss_sum, meter.weighted_sum, meter.good_steps])
     if rt.distributed:
         dist.all_reduce(totals)
-    loss_sum, good_steps = totals.tolist()
+    loss_sum, weighted_sum, good_steps = totals.tolist()
     mean_loss = loss_sum / good_steps if good_steps else math.nan
     seconds = time.time() - meter.t_start
     samples_per_s = meter.steps * cfg.batch_size * cfg.accumulation_steps * rt.world_size / seconds
     record = {"step": run.step, "epoch": run.step / run.per_epoch, "loss": mean_loss,
-              "bits_per_base": mean_loss * NATS_PER_TOKEN_TO_BITS_PER_BASE,
-              "lr": learner.optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm.item(),
-              "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * cfg.context_size,
-              "data_wait_frac": meter.data_wait / seconds, "skipped_steps": skipped, "host_rss_mb": host_rss_mb(),
-              "elapsed_s": time.time() - run.t_start, "train_s": run.train_seconds}
+              "bits_per_base": mean_loss * NATS_PER_TOKEN_TO_BITS_PER_BASE}
+    if cfg.repeat_loss_weight != 1:  # what the gradient follows; `loss` stays the plain mean, comparable across runs
+        record["weighted_loss"] = weighted_sum / good_steps if good_steps else math.nan
+    record.update({"lr": learner.optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm.item(),
+                   "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * cfg.context_size,
+                   "data_wait_frac": meter.data_wait / seconds, "skipped_steps": skipped, "host_rss_mb": host_rss_mb(),
+                   "elapsed_s": time.time() - run.t_start, "train_s": run.train_seconds})
     peak = peak_flops(rt.device)
     if peak:
         n_tokens = cfg.batch_size * cfg.accumulation_steps * rt.world_size * cfg.context_size
@@ -1480,8 +1595,8 @@ def validate(run):
     if not len(run.val_tokens):
         return
     learner = run.learner
-    run.val_loss, by_species = evaluate(learner.compiled, run.val_tokens, run.val_species, run.cfg, run.rt,
-                                        learner.autocast_dtype, learner.memory_index)
+    run.val_loss, by_species, by_repeat = evaluate(learner.compiled, run.val_tokens, run.val_species, run.val_repeat,
+                                                   run.cfg, run.rt, learner.autocast_dtype, learner.memory_index)
     improved = run.val_loss < run.best_val  # the same on every rank: the loss is all-reduced
     run.best_val = min(run.best_val, run.val_loss)
     to_bits = NATS_PER_TOKEN_TO_BITS_PER_BASE
@@ -1489,9 +1604,12 @@ def validate(run):
                      "val_bits_per_base": run.val_loss * to_bits, "best_val_loss": run.best_val,
                      "val_bits_per_base_by_species": {name: loss * to_bits for name, loss in
                                                       zip(run.index.species, by_species)},
+                     "val_bits_per_base_repeat": by_repeat["repeat"] * to_bits,
+                     "val_bits_per_base_nonrepeat": by_repeat["nonrepeat"] * to_bits,
                      "elapsed_s": time.time() - run.t_start, "train_s": run.train_seconds})
     run.log.info(f"step {run.step}: validation loss {run.val_loss:.4f} nats/token = {run.val_loss * to_bits:.4f} "
-                 f"bits/base (best {run.best_val * to_bits:.4f})")
+                 f"bits/base (best {run.best_val * to_bits:.4f}; repeat targets {by_repeat['repeat'] * to_bits:.4f}, "
+                 f"others {by_repeat['nonrepeat'] * to_bits:.4f})")
     if improved:  # long runs over-fit a few genomes: keep the weights a user most likely wants
         save_run(run, "model_best.pt")
 
@@ -1555,9 +1673,10 @@ def epoch_bar_span(step, per_epoch, total_steps):
 
 
 @torch.no_grad()
-def evaluate(model, tokens, species, cfg, rt, autocast_dtype, memory_index=None):
-    """Mean loss (nats/token) over the fixed validation windows, overall and per species id (a list); every rank
-    scores its share, then all-reduce.
+def evaluate(model, tokens, species, repeat, cfg, rt, autocast_dtype, memory_index=None):
+    """Mean loss (nats/token, unweighted) over the fixed validation windows: overall, per species id (a list), and
+    over the targets whose repeat flag is set and the others ({"repeat", "nonrepeat"}; nan where there are none);
+    every rank scores its share, then all-reduce.
 
     `model` is the bare (or compiled) module, not the DDP wrapper, so a rank with fewer rows joins no collective
     but the final sum. Batches keep the training micro-batch shape, so compiled graphs are reused; padding rows
@@ -1567,7 +1686,8 @@ def evaluate(model, tokens, species, cfg, rt, autocast_dtype, memory_index=None)
     model.eval()
     mine = torch.arange(rt.rank, len(tokens), rt.world_size)
     n_species = int(species.max()) + 1 if len(species) else 1  # the same on every rank: all rows are everywhere
-    totals = torch.zeros(n_species, 2, dtype=torch.float64, device=rt.device)  # per species: nats, targets
+    # per species: nats, targets, and the same over repeat targets
+    totals = torch.zeros(n_species, 4, dtype=torch.float64, device=rt.device)
     for start in range(0, len(mine), cfg.batch_size):
         rows = mine[start:start + cfg.batch_size]
         valid = len(rows)
@@ -1580,14 +1700,20 @@ def evaluate(model, tokens, species, cfg, rt, autocast_dtype, memory_index=None)
         with torch.autocast(rt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             nats, _ = model(batch[:, cfg.prefix_tokens:-1], species[rows].to(rt.device), targets, reduction="none",
                             **memory)
-        row_nats = nats[:valid].double().sum(1)
+        nats = nats[:valid].double()
+        flags = repeat[rows[:valid], cfg.prefix_tokens + 1:].to(rt.device)
+        row_nats = nats.sum(1)
         totals.index_add_(0, species[rows[:valid]].to(rt.device),
-                          torch.stack([row_nats, torch.full_like(row_nats, cfg.context_size)], 1))
+                          torch.stack([row_nats, torch.full_like(row_nats, cfg.context_size),
+                                       torch.where(flags, nats, 0.0).sum(1), flags.sum(1).double()], 1))
     if rt.distributed:
         dist.all_reduce(totals)
     model.train(was_training)
-    overall = totals.sum(0)
-    return (overall[0] / overall[1].clamp_min(1)).item(), (totals[:, 0] / totals[:, 1].clamp_min(1)).tolist()
+    total_nats, targets, repeat_nats, repeat_targets = totals.sum(0).tolist()
+    other_targets = targets - repeat_targets
+    by_repeat = {"repeat": repeat_nats / repeat_targets if repeat_targets else math.nan,
+                 "nonrepeat": (total_nats - repeat_nats) / other_targets if other_targets else math.nan}
+    return total_nats / max(targets, 1), (totals[:, 0] / totals[:, 1].clamp_min(1)).tolist(), by_repeat
 
 
 # ----------------------------------------------------------------------------- training: set-up helpers

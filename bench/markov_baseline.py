@@ -317,7 +317,7 @@ def main():
     # ---------------------------------------------------------------- refit on all training chunks, score validation
     model = MarkovModel(MarkovModel.add(counts_fit, counts_held))
     del counts_held
-    val_tokens, val_species = plm.load_validation(index, cfg)
+    val_tokens, val_species, _ = plm.load_validation(index, cfg)
     val_windows = tokens_to_codes(val_tokens.numpy())
     val_species = val_species.numpy()
     val_scores = score_windows(val_windows, model, K)
@@ -339,7 +339,7 @@ def main():
 
     # ---------------------------------------------------------------- side check: the trainer's first training windows
     sampler = plm.EpochSampler(index, cfg, epoch=0, shard=0, n_shards=1)
-    tr_tokens, tr_species, tr_keys = sampler.next_batch(TRAIN_SAMPLE)
+    tr_tokens, tr_species, tr_keys, _ = sampler.next_batch(TRAIN_SAMPLE)
     tr_windows = tokens_to_codes(tr_tokens.astype(np.int64))
     tr_scores = score_windows(tr_windows, model, K)
     tr_table = table(tr_scores, K, per_window)

@@ -374,7 +374,7 @@ def main():
         hs.append(np.full(len(w), species.index(key[0])))
         hhalf.append(np.full(len(w), j % 2))
     held_windows, held_species, held_half = np.concatenate(hw), np.concatenate(hs), np.concatenate(hhalf)
-    val_tokens, val_species = plm.load_validation(index, cfg)
+    val_tokens, val_species, _ = plm.load_validation(index, cfg)
     val_windows = tokens_to_codes(val_tokens.numpy())
     val_species = val_species.numpy()
     log(f"{len(held_windows)} held-out fitting windows, {len(val_windows)} validation windows")

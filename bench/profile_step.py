@@ -36,10 +36,11 @@ def main():
         learner.memory_index = synthetic_index(int(os.environ.get("INDEX_ENTRIES", 200_000_000)), rt.device)
     tokens = torch.randint(0, plm.VOCAB_SIZE, (cfg.accumulation_steps, cfg.batch_size, cfg.prefix_tokens + cfg.context_size + 1))
     species = torch.randint(0, 3, (cfg.accumulation_steps, cfg.batch_size))
+    repeat = torch.zeros(tokens.shape, dtype=torch.bool)  # the repeat flags only weigh the loss: no cost of their own
 
     def step(n):
         for _ in range(n):
-            plm.train_step(learner, tokens, species, cfg.learning_rate)  # the trainer's own step
+            plm.train_step(learner, tokens, species, repeat, cfg.learning_rate)  # the trainer's own step
 
     step(5)
     torch.cuda.synchronize()

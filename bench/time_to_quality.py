@@ -55,9 +55,12 @@ def main():
         val = [(rec["train_s"], rec["val_bits_per_base"], rec["step"]) for rec in records if "val_bits_per_base" in rec]
         by_species = [(rec["step"], rec["val_bits_per_base_by_species"]) for rec in records
                       if "val_bits_per_base_by_species" in rec]
+        # validation bits/base on repeat (soft-masked) targets and on the others, where the trainer logs them
+        by_repeat = [(rec["step"], rec["val_bits_per_base_repeat"], rec["val_bits_per_base_nonrepeat"])
+                     for rec in records if "val_bits_per_base_repeat" in rec]
         train = [rec for rec in records if "tokens_per_s" in rec]
         results.append({"label": r["label"], "args": r["args"], "returncode": r["returncode"], "curve": val,
-                        "curve_by_species": by_species,
+                        "curve_by_species": by_species, "curve_by_repeat": by_repeat,
                         "final_val_bits_per_base": val[-1][1] if val else None,
                         "best_val_bits_per_base": min(v for _, v, _ in val) if val else None,
                         "steps": train[-1]["step"] if train else 0,
@@ -92,11 +95,13 @@ def main():
         fig.savefig(os.path.join(HERE, "results", f"{args.name}.png"), dpi=110)
     except ImportError:
         pass
-    print(f"{'variant':28s} {'steps':>6s} {'tokens/s':>11s} {'final val b/b':>13s} {'best':>7s} rc")
+    print(f"{'variant':28s} {'steps':>6s} {'tokens/s':>11s} {'final val b/b':>13s} {'best':>7s} {'repeat':>7s} "
+          f"{'other':>7s} rc")
     for r in results:
+        repeat, other = r["curve_by_repeat"][-1][1:] if r["curve_by_repeat"] else (float("nan"),) * 2
         print(f"{r['label']:28s} {r['steps']:6d} {r['tokens_per_s_median'] or 0:11,.0f} "
               f"{r['final_val_bits_per_base'] or float('nan'):13.4f} {r['best_val_bits_per_base'] or float('nan'):7.4f} "
-              f"{r['returncode']}")
+              f"{repeat:7.4f} {other:7.4f} {r['returncode']}")
         if r["returncode"]:
             print(r["stderr_tail"])
 

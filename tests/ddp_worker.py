@@ -60,7 +60,8 @@ def run_accumulation(outdir, rank, world_size):
     learner.optimizer = RecordingSGD(model.parameters(), lr=SGD_LR)
     mine = slice(rank * ACCUMULATION_STEPS, (rank + 1) * ACCUMULATION_STEPS)  # each rank its own micro-batches
     step_tokens, step_species = tokens[mine], species[mine]
-    plm.train_step(learner, step_tokens, step_species, lr=SGD_LR)  # the trainer's own step
+    no_repeats = torch.zeros(step_tokens.shape, dtype=torch.bool)
+    plm.train_step(learner, step_tokens, step_species, no_repeats, lr=SGD_LR)  # the trainer's own step
     grads = {name: learner.optimizer.grads[p] for name, p in model.named_parameters()}
     result = {"grads": grads, "params": {name: p.detach().clone() for name, p in model.named_parameters()},
               "step_tokens": step_tokens}

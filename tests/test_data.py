@@ -93,7 +93,7 @@ def full_chunks(index, species, cfg):
 
 
 def loader_batches(stream, num_workers, n):
-    """The first n (tokens, species) items a DataLoader(batch_size=None) yields from a GenomeStream."""
+    """The first n (tokens, species, repeat flags) items a DataLoader(batch_size=None) yields from a GenomeStream."""
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
     it = iter(loader)
     out = [tuple(t.clone() for t in next(it)) for _ in range(n)]
@@ -291,7 +291,7 @@ def test_windows_never_cross_chunks(multi_species_index):
             windows_of[key] = set(window_rows(chunk.tokens, cfg))
     sampler = plm.EpochSampler(index, cfg, epoch=0, shard=0, n_shards=1)
     for _ in range(40):
-        tokens, species_ids, keys = sampler.next_batch(16)
+        tokens, species_ids, keys, _ = sampler.next_batch(16)
         assert tokens.shape == (16, cfg.context_size + 1)
         for row, species_id, key in zip(tokens, species_ids, keys):
             assert key[0] == index.species[species_id]
@@ -553,7 +553,7 @@ def test_windows_of_a_chunk_are_drawn_in_random_order(multi_species_index):
             start_of[key, row] = i
     stream = plm.SpeciesStream(chunks, index.files[species], cfg, np.random.default_rng(0))
     total = index.windows(chunks, cfg)
-    tokens, keys = stream.draw(total)
+    tokens, keys, _ = stream.draw(total)
     order = collections.defaultdict(list)
     for row, key in zip(tokens, keys):
         order[key].append(start_of[key, tuple(int(t) for t in row)])
@@ -600,7 +600,7 @@ def test_sharded_species_streams_draw_every_training_window_exactly_once(multi_s
         owned_by.update(stream.owned)
         remaining = sum(plm.windows_per_chunk(n_tokens[k], cfg.context_size, cfg.window_stride) for k in stream.owned)
         while remaining:
-            tokens, keys = stream.draw(min(16, remaining))
+            tokens, keys, _ = stream.draw(min(16, remaining))
             assert all(k in stream.owned for k in keys)
             drawn.update(tuple(int(t) for t in row) for row in tokens)
             remaining -= len(tokens)
@@ -616,7 +616,7 @@ def test_same_seed_epoch_and_shard_give_identical_batches(multi_species_index):
         return [sampler.next_batch(16) for _ in range(30)]
 
     first, again = batches(0, 0), batches(0, 0)
-    for (t1, s1, k1), (t2, s2, k2) in zip(first, again):
+    for (t1, s1, k1, _), (t2, s2, k2, _) in zip(first, again):
         assert np.array_equal(t1, t2) and np.array_equal(s1, s2) and k1 == k2
     other_epoch = batches(1, 0)
     assert not all(np.array_equal(a[0], b[0]) for a, b in zip(first, other_epoch))
@@ -633,9 +633,10 @@ def test_genome_stream_ranks_yield_equal_full_batches(multi_species_index):
         out[rank] = loader_batches(stream, num_workers=2, n=per_epoch)
     for rank, batches in out.items():
         assert len(batches) == per_epoch
-        for tokens, species in batches:
+        for tokens, species, repeat in batches:
             assert tokens.shape == (cfg.accumulation_steps, cfg.batch_size, cfg.context_size + 1)
             assert species.shape == (cfg.accumulation_steps, cfg.batch_size)
+            assert repeat.shape == tokens.shape and repeat.dtype == torch.bool
             assert int(tokens.min()) >= 0 and int(tokens.max()) < plm.VOCAB_SIZE
             assert set(species.flatten().tolist()) <= {0, 1, 2}
     assert not any(torch.equal(a[0], b[0]) for a, b in zip(out[0], out[1])), "ranks must read different shards"
@@ -658,8 +659,114 @@ def test_genome_stream_resumes_at_the_exact_step(multi_species_index, num_worker
         _FRESH[num_workers] = loader_batches(stream(0), num_workers, total)
     fresh = _FRESH[num_workers]
     resumed = loader_batches(stream(start), num_workers, total - start)
-    matches = [torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(resumed, fresh[start:])]
+    matches = [all(torch.equal(x, y) for x, y in zip(a, b)) for a, b in zip(resumed, fresh[start:])]
     assert all(matches), f"resumed batch i == fresh batch {start}+i: {matches}"
+
+
+# ----------------------------------------------------------------------------- augmentation: frames and strands
+
+CASE_COMPLEMENT = str.maketrans("ACGTacgt", "TGCAtgca")
+
+
+def reverse_complement(seq):
+    """The other strand, read 5' to 3'; a soft-masked (lowercase) base stays soft-masked."""
+    return seq.translate(CASE_COMPLEMENT)[::-1]
+
+
+def chunk_bases(chunk):
+    """A chunk's bases as str, lowercase where soft-masked (from its tokens and soft_mask bits)."""
+    lower = np.unpackbits(chunk.soft_mask[:, None], axis=1)[:, 8 - BASES_PER_TOKEN:].reshape(-1)
+    return "".join(b.lower() if m else b for b, m in zip(plm.detokenize(chunk.tokens), lower))
+
+
+def expected_window(strand, first, cfg):
+    """(token ids, repeat flags) of the window that reads strand[first:first + 6 * (context + 1)] with its
+    cfg.prefix_tokens tokens in front, computed from the bases: -1 and False where the strand has no 6 bases."""
+    tokens, flags = [], []
+    for j in range(-cfg.prefix_tokens, cfg.context_size + 1):
+        at = first + BASES_PER_TOKEN * j
+        inside = 0 <= at and at + BASES_PER_TOKEN <= len(strand)
+        kmer = strand[at:at + BASES_PER_TOKEN] if inside else ""
+        tokens.append(kmer_index(kmer) if inside else -1)
+        flags.append(inside and sum(c.islower() for c in kmer) >= 3)
+    return tokens, flags
+
+
+def test_soft_mask_bits_mark_exactly_the_lowercase_bases():
+    seq = random_dna(6 * 300, seed=70, alphabet="ACGTacgt")
+    bits = plm.soft_mask_bits(codes_of(seq))
+    assert bits.dtype == np.uint8 and bits.shape == (300,)
+    assert [bool(b >> (BASES_PER_TOKEN - 1 - i) & 1) for b in bits for i in range(BASES_PER_TOKEN)] == \
+        [c.islower() for c in seq]
+    assert plm.IS_REPEAT[bits].tolist() == [sum(c.islower() for c in seq[i:i + 6]) >= 3 for i in range(0, 1800, 6)]
+
+
+def test_reverse_complement_tokens_reverse_the_order_and_complement_every_6mer():
+    spelled = plm.detokenize(plm.REVERSE_COMPLEMENT)
+    assert [spelled[6 * i:6 * i + 6] for i in range(plm.VOCAB_SIZE)] == \
+        [reverse_complement(plm.detokenize([i])) for i in range(plm.VOCAB_SIZE)]
+    # the same arithmetic as the retrieval memory's packed keys
+    assert torch.equal(plm.reverse_complement_key(torch.arange(plm.VOCAB_SIZE), BASES_PER_TOKEN),
+                       torch.from_numpy(plm.REVERSE_COMPLEMENT))
+    rc = plm.REVERSE_COMPLEMENT
+    assert plm.reverse_complement_tokens(np.array([[-1, 5, 433, 4095]])).tolist() == \
+        [[rc[4095], rc[433], rc[5], -1]]
+
+
+def test_shifted_and_reverse_strand_windows_are_the_tokens_of_the_bases_they_read():
+    """Every window of a chunk, in every frame, on both strands, in one call (per-window shifts and strands), with
+    the retrieval memory's 4 prefix tokens: each is the tokenization of the bases it reads and its prefix that of the
+    bases in front of it on its own strand (after it on the forward strand), -1 past the chunk; the repeat flags
+    count the soft-masked bases of each shifted 6-mer."""
+    cfg = tiny_config(**DATA_SHAPE, global_memory="retrieval")
+    span = cfg.context_size + 1
+    seq = random_dna(6 * 40, seed=71, alphabet="ACGTacgt")
+    codes = codes_of(seq)
+    tokens, soft_mask = plm.tokenize(codes), plm.soft_mask_bits(codes)
+    # a window of frame s > 0 fits where start + span <= 39: the frame's last 6 - s bases make no 6-mer
+    cases = [(t, s, r) for s in range(6) for t in range(40 - span - (s > 0) + 1) for r in (False, True)]
+    starts, shifts, reverse = (np.array(column) for column in zip(*cases))
+    windows = plm.window_tokens(tokens, starts, cfg, shifts, reverse)
+    repeats = plm.window_repeats(soft_mask, starts, cfg, shifts, reverse)
+    assert windows.dtype == np.int16 and windows.shape == repeats.shape == (len(cases), cfg.prefix_tokens + span)
+    for (t, s, r), row, flags in zip(cases, windows.tolist(), repeats.tolist()):
+        first = 6 * t + s
+        strand = reverse_complement(seq) if r else seq
+        if r:
+            first = len(seq) - first - 6 * span  # the same bases, counted from the other strand's start
+        assert (row, flags) == expected_window(strand, first, cfg), (t, s, r)
+    assert (windows[:, 0] == -1).any() and (windows[reverse, 0] == -1).any()  # both chunk ends were met
+    assert repeats.any() and not repeats.all()
+
+
+def test_the_augmented_sampler_draws_every_frame_and_both_strands_from_inside_each_chunk(multi_species_index):
+    cfg, index = multi_species_index
+    cfg = dataclasses.replace(cfg, global_memory="retrieval", frame_shift=True, reverse_complement=0.5)
+    strands = {}
+    for species in index.species:
+        for key, chunk in full_chunks(index, species, cfg).items():
+            strands[key] = (chunk_bases(chunk), reverse_complement(chunk_bases(chunk)))
+    sampler = plm.EpochSampler(index, cfg, epoch=0, shard=0, n_shards=1)
+    seen = collections.Counter()
+    for _ in range(20):
+        tokens, _, keys, repeats = sampler.next_batch(16)
+        for row, flags, key in zip(tokens.tolist(), repeats.tolist(), keys):
+            read = plm.detokenize(row[cfg.prefix_tokens:])  # 54 bases of random sequence: found at one place only
+            found = [(r, strand.upper().find(read)) for r, strand in enumerate(strands[key])]
+            (r, first), = [(r, first) for r, first in found if first >= 0]
+            assert (row, flags) == expected_window(strands[key][r], first, cfg), key
+            seen[r, first % 6] += 1
+    assert len(seen) == 12, seen  # every frame on both strands
+    reverse_share = sum(n for (r, _), n in seen.items() if r) / sum(seen.values())
+    assert 0.35 < reverse_share < 0.65, reverse_share
+
+
+def test_validation_windows_ignore_the_training_augmentation(multi_species_index):
+    cfg, index = multi_species_index
+    plain = plm.load_validation(index, cfg)
+    augmented = plm.load_validation(index, dataclasses.replace(cfg, frame_shift=True, reverse_complement=1.0,
+                                                                repeat_loss_weight=0.1))
+    assert all(torch.equal(a, b) for a, b in zip(plain, augmented))
 
 
 # ----------------------------------------------------------------------------- validation split
@@ -708,10 +815,10 @@ def test_scan_split_is_disjoint_and_covers_all_chunks(multi_species_index, multi
 
 def test_load_validation_returns_the_same_tensors_twice(multi_species_index):
     cfg, index = multi_species_index
-    tokens, ids = plm.load_validation(index, cfg)
-    tokens2, ids2 = plm.load_validation(index, cfg)
+    tokens, ids, repeat = plm.load_validation(index, cfg)
+    tokens2, ids2, repeat2 = plm.load_validation(index, cfg)
     assert len(tokens) > 0
-    assert torch.equal(tokens, tokens2) and torch.equal(ids, ids2)
+    assert torch.equal(tokens, tokens2) and torch.equal(ids, ids2) and torch.equal(repeat, repeat2)
 
 
 def test_load_validation_holds_every_window_of_the_val_chunks(multi_species_index):
@@ -720,10 +827,12 @@ def test_load_validation_holds_every_window_of_the_val_chunks(multi_species_inde
     for species in index.species:
         chunks.update(full_chunks(index, species, cfg))
     expected = [row for c in index.val for row in window_rows(chunks[c.key].tokens, cfg)]
+    expected_flags = [row for c in index.val for row in window_rows(chunks[c.key].repeat, cfg)]
     expected_ids = [index.species.index(c.key[0]) for c in index.val
                     for _ in range(plm.windows_per_chunk(c.n_tokens, cfg.context_size, cfg.window_stride))]
-    tokens, ids = plm.load_validation(index, cfg)
+    tokens, ids, repeat = plm.load_validation(index, cfg)
     assert [tuple(r) for r in tokens.tolist()] == expected
+    assert [tuple(r) for r in repeat.tolist()] == expected_flags and repeat.any()
     assert ids.tolist() == expected_ids
     assert len(tokens) == index.windows(index.val, cfg)
 
@@ -732,9 +841,9 @@ def test_load_validation_subsamples_to_eval_windows(multi_species_index):
     cfg, index = multi_species_index
     total = index.windows(index.val, cfg)
     small = dataclasses.replace(cfg, eval_windows=total // 3)
-    tokens, ids = plm.load_validation(index, small)
+    tokens, ids, _ = plm.load_validation(index, small)
     assert tokens.shape == (total // 3, cfg.context_size + 1)
-    everything, _ = plm.load_validation(index, cfg)
+    everything, _, _ = plm.load_validation(index, cfg)
     rows = {tuple(r) for r in everything.tolist()}
     assert all(tuple(r) in rows for r in tokens.tolist())
 
@@ -817,7 +926,7 @@ def test_real_scan_finds_three_species_with_disjoint_splits(real_index):
 
 def test_real_validation_windows_are_tokens_of_all_species(real_index):
     cfg, index, _ = real_index
-    tokens, ids = plm.load_validation(index, cfg)
+    tokens, ids, _ = plm.load_validation(index, cfg)
     total = index.windows(index.val, cfg)
     # the default memory, retrieval, gives each window the 4 tokens before it (-1 where the chunk starts)
     assert tokens.shape == (min(cfg.eval_windows, total), cfg.prefix_tokens + cfg.context_size + 1)

@@ -350,8 +350,9 @@ def test_evaluate_leaves_the_memory_alone_and_returns_the_mean_loss_over_all_win
     model.train()
     memory, weight = model.bucket_memory.clone(), model.bucket_weight.clone()
     tokens, species = random_batch(cfg, batch=7, seed=8)  # 7 windows: the last batch is padded
+    repeat = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(9)) < 0.3
     rt = plm.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    loss, by_species = plm.evaluate(model, tokens, species, cfg, rt, None)
+    loss, by_species, by_repeat = plm.evaluate(model, tokens, species, repeat, cfg, rt, None)
     assert torch.equal(model.bucket_memory, memory) and torch.equal(model.bucket_weight, weight)
     assert model.training  # restored
     with torch.no_grad():
@@ -361,6 +362,12 @@ def test_evaluate_leaves_the_memory_alone_and_returns_the_mean_loss_over_all_win
     nats = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
     assert by_species == pytest.approx([nats[species == s].mean().item() for s in range(int(species.max()) + 1)],
                                        rel=1e-6)  # the mean over each species' windows
+    # and the mean over the repeat targets (the flags of tokens 1..T, the targets) and over the others, unweighted
+    per_target = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+    flags = repeat[:, 1:]
+    assert 0 < flags.sum() < flags.numel()
+    assert by_repeat["repeat"] == pytest.approx(per_target[flags].mean().item(), rel=1e-6)
+    assert by_repeat["nonrepeat"] == pytest.approx(per_target[~flags].mean().item(), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- bucket memory: state dict
@@ -427,6 +434,40 @@ def test_loss_is_fp32_cross_entropy_of_the_logits_under_bf16_autocast():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     fp32 = F.cross_entropy(logits_of(model, tokens[:, :-1], species).reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
     assert loss.item() == pytest.approx(fp32.item(), rel=1e-2)
+
+
+def test_train_step_follows_the_repeat_weighted_loss_and_reports_the_plain_one():
+    """repeat_loss_weight w: each micro-batch's gradient is that of sum(weight * nats) / sum(weight), weight w on
+    targets whose repeat flag is set and 1 elsewhere; StepResult.loss stays the plain mean (comparable across runs),
+    StepResult.weighted_loss is what was trained."""
+    w = 0.25
+    cfg = tiny_config(**TWO_LAYERS, batch_size=3, accumulation_steps=2, precision="fp32", grad_clip=1e9,
+                      repeat_loss_weight=w)
+    torch.manual_seed(0)
+    model = plm.PlantLM(cfg, 3)
+    reference = plm.PlantLM(cfg, 3)
+    reference.load_state_dict(model.state_dict())
+    learner = plm.build_learner(cfg, plm.Runtime(0, 0, 1, torch.device("cpu")), 3, build_model=lambda *a, **k: model)
+    learner.optimizer = ddp_worker.RecordingSGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, VOCAB, (2, 3, cfg.context_size + 1), generator=g)
+    species = torch.randint(0, 3, (2, 3), generator=g)
+    repeat = torch.rand(tokens.shape, generator=g) < 0.4
+    result = plm.train_step(learner, tokens, species, repeat, lr=0.1)
+
+    weighted, plain = 0.0, 0.0
+    for micro in range(2):
+        nats, _ = reference(tokens[micro, :, :-1], species[micro], tokens[micro, :, 1:], reduction="none")
+        weight = torch.where(repeat[micro, :, 1:], w, 1.0)
+        weighted = weighted + (nats * weight).sum() / weight.sum() / 2
+        plain += nats.mean().item() / 2
+    weighted.backward()
+    assert result.loss.item() == pytest.approx(plain, rel=1e-6)
+    assert result.weighted_loss.item() == pytest.approx(weighted.item(), rel=1e-6)
+    assert abs(result.weighted_loss.item() - plain) > 1e-4  # the flags split the targets unevenly: weights matter
+    for name, p in reference.named_parameters():
+        trained = learner.optimizer.grads[dict(model.named_parameters())[name]]
+        assert torch.allclose(trained, p.grad, rtol=1e-4, atol=1e-7), name
 
 
 @pytest.fixture(scope="module")

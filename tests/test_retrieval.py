@@ -122,6 +122,53 @@ def test_a_training_window_never_retrieves_its_own_target(repeats_dir, tmp_path)
     assert (longest[~copies] == 0).all() and (longest[copies] >= 1).all() and copies.any()
 
 
+def every_frame_and_strand(index, cfg):
+    """Every training window (with its prefix) in each of the 6 frames on both strands, as augmented training draws
+    them: one int64 tensor."""
+    span = cfg.context_size + 1
+    rows = []
+    for name in index.species:
+        wanted = {c.key for c in index.train if c.key[0] == name}
+        for path, label in index.files[name]:
+            for chunk in plm.chunk_file(path, name, label, cfg, wanted=wanted):
+                if chunk.tokens is not None:
+                    for shift in range(6):
+                        starts = plm.window_starts(chunk.n_tokens - (shift > 0), cfg.context_size, cfg.window_stride)
+                        assert (starts + span <= chunk.n_tokens - (shift > 0)).all()
+                        for reverse in (False, True):
+                            rows.append(plm.window_tokens(chunk.tokens, starts, cfg, shift, reverse))
+    return torch.from_numpy(np.concatenate(rows).astype(np.int64))
+
+
+def test_shifted_and_reverse_strand_training_windows_leave_out_exactly_their_own_occurrence(repeats_dir, tmp_path):
+    """A frame-shifted or reverse-strand window is in the index too, at its own place (the index holds both strands
+    at every base offset): each of its (context, target) strings, prefix included, is counted as often as a brute
+    force count finds it, at least once, and leave-one-out takes out 1, or 2 for a string that is its own reverse
+    complement, leaving exactly what the other copies add."""
+    cfg = retrieval_config(repeats_dir, tmp_path)
+    index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
+    memory = plm.build_retrieval_index(index, cfg, torch.device("cpu"), "test")
+    windows = every_frame_and_strand(index, cfg)
+    kept = memory.counts(windows, cfg.prefix_tokens, exclude_self=False)
+    left_out = memory.counts(windows, cfg.prefix_tokens, exclude_self=True)
+    seqs = training_sequences(index, cfg)
+    owns = collections.Counter()
+    for o, k in enumerate(plm.RETRIEVAL_CONTEXT_TOKENS):
+        truth = brute_force_counts(seqs, 6 * (k + 1))
+        for w, row in enumerate(windows.tolist()):
+            for t in range(cfg.context_size):
+                target = cfg.prefix_tokens + 1 + t
+                if min(row[target - k:target + 1]) < 0:  # the context reaches past the chunk
+                    assert kept[w, t, o].tolist() == [0, 0] == left_out[w, t, o].tolist()
+                    continue
+                string = plm.detokenize(row[target - k:target + 1])
+                own = 1 + (string == reverse_complement(string))
+                assert kept[w, t, o, 1].item() == truth[string] >= own, (k, w, t)
+                assert (kept[w, t, o] - left_out[w, t, o]).tolist() == [own, own], (k, w, t)
+                owns[own] += 1
+    assert set(owns) == {1, 2}, owns  # the planted palindrome is met
+
+
 def test_validation_windows_are_not_in_the_index(repeats_dir, tmp_path):
     cfg = retrieval_config(repeats_dir, tmp_path, val_fraction=0.2)
     index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)

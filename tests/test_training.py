@@ -240,11 +240,21 @@ def test_resume_mid_epoch_single_process_is_bitwise_exact(data_dir, tmp_path):
     _straight_then_resumed(data_dir, tmp_path, nproc=1, total=8, resume_at=4)
 
 
-def test_resume_two_processes_with_loader_workers_at_an_odd_step_is_bitwise_exact(data_dir, tmp_path):
+def test_resume_two_processes_with_loader_workers_and_augmentation_at_an_odd_step_is_bitwise_exact(data_dir,
+                                                                                                  tmp_path):
     """2 ranks x 2 DataLoader workers, resume at step 3 of 6 (the workers' step residues swap); dropout 0, so
-    this isolates the data order, DDP and bucket-memory state from the dropout RNG (see the test above)."""
+    this isolates the data order, DDP and bucket-memory state from the dropout RNG (see the test above). With every
+    augmentation on: the frame shifts and strands replay from the seeded streams, the repeat weights follow them.
+    The straight run logs the weighted loss beside the plain one, and validation per repeat class."""
     _straight_then_resumed(data_dir, tmp_path, nproc=2, total=6, resume_at=3,
-                           extra=["--num_workers=2", "--dropout=0"])
+                           extra=["--num_workers=2", "--dropout=0", "--frame_shift=true", "--reverse_complement=0.5",
+                                  "--repeat_loss_weight=0.3"])
+    records = read_jsonl(tmp_path / "logs_full")
+    train = [r for r in records if "loss" in r]
+    assert train and all("weighted_loss" in r for r in train), train
+    assert any(r["weighted_loss"] != r["loss"] for r in train), train  # the slice of TAIR10 is soft-masked
+    val = [r for r in records if "val_loss" in r]
+    assert val and all(0 < r["val_bits_per_base_repeat"] != r["val_bits_per_base_nonrepeat"] > 0 for r in val)
 
 
 def test_resume_with_other_loader_workers_warns_that_the_data_order_changes(data_dir, tmp_path):
@@ -374,6 +384,13 @@ def test_tiny_config_is_valid():
     ({"batch_size": 0}, "batch_size"),
     ({"accumulation_steps": 0}, "accumulation_steps"),
     ({"n_epochs": 0}, "n_epochs"),
+    ({"reverse_complement": 1.5}, "reverse_complement"),  # a probability
+    ({"reverse_complement": -0.1}, "reverse_complement"),
+    ({"reverse_complement": float("nan")}, "reverse_complement"),
+    ({"repeat_loss_weight": 0.0}, "repeat_loss_weight"),  # a micro-batch of repeats alone would weigh nothing
+    ({"repeat_loss_weight": -1.0}, "repeat_loss_weight"),
+    ({"repeat_loss_weight": float("inf")}, "repeat_loss_weight"),
+    ({"repeat_loss_weight": float("nan")}, "repeat_loss_weight"),
 ])
 def test_validate_rejects_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=re.escape(f"Config.{field}")):
