@@ -958,7 +958,12 @@ def training_chunks_digest(index):
 
 
 def build_retrieval_index(index, cfg, device, digest):
-    """Read the training chunks once and count their (context, next 6-mer) strings on both strands."""
+    """Read the training chunks once and count their (context, next 6-mer) strings on both strands.
+
+    One sort serves every context length: each position's longest key is sorted once (see longest_keys); a shorter
+    key is its top bits, so that order sorts the shorter keys too, and each length's unique keys and cumulative
+    counts are a filter, a shift and the starts of the runs of equal keys.
+    """
     bases, lengths = [], []
     for name in index.species:
         wanted = {c.key for c in index.train if c.key[0] == name}
@@ -969,14 +974,27 @@ def build_retrieval_index(index, cfg, device, digest):
                     lengths.append(len(bases[-1]))
     forward = torch.from_numpy(np.concatenate(bases)).to(device)
     reverse = 3 - forward.flip(0)  # the other strand, read 5' to 3': the chunks in reverse order
+    n_bases = [BASES_PER_TOKEN * (k + 1) for k in RETRIEVAL_CONTEXT_TOKENS]  # ascending, at most 3, at most 30
+    packed = torch.cat([longest_keys(forward, lengths, n_bases), longest_keys(reverse, lengths[::-1], n_bases)])
+    del forward, reverse
+    if packed.device.type == "cpu":
+        packed.numpy().sort()  # in place and without an index tensor: several times torch.sort's speed on a CPU
+    else:
+        packed = torch.sort(packed).values
     keys, cumulative = [], []
-    for k in RETRIEVAL_CONTEXT_TOKENS:
-        n_bases = BASES_PER_TOKEN * (k + 1)
-        strands = [kmer_keys(forward, lengths, n_bases), kmer_keys(reverse, lengths[::-1], n_bases)]
-        unique, counts = merge_counts([torch.unique(s, sorted=True, return_counts=True) for s in strands])
-        keys.append(unique.cpu())
-        cumulative.append(torch.cat([counts.new_zeros(1), counts.cumsum(0)]).cpu())
-        del strands
+    for fits, n in enumerate(n_bases, 1):
+        shift = 2 + 2 * (max(n_bases) - n)
+        if fits == 1:  # every position kept fits the shortest length
+            strings = packed >> shift
+        else:
+            strings = packed[(packed & 3) >= fits]
+            strings >>= shift
+        new = torch.ones(len(strings), dtype=torch.bool, device=strings.device)
+        new[1:] = strings[1:] != strings[:-1]
+        starts = new.nonzero().flatten()  # a run's start in the sorted order = the count of the strings before it
+        keys.append(strings[starts].cpu())
+        cumulative.append(torch.cat([starts, starts.new_tensor([len(strings)])]).cpu())
+        del strings, new, starts
     return RetrievalIndex(keys, cumulative, digest)
 
 
@@ -986,24 +1004,26 @@ def token_bases(tokens):
     return ((tokens.astype(np.int64)[:, None] >> shifts) & 3).astype(np.uint8).reshape(-1)
 
 
-def kmer_keys(bases, lengths, n_bases):
-    """The packed keys of every n_bases-long string of `bases` that lies within one of the pieces of `lengths`."""
-    n = len(bases) - n_bases + 1
-    key = torch.zeros(max(n, 0), dtype=torch.int64, device=bases.device)
-    for i in range(n_bases):
-        key = (key << 2) | bases[i:i + n]
-    ends = torch.tensor(np.cumsum(lengths), device=bases.device)
-    crossing = (ends[:, None] - torch.arange(n_bases - 1, 0, -1, device=bases.device)).flatten()  # last starts
-    keep = torch.ones(max(n, 0), dtype=torch.bool, device=bases.device)
-    keep[crossing[(crossing >= 0) & (crossing < n)]] = False
-    return key[keep]
-
-
-def merge_counts(parts):
-    """(unique keys, counts) pairs -> one sorted (unique keys, summed counts)."""
-    unique, inverse = torch.unique(torch.cat([u for u, _ in parts]), sorted=True, return_inverse=True)
-    counts = torch.zeros(len(unique), dtype=torch.int64, device=unique.device)
-    return unique, counts.index_add_(0, inverse, torch.cat([c for _, c in parts]))
+def longest_keys(bases, lengths, n_bases):
+    """Each position's key of its longest string (max(n_bases) bases, 2 bits a base, first base highest; bases past
+    the array's end read as 0), shifted left 2 bits to hold how many of n_bases fit before its piece of `lengths`
+    ends (1..3); positions where none fits are left out. A string never crosses a piece: where the longest would,
+    only the shorter ones that fit are used, and they are the top bits of the key."""
+    longest, n = max(n_bases), len(bases)
+    padded = torch.cat([bases, bases.new_zeros(longest)]).long()
+    key = torch.zeros(n, dtype=torch.int64, device=bases.device)
+    for i in range(longest):  # in place and int64 | int64: no n-sized temporaries, no casts
+        key <<= 2
+        key |= padded[i:i + n]
+    del padded
+    fits = torch.full((n,), len(n_bases), dtype=torch.int64, device=bases.device)
+    ends = torch.tensor(np.cumsum(lengths), dtype=torch.int64, device=bases.device)
+    for d in range(longest - 1, 0, -1):  # d bases left in the piece; the nearest end is written last
+        at = ends - d
+        fits[at[at >= 0]] = sum(length <= d for length in n_bases)
+    key <<= 2
+    key |= fits
+    return key[fits > 0]
 
 
 def save_retrieval_index(memory_index, path):
