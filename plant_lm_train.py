@@ -1934,6 +1934,11 @@ def checkpoint_disk_report(run):
     line = (f"checkpoints: about {each / 1e9:.2f} GB each, up to {files} files ({kept} model_epoch_N.pt"
             f"{'' if cfg.keep_epoch_checkpoints else ', all kept'}, model_latest.pt, model_best.pt) = "
             f"{files * each / 1e9:.2f} GB in {cfg.checkpoint_dir}; {free / 1e9:.1f} GB free there")
+    indexes = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.startswith("retrieval_index_")] \
+        if os.path.isdir(folder) else []
+    if indexes:  # built before this report; one per training split, and a stale one is never reused
+        line += (f"; beside them {len(indexes)} retrieval index file(s), "
+                 f"{sum(os.path.getsize(p) for p in indexes) / 1e9:.2f} GB (a changed split builds another)")
     if needed > free:
         line += (f"\nwarning: the checkpoints need {needed / 1e9:.2f} GB more than is there, and {free / 1e9:.1f} GB "
                  f"is free: set --keep_epoch_checkpoints=N or free some space")

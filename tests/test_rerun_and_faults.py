@@ -140,6 +140,9 @@ def test_the_disk_report_warns_naming_the_figures_when_free_space_is_short(tmp_p
     report = plm.checkpoint_disk_report(run)
     assert re.search(r"warning: the checkpoints need [\d.]+ GB more than is there, and 0.0 GB is free", report), report
     assert "12 files" in report  # 10 epochs, model_latest.pt and model_best.pt
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "retrieval_index_0123.pt").write_bytes(b"x" * 3_000_000)
+    assert "beside them 1 retrieval index file(s), 0.00 GB" in plm.checkpoint_disk_report(run)
 
 
 # ----------------------------------------------------------------------------- non-finite steps between log lines
