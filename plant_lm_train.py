@@ -1503,6 +1503,12 @@ def train_step(learner, step_tokens, step_species, step_repeat, lr):
     # each target weighs 1, a repeat target repeat_loss_weight: the gradient follows the weighted mean, while the
     # reported loss stays the plain mean, comparable across runs
     step_weights = 1 + (cfg.repeat_loss_weight - 1) * step_repeat.to(rt.device, non_blocking=True).float()
+    # one weighted mean over the whole step: every micro-batch and every rank divides by the same total weight
+    # (DDP averages the ranks' gradients, hence the division by world_size)
+    total_weight = step_weights[:, :, cfg.prefix_tokens + 1:].sum()
+    if rt.distributed:
+        dist.all_reduce(total_weight)
+        total_weight = total_weight / rt.world_size
     step_loss, step_weighted = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
     observations = None
     for micro in range(cfg.accumulation_steps):
@@ -1516,10 +1522,10 @@ def train_step(learner, step_tokens, step_species, step_repeat, lr):
         with learner.wrapped.no_sync() if rt.distributed and not syncs_gradients else contextlib.nullcontext():
             with learner.autocast():
                 nats, hidden = learner.wrapped(inputs, step_species[micro], targets, reduction="none", **memory)
-            weighted = (nats * weights).sum() / weights.sum()
-            learner.scaler.scale(weighted / cfg.accumulation_steps).backward()
+            weighted = (nats * weights).sum() / total_weight
+            learner.scaler.scale(weighted).backward()
         step_loss += nats.detach().mean() / cfg.accumulation_steps  # training windows have no -100 targets
-        step_weighted += weighted.detach() / cfg.accumulation_steps
+        step_weighted += weighted.detach()
         if cfg.global_memory == "buckets":
             seen = model.bucket_observations(inputs, hidden)
             observations = seen if observations is None else observations.add_(seen)

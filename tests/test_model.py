@@ -437,9 +437,10 @@ def test_loss_is_fp32_cross_entropy_of_the_logits_under_bf16_autocast():
 
 
 def test_train_step_follows_the_repeat_weighted_loss_and_reports_the_plain_one():
-    """repeat_loss_weight w: each micro-batch's gradient is that of sum(weight * nats) / sum(weight), weight w on
-    targets whose repeat flag is set and 1 elsewhere; StepResult.loss stays the plain mean (comparable across runs),
-    StepResult.weighted_loss is what was trained."""
+    """repeat_loss_weight w: the step's gradient is that of one weighted mean over all its micro-batches,
+    sum(weight * nats) / sum(weight), weight w on targets whose repeat flag is set and 1 elsewhere (not a mean of
+    per-micro-batch weighted means, in which a micro-batch of repeats alone would weigh 1); StepResult.loss stays
+    the plain mean (comparable across runs), StepResult.weighted_loss is what was trained."""
     w = 0.25
     cfg = tiny_config(**TWO_LAYERS, batch_size=3, accumulation_steps=2, precision="fp32", grad_clip=1e9,
                       repeat_loss_weight=w)
@@ -453,13 +454,14 @@ def test_train_step_follows_the_repeat_weighted_loss_and_reports_the_plain_one()
     tokens = torch.randint(0, VOCAB, (2, 3, cfg.context_size + 1), generator=g)
     species = torch.randint(0, 3, (2, 3), generator=g)
     repeat = torch.rand(tokens.shape, generator=g) < 0.4
+    repeat[1] = True  # the second micro-batch is all repeats: its weight must not cancel
     result = plm.train_step(learner, tokens, species, repeat, lr=0.1)
 
+    weights = torch.where(repeat[:, :, 1:], w, 1.0)
     weighted, plain = 0.0, 0.0
     for micro in range(2):
         nats, _ = reference(tokens[micro, :, :-1], species[micro], tokens[micro, :, 1:], reduction="none")
-        weight = torch.where(repeat[micro, :, 1:], w, 1.0)
-        weighted = weighted + (nats * weight).sum() / weight.sum() / 2
+        weighted = weighted + (nats * weights[micro]).sum() / weights.sum()
         plain += nats.mean().item() / 2
     weighted.backward()
     assert result.loss.item() == pytest.approx(plain, rel=1e-6)
