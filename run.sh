@@ -79,13 +79,16 @@ else
 fi
 
 # torchrun runs as a child, not exec'd, so that a failed run ends with one line naming the checkpoint to resume
-# from. TERM and HUP sent to run.sh are passed on to torchrun, which stops the ranks. The terminal's Ctrl-C reaches
-# torchrun by itself (same process group), and then the trainer names the checkpoint.
+# from. It gets its own process group (set -m): a script's background child would otherwise ignore SIGINT until
+# torchrun installs its handlers. So every signal reaches it through run.sh, once: INT (Ctrl-C, or kill -INT) as
+# INT, and then the trainer names the checkpoint; TERM and HUP as TERM, which stops the ranks.
+set -m
 "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node="$procs" --max_restarts="$MAX_RESTARTS" \
     plant_lm_train.py --data_dir="$DATA_DIR" "$@" <&0 &
 torchrun=$! signalled='' interrupted=''
+set +m
 trap 'signalled=1; kill -TERM "$torchrun" 2>/dev/null || true' TERM HUP
-trap 'signalled=1 interrupted=1' INT
+trap 'signalled=1 interrupted=1; kill -INT "$torchrun" 2>/dev/null || true' INT
 status=0
 wait "$torchrun" || status=$?
 while [ -n "$signalled" ]; do  # a trapped signal ends the wait early: wait again, for torchrun's own exit status

@@ -177,3 +177,22 @@ def test_an_explicit_max_restarts_still_restarts_and_resumes(genome_dir, tmp_pat
     output = proc.stdout + proc.stderr
     assert re.search(rf"resumed from {re.escape(str(ckpt_dir))}/model_\w+\.pt at step \d+", output), describe(proc)
     assert max(load(path)["step"] for path in ckpt_dir.glob("model_*.pt")) == 24, describe(proc)
+
+
+def test_sigint_to_run_sh_stops_the_run_and_names_the_checkpoint(genome_dir, tmp_path):
+    """kill -INT on run.sh (a scheduler, a parent script, or Ctrl-C reaching the script) ends the run with the
+    trainer's one line, instead of being lost: a script's background child ignores SIGINT unless it gets its own
+    process group, and the training then ran to its end."""
+    ckpt_dir = tmp_path / "ckpt"
+    args = train_args(genome_dir, tmp_path, "--max_steps=1000000", "--n_epochs=1000000")
+    with Launch(args, tmp_path, WORLD_SIZE=1) as run:
+        run.wait_for_checkpoint(ckpt_dir, n_ranks=1)
+        os.kill(run.proc.pid, signal.SIGINT)
+        try:
+            run.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"run.sh still running 60 s after SIGINT\n{describe(run.result())}")
+        proc = run.result()
+    assert proc.returncode != 0, describe(proc)
+    assert re.search(rf"interrupted: the same command resumes from {re.escape(str(ckpt_dir))}/model_\w+\.pt",
+                     proc.stderr), describe(proc)
