@@ -1641,11 +1641,14 @@ def validate(run):
 
 
 def save_epoch_checkpoint(run):
-    """model_epoch_N.pt, then the oldest epoch checkpoints beyond keep_epoch_checkpoints are deleted."""
+    """model_epoch_N.pt, then the oldest epoch checkpoints beyond keep_epoch_checkpoints are deleted. Only epochs
+    before this one count: a later epoch's file in the folder is another run's, and this one is never deleted."""
     epochs = run.step // run.per_epoch
     save_run(run, f"model_epoch_{epochs}.pt", epoch=epochs)
-    if run.rt.is_main and run.cfg.keep_epoch_checkpoints:
-        for path in epoch_checkpoints(run.cfg.checkpoint_dir)[:-run.cfg.keep_epoch_checkpoints]:
+    keep = run.cfg.keep_epoch_checkpoints
+    if run.rt.is_main and keep:
+        older = [path for epoch, path in epoch_checkpoints(run.cfg.checkpoint_dir) if epoch < epochs]
+        for path in older[:max(0, len(older) - (keep - 1))]:
             os.remove(path)
             run.log.info(f"removed {path} (keep_epoch_checkpoints = {run.cfg.keep_epoch_checkpoints})")
 
@@ -1911,13 +1914,13 @@ def find_latest_checkpoint(folder, warn=print):
 
 
 def epoch_checkpoints(folder):
-    """The model_epoch_N.pt files in folder, oldest epoch first."""
+    """(N, path) of the model_epoch_N.pt files in folder, oldest epoch first."""
     found = []
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         stem = name[len("model_epoch_"):-len(".pt")]
         if name.startswith("model_epoch_") and name.endswith(".pt") and stem.isdigit():
             found.append((int(stem), os.path.join(folder, name)))
-    return [path for _, path in sorted(found)]
+    return sorted(found)
 
 
 def checkpoint_disk_report(run):
@@ -1931,7 +1934,7 @@ def checkpoint_disk_report(run):
     kept = min(epochs, cfg.keep_epoch_checkpoints) if cfg.keep_epoch_checkpoints else epochs
     files = kept + 2  # and model_latest.pt, model_best.pt
     folder = os.path.abspath(cfg.checkpoint_dir)
-    existing = sum(os.path.getsize(p) for p in epoch_checkpoints(folder))
+    existing = sum(os.path.getsize(path) for _, path in epoch_checkpoints(folder))
     probe = folder
     while not os.path.isdir(probe):
         probe = os.path.dirname(probe)

@@ -123,6 +123,19 @@ def test_keep_epoch_checkpoints_keeps_only_the_newest_epochs(genome_dir, tmp_pat
         proc.stdout[-3000:]
 
 
+def test_pruning_never_deletes_the_epoch_just_written_nor_another_runs_later_epochs(genome_dir, tmp_path):
+    """A folder still holds an earlier run's model_epoch_5.pt; a fresh run (RESUME=none) keeping 1 epoch must keep
+    the epoch it just wrote, not delete it in favour of the other run's higher number."""
+    (tmp_path / "ckpt").mkdir()
+    other_run = tmp_path / "ckpt" / "model_epoch_5.pt"
+    other_run.write_bytes(b"another run's checkpoint")
+    proc = run_train(args(genome_dir, tmp_path, "--n_epochs=2", "--keep_epoch_checkpoints=1", "--eval_every=100",
+                          "--resume=none"), cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    names = sorted(n for n in os.listdir(tmp_path / "ckpt") if n.startswith("model_epoch_"))
+    assert names == ["model_epoch_2.pt", "model_epoch_5.pt"], names
+
+
 def test_every_epoch_checkpoint_is_kept_by_default(genome_dir, tmp_path):
     proc = run_train(args(genome_dir, tmp_path, "--n_epochs=2", "--eval_every=100"), cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
