@@ -36,6 +36,7 @@ GLOBAL_MEMORIES = ("retrieval", "buckets", "none")  # see PlantLM and RetrievalI
 # The retrieval memory looks up the 2, 3 and 4 tokens (12, 18, 24 bases) before each target, and, because a lookup
 # may reach before the window, every sample then carries that many tokens of the chunk in front of it.
 RETRIEVAL_CONTEXT_TOKENS = (2, 3, 4)
+RETRIEVAL_INDEX_FORMAT = 1  # raise when the index's layout changes: cached indexes of another format are rebuilt
 FASTA_SUFFIXES = (".fa", ".fna", ".fasta")
 # The spec's species weights. A species found in data_dir but not named here gets default_species_weight.
 SPEC_SPECIES_WEIGHTS = {"glycine_max": 1.0, "arabidopsis": 0.8, "oryza_sativa": 0.7, "zea_mays": 0.6,
@@ -942,18 +943,23 @@ def retrieval_index(index, cfg, rt, warn=print):
              f"lengths, built in {time.time() - t_start:.0f} s, cached as {path} ({os.path.getsize(path) / 1e9:.2f} GB)")
     if rt.distributed:
         dist.barrier()  # the other ranks wait for rank 0's build
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: rank {rt.rank} finds no retrieval index. Rank 0 builds it in checkpoint_dir, "
+                          f"which every node must share: set --checkpoint_dir to a folder all nodes see")
     return load_retrieval_index(path, rt.device)
 
 
 def training_chunks_digest(index):
-    """A hash of what the index is built from: every training chunk's identity and length, and each file's size."""
+    """A hash of what the index is built from: every training chunk's identity and length, and each file's size and
+    modification time (copying the genomes elsewhere therefore builds the index again, which is the safe side)."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(repr((RETRIEVAL_CONTEXT_TOKENS, BASES_PER_TOKEN)).encode())
+    h.update(repr((RETRIEVAL_CONTEXT_TOKENS, BASES_PER_TOKEN, RETRIEVAL_INDEX_FORMAT)).encode())
     for chunk in sorted(index.train, key=lambda c: c.key):
         h.update(repr((chunk.key, chunk.n_tokens)).encode())
     for species in sorted(index.files):
         for path, label in index.files[species]:
-            h.update(repr((label, os.path.getsize(path))).encode())
+            stat = os.stat(path)  # a file edited in place (a polished assembly, same length) has a new mtime
+            h.update(repr((label, stat.st_size, stat.st_mtime_ns)).encode())
     return h.hexdigest()
 
 
@@ -1411,6 +1417,10 @@ def resume(run):
     elif rt.rank < len(ckpt["rng_states"]):
         run.saved_rng = ckpt["rng_states"][rt.rank]
     run.log.info(f"resumed from {path} at step {run.step}")
+    saved_index, index_now = ckpt.get("retrieval_index"), learner.memory_index and learner.memory_index.digest
+    if saved_index and saved_index != index_now:
+        run.log.info(f"warning: {path} was trained with retrieval index {saved_index}; the training chunks or genome "
+                     f"files have changed since, and training goes on with index {index_now}")
     if run.step >= run.total_steps:
         run.log.info(f"nothing to train: {path} is at step {run.step} of this run's {run.total_steps}; to train "
                      f"further raise --max_steps or --n_epochs and add --resume_with_new_settings=true, or start "
@@ -1959,7 +1969,7 @@ def remove_stale_temporaries(folder):
     removed = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         stem, _, pid = name.rpartition(".tmp")
-        if not (name.startswith("model_") and stem.endswith(".pt") and pid.isdigit()):
+        if not (name.startswith(("model_", "retrieval_index_")) and stem.endswith(".pt") and pid.isdigit()):
             continue
         path = os.path.join(folder, name)
         try:

@@ -215,6 +215,20 @@ def test_a_changed_genome_file_changes_the_index_digest(tmp_path):
     write_fasta(root / "s" / "s.fa", [("s1", random_dna(3000, 2)), ("s2", "A")])
     after = plm.training_chunks_digest(plm.scan_genomes(cfg, warn=lambda m: None, progress=False))
     assert before != after
+    path = root / "s" / "s.fa"  # one base substituted in place: same length, same chunks, new content
+    text = path.read_text()
+    path.write_text(text.replace("A", "C", 1))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    polished = plm.training_chunks_digest(plm.scan_genomes(cfg, warn=lambda m: None, progress=False))
+    assert polished != after
+
+
+def test_a_rank_that_finds_no_index_after_the_build_names_the_shared_folder(repeats_dir, tmp_path, monkeypatch):
+    cfg = retrieval_config(repeats_dir, tmp_path)
+    index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
+    other_node = plm.Runtime(rank=1, local_rank=0, world_size=1, device=torch.device("cpu"))  # not rank 0: no build
+    with pytest.raises(plm.ConfigError, match="every node must share"):
+        plm.retrieval_index(index, cfg, other_node, warn=lambda m: None)
 
 
 # ----------------------------------------------------------------------------- the mixture
@@ -322,8 +336,8 @@ def test_every_global_memory_trains_resumes_and_evaluates(memory, unique_dir, tm
     resumed = run_train([*args, "--max_steps=3", "--resume_with_new_settings=true"], cwd=tmp_path)
     assert resumed.returncode == 0, describe(resumed)
     assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
-    assert ("retrieval index" in first.stdout) == (memory == "retrieval")
-    assert "retrieval index" not in resumed.stdout  # cached, not rebuilt
+    assert ("retrieval index: " in first.stdout) == (memory == "retrieval")  # the build line
+    assert "retrieval index: " not in resumed.stdout  # cached, not rebuilt
     ckpt = plm.load_checkpoint(str(tmp_path / "ckpt" / "model_latest.pt"))
     assert ckpt["step"] == 3 and ckpt["config"]["global_memory"] == memory
     novel = write_fasta(tmp_path / "novel.fa", [("n1", random_dna(700, 99)), ("short", random_dna(200, 98))])
