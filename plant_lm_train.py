@@ -1301,7 +1301,7 @@ def train(cfg, build_model=None):
         batches = iter(run.loader)
         if run.saved_rng is not None:  # after iter(loader), which draws its base seed from the global torch RNG
             restore_rng_states(run.saved_rng, rt.device)
-        meter, bar = LogMeter(run), None
+        meter, bar, first_step = LogMeter(run), None, run.step
         while run.step < run.total_steps:
             bar = bar or epoch_progress_bar(run)
             t_step = time.time()
@@ -1312,7 +1312,7 @@ def train(cfg, build_model=None):
             run.step += 1
             meter.add(result)
             bar.update(1)
-            if run.step > 1:  # the first step compiles
+            if run.step > first_step + 1:  # this invocation's first step compiles
                 run.train_seconds += time.time() - t_step
             if run.step % cfg.log_every == 0 or run.step == run.total_steps:
                 record = write_log_line(run, meter, result)  # may end the run early (max_minutes)
@@ -2406,7 +2406,9 @@ def main(argv):
     except KeyboardInterrupt:  # Ctrl-C: say where the work stands, not where the interpreter was
         if is_main:
             latest = cfg and find_latest_checkpoint(cfg.checkpoint_dir, warn=lambda message: None)
-            where = f"the same command resumes from {latest}" if latest else "no checkpoint was written yet"
+            where = "no checkpoint was written yet" if not latest else \
+                f"the same command resumes from {latest}" if cfg.resume == "auto" else \
+                f"the latest checkpoint is {latest} (this run has resume={cfg.resume}; --resume=auto resumes from it)"
             print(f"\ninterrupted: {where}", file=sys.stderr)
         return 130
     return 0

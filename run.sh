@@ -106,7 +106,7 @@ latest = plm.find_latest_checkpoint(cfg.checkpoint_dir, warn=lambda message: Non
 if not latest:
     where = "no checkpoint was written yet"
 elif cfg.resume == "auto":
-    where = f"the same command resumes from {latest}"
+    where = f"the same command resumes from {latest} (once the cause above is fixed)"
 else:
     where = f"the latest checkpoint is {latest} (this run has resume={cfg.resume}; --resume=auto resumes from it)"
 print(f"\nerror: training stopped (torchrun exit status {os.environ['STATUS']}); {where}")

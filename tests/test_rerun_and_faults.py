@@ -100,6 +100,30 @@ def test_rerun_with_only_runtime_fields_changed_continues(genome_dir, tmp_path):
     assert "note: runtime setting changed since" in again.stdout and "log_every: checkpoint 1 vs now 2" in again.stdout
 
 
+def test_the_first_step_after_a_resume_is_left_out_of_the_training_time(genome_dir, tmp_path):
+    """It recompiles, like a run's very first step: max_minutes' clock (train_s) starts after it."""
+    first = run_train(args(genome_dir, tmp_path, "--max_steps=2"), cwd=tmp_path)
+    assert first.returncode == 0, describe(first)
+    resumed = run_train(args(genome_dir, tmp_path, "--max_steps=4", "--resume_with_new_settings=true"), cwd=tmp_path)
+    assert resumed.returncode == 0, describe(resumed)
+    at_3 = [r for r in read_jsonl(tmp_path / "logs") if r.get("step") == 3 and "train_s" in r and "loss" in r]
+    assert at_3 and at_3[-1]["train_s"] == 0.0, at_3
+
+
+def test_ctrl_c_with_resume_none_names_the_checkpoint_and_how_to_resume_from_it(tmp_path, monkeypatch, capsys):
+    (tmp_path / "ckpt").mkdir()
+    plm.save_checkpoint(str(tmp_path / "ckpt" / "model_latest.pt"), {"model_state_dict": {}, "step": 7})
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(plm, "train", interrupted)
+    monkeypatch.delenv("RESUME", raising=False)
+    assert plm.main([f"--checkpoint_dir={tmp_path / 'ckpt'}", "--resume=none"]) == 130
+    err = capsys.readouterr().err
+    assert f"the latest checkpoint is {tmp_path / 'ckpt' / 'model_latest.pt'} (this run has resume=none; " \
+           f"--resume=auto resumes from it)" in err, err
+
+
 # ----------------------------------------------------------------------------- output redirected to a file
 
 def test_a_run_whose_output_is_not_a_terminal_draws_no_progress_bars(genome_dir, tmp_path):
