@@ -36,6 +36,7 @@ GLOBAL_MEMORIES = ("retrieval", "buckets", "none")  # see PlantLM and RetrievalI
 # The retrieval memory looks up the 2, 3 and 4 tokens (12, 18, 24 bases) before each target, and, because a lookup
 # may reach before the window, every sample then carries that many tokens of the chunk in front of it.
 RETRIEVAL_CONTEXT_TOKENS = (2, 3, 4)
+INDEX_KEY_BASES = [6 * (k + 1) for k in RETRIEVAL_CONTEXT_TOKENS]  # context + next 6-mer: 18, 24, 30 bases
 RETRIEVAL_INDEX_FORMAT = 1  # raise when the index's layout changes: cached indexes of another format are rebuilt
 FASTA_SUFFIXES = (".fa", ".fna", ".fasta")
 # The spec's species weights. A species found in data_dir but not named here gets default_species_weight.
@@ -320,8 +321,12 @@ def window_tokens(tokens, starts, cfg, shifts=0, reverse=False):
     in front of it, -1 where the chunk has none. Training augments them: `shifts` (0..5, per window) starts a window
     that many bases after its token, `reverse` (per window) reads it from the reverse strand."""
     at, inside, shifts, reverse = window_reads(starts, len(tokens), cfg, shifts, reverse)
-    windows = np.where(inside, shift_tokens(tokens[at], shifts), -1)
-    return np.where(reverse, reverse_complement_tokens(windows), windows).astype(np.int16)  # 6-mer ids < 4096
+    # the shift and the strand only where a window has them: validation, eval and unaugmented training skip both
+    read = shift_tokens(tokens[at], shifts) if shifts.any() else tokens[at[:, :-1]].astype(np.int64)
+    windows = np.where(inside, read, -1)
+    if reverse.any():
+        windows = np.where(reverse, reverse_complement_tokens(windows), windows)
+    return windows.astype(np.int16)  # 6-mer ids < 4096
 
 
 def window_repeats(soft_mask, starts, cfg, shifts=0, reverse=False):
@@ -887,6 +892,7 @@ class RetrievalIndex:
 
     def __init__(self, keys, cumulative, digest):
         self.keys, self.cumulative, self.digest = keys, cumulative, digest  # one tensor each per context length
+        self.reverse_complement = torch.from_numpy(REVERSE_COMPLEMENT.astype(np.int64)).to(keys[0].device)
 
     def to(self, device):
         return RetrievalIndex([k.to(device) for k in self.keys], [c.to(device) for c in self.cumulative], self.digest)
@@ -904,29 +910,21 @@ class RetrievalIndex:
         per_length = []
         for k, keys, cumulative in zip(RETRIEVAL_CONTEXT_TOKENS, self.keys, self.cumulative):
             grams = windows.unfold(1, k + 1, 1)[:, prefix + 1 - k:prefix + 1 - k + T]  # [B, T, k + 1]: context, target
+            known = (grams >= 0).all(-1)  # the context lies within the chunk
+            grams = grams.long().clamp_min(0)
             key = torch.zeros(B, T, dtype=torch.int64, device=windows.device)
             for i in range(k + 1):
-                key = (key << 12) | grams[..., i].long().clamp_min(0)
+                key = (key << 12) | grams[..., i]
             context = (key >> 12) << 12
             in_context = cumulative[torch.searchsorted(keys, context + VOCAB_SIZE)] - \
                 cumulative[torch.searchsorted(keys, context)]
             at = torch.searchsorted(keys, key).clamp_max(len(keys) - 1)
             with_target = torch.where(keys[at] == key, cumulative[at + 1] - cumulative[at], 0)
-            if exclude_self:
-                own = 1 + (reverse_complement_key(key, BASES_PER_TOKEN * (k + 1)) == key).long()
+            if exclude_self:  # a palindrome: its tokens are their own reverse-complemented tokens, reversed
+                own = 1 + (self.reverse_complement[grams.flip(-1)] == grams).all(-1).long()
                 in_context, with_target = (in_context - own).clamp_min(0), (with_target - own).clamp_min(0)
-            known = (grams >= 0).all(-1)  # the context lies within the chunk
             per_length.append(torch.stack([in_context * known, with_target * known], -1))
         return torch.stack(per_length, 2).float()
-
-
-def reverse_complement_key(key, n_bases):
-    """The packed key of the reverse complement of the n_bases bases packed (2 bits a base, first base highest)."""
-    reverse = torch.zeros_like(key)
-    for _ in range(n_bases):
-        reverse = (reverse << 2) | (3 - (key & 3))
-        key = key >> 2
-    return reverse
 
 
 def retrieval_index(index, cfg, rt, warn=print):
@@ -970,19 +968,20 @@ def build_retrieval_index(index, cfg, device, digest):
     key is its top bits, so that order sorts the shorter keys too, and each length's unique keys and cumulative
     counts are a filter, a shift and the starts of the runs of equal keys.
     """
-    bases, lengths = [], []
-    for name in index.species:
-        wanted = {c.key for c in index.train if c.key[0] == name}
-        for path, label in index.files.get(name, []):
-            for chunk in chunk_file(path, name, label, cfg, wanted=wanted):
-                if chunk.tokens is not None:
-                    bases.append(token_bases(chunk.tokens))
-                    lengths.append(len(bases[-1]))
+    bases = [token_bases(chunk.tokens) for chunk in tokenized_chunks(index, cfg, index.train)]
+    lengths = [len(b) for b in bases]
     forward = torch.from_numpy(np.concatenate(bases)).to(device)
     reverse = 3 - forward.flip(0)  # the other strand, read 5' to 3': the chunks in reverse order
-    n_bases = [BASES_PER_TOKEN * (k + 1) for k in RETRIEVAL_CONTEXT_TOKENS]  # ascending, at most 3, at most 30
-    packed = torch.cat([longest_keys(forward, lengths, n_bases), longest_keys(reverse, lengths[::-1], n_bases)])
+    packed = torch.cat([longest_keys(forward, lengths, INDEX_KEY_BASES),
+                        longest_keys(reverse, lengths[::-1], INDEX_KEY_BASES)])
     del forward, reverse
+    keys, cumulative = key_tables(packed)
+    return RetrievalIndex(keys, cumulative, digest)
+
+
+def key_tables(packed):
+    """longest_keys of both strands -> per context length, (sorted unique keys, cumulative counts). Consumes packed."""
+    n_bases = INDEX_KEY_BASES
     if packed.device.type == "cpu":
         packed.numpy().sort()  # in place and without an index tensor: several times torch.sort's speed on a CPU
     else:
@@ -1001,7 +1000,17 @@ def build_retrieval_index(index, cfg, device, digest):
         keys.append(strings[starts].cpu())
         cumulative.append(torch.cat([starts, starts.new_tensor([len(strings)])]).cpu())
         del strings, new, starts
-    return RetrievalIndex(keys, cumulative, digest)
+    return keys, cumulative
+
+
+def tokenized_chunks(index, cfg, chunks):
+    """The given chunks of a scan, read again with their tokens, in file order."""
+    for name in index.species:
+        wanted = {c.key for c in chunks if c.key[0] == name}
+        for path, label in index.files.get(name, []) if wanted else []:
+            for chunk in chunk_file(path, name, label, cfg, wanted=wanted):
+                if chunk.tokens is not None:
+                    yield chunk
 
 
 def token_bases(tokens):
@@ -1516,7 +1525,7 @@ def train_step(learner, step_tokens, step_species, step_repeat, lr):
     # one weighted mean over the whole step: every micro-batch and every rank divides by the same total weight
     # (DDP averages the ranks' gradients, hence the division by world_size)
     total_weight = step_weights[:, :, cfg.prefix_tokens + 1:].sum()
-    if rt.distributed:
+    if rt.distributed and cfg.repeat_loss_weight != 1:  # unweighted, every rank's total is the same target count
         dist.all_reduce(total_weight)
         total_weight = total_weight / rt.world_size
     step_loss, step_weighted = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)

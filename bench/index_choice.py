@@ -69,15 +69,11 @@ def read_bases(index, cfg):
     """The module's read phase (chunk_file + token_bases), timed apart."""
     bases, lengths, t_tb = [], [], 0.0
     t0 = time.time()
-    for name in index.species:
-        wanted = {c.key for c in index.train if c.key[0] == name}
-        for path, label in index.files.get(name, []):
-            for chunk in plm.chunk_file(path, name, label, cfg, wanted=wanted):
-                if chunk.tokens is not None:
-                    t = time.time()
-                    bases.append(plm.token_bases(chunk.tokens))
-                    t_tb += time.time() - t
-                    lengths.append(len(bases[-1]))
+    for chunk in plm.tokenized_chunks(index, cfg, index.train):
+        t = time.time()
+        bases.append(plm.token_bases(chunk.tokens))
+        t_tb += time.time() - t
+        lengths.append(len(bases[-1]))
     t = time.time()
     out = np.concatenate(bases)
     t_cat = time.time() - t
@@ -234,58 +230,19 @@ def build_per_length(bases, lengths, how):
     return keys, cumulative, phases
 
 
-# The code recommended for plant_lm_train.py (build_retrieval_index after its read, longest_keys), kept here as
-# tensor code that runs on any device, so that this bench checks exactly what the diff puts in the module.
-
-def longest_keys(bases, lengths, n_bases):
-    """Each position's key of its longest string (max(n_bases) bases, 2 bits a base, first base highest; bases
-    past the array's end read as 0), shifted left 2 bits to hold how many of n_bases fit before its piece ends
-    (1..3); positions where none fits are left out. Shorter keys are the top bits, so these sort them too."""
-    longest, n = max(n_bases), len(bases)
-    padded = torch.cat([bases, bases.new_zeros(longest)]).long()
-    key = torch.zeros(n, dtype=torch.int64, device=bases.device)
-    for i in range(longest):  # in place and int64 | int64: no n-sized temporaries, no casts
-        key <<= 2
-        key |= padded[i:i + n]
-    del padded
-    fits = torch.full((n,), len(n_bases), dtype=torch.int64, device=bases.device)
-    ends = torch.tensor(np.cumsum(lengths), dtype=torch.int64, device=bases.device)
-    for d in range(longest - 1, 0, -1):  # d bases left in the piece; the nearest end is written last
-        at = ends - d
-        fits[at[at >= 0]] = sum(length <= d for length in n_bases)
-    key <<= 2
-    key |= fits
-    return key[fits > 0]
-
-
 def proposed_build(bases, lengths):
+    """The module's builder (longest_keys of both strands, then key_tables), phases timed apart."""
     phases = {}
     t = time.time()
     forward = torch.from_numpy(bases)
     reverse = 3 - forward.flip(0)
-    n_bases = [plm.BASES_PER_TOKEN * (k + 1) for k in plm.RETRIEVAL_CONTEXT_TOKENS]  # ascending, at most 3, <= 30
-    packed = torch.cat([longest_keys(forward, lengths, n_bases), longest_keys(reverse, lengths[::-1], n_bases)])
+    packed = torch.cat([plm.longest_keys(forward, lengths, plm.INDEX_KEY_BASES),
+                        plm.longest_keys(reverse, lengths[::-1], plm.INDEX_KEY_BASES)])
     del forward, reverse
     phases["longest_keys_s"] = time.time() - t
     t = time.time()
-    if packed.device.type == "cpu":
-        packed.numpy().sort()  # in place and without an index tensor: several times torch.sort's speed on a CPU
-    else:
-        packed = torch.sort(packed).values
-    phases["sort_s"] = time.time() - t
-    t = time.time()
-    keys, cumulative = [], []
-    for fits, n in enumerate(n_bases, 1):
-        strings = packed >> (2 + 2 * (max(n_bases) - n)) if fits == 1 else packed[(packed & 3) >= fits]
-        if fits > 1:
-            strings >>= 2 + 2 * (max(n_bases) - n)
-        new = torch.ones(len(strings), dtype=torch.bool, device=strings.device)
-        new[1:] = strings[1:] != strings[:-1]
-        starts = new.nonzero().flatten()  # a run's start in the sorted order = the count of the strings before it
-        keys.append(strings[starts].cpu())
-        cumulative.append(torch.cat([starts, starts.new_tensor([len(strings)])]).cpu())
-        del strings, new, starts
-    phases["run_starts_s"] = time.time() - t
+    keys, cumulative = plm.key_tables(packed)
+    phases["sort_and_run_starts_s"] = time.time() - t
     return keys, cumulative, phases
 
 

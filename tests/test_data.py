@@ -705,9 +705,6 @@ def test_reverse_complement_tokens_reverse_the_order_and_complement_every_6mer()
     spelled = plm.detokenize(plm.REVERSE_COMPLEMENT)
     assert [spelled[6 * i:6 * i + 6] for i in range(plm.VOCAB_SIZE)] == \
         [reverse_complement(plm.detokenize([i])) for i in range(plm.VOCAB_SIZE)]
-    # the same arithmetic as the retrieval memory's packed keys
-    assert torch.equal(plm.reverse_complement_key(torch.arange(plm.VOCAB_SIZE), BASES_PER_TOKEN),
-                       torch.from_numpy(plm.REVERSE_COMPLEMENT))
     rc = plm.REVERSE_COMPLEMENT
     assert plm.reverse_complement_tokens(np.array([[-1, 5, 433, 4095]])).tolist() == \
         [[rc[4095], rc[433], rc[5], -1]]

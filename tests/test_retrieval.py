@@ -44,14 +44,7 @@ def repeats_dir(tmp_path_factory):
 
 def training_sequences(index, cfg):
     """The bases of every training chunk, as str."""
-    seqs = []
-    for name in index.species:
-        wanted = {c.key for c in index.train if c.key[0] == name}
-        for path, label in index.files[name]:
-            for chunk in plm.chunk_file(path, name, label, cfg, wanted=wanted):
-                if chunk.tokens is not None:
-                    seqs.append(plm.detokenize(chunk.tokens))
-    return seqs
+    return [plm.detokenize(chunk.tokens) for chunk in plm.tokenized_chunks(index, cfg, index.train)]
 
 
 def brute_force_counts(seqs, n_bases):
@@ -64,14 +57,8 @@ def brute_force_counts(seqs, n_bases):
 
 def all_windows(index, cfg, chunks):
     """Every window (with its prefix) of the given chunks, as one int64 tensor."""
-    rows = []
-    for name in index.species:
-        wanted = {c.key for c in chunks if c.key[0] == name}
-        for path, label in index.files[name]:
-            for chunk in plm.chunk_file(path, name, label, cfg, wanted=wanted):
-                if chunk.tokens is not None:
-                    starts = plm.window_starts(chunk.n_tokens, cfg.context_size, cfg.window_stride)
-                    rows.append(plm.window_tokens(chunk.tokens, starts, cfg))
+    rows = [plm.window_tokens(chunk.tokens, plm.window_starts(chunk.n_tokens, cfg.context_size, cfg.window_stride), cfg)
+            for chunk in plm.tokenized_chunks(index, cfg, chunks)]
     return torch.from_numpy(np.concatenate(rows).astype(np.int64))
 
 
@@ -127,16 +114,12 @@ def every_frame_and_strand(index, cfg):
     them: one int64 tensor."""
     span = cfg.context_size + 1
     rows = []
-    for name in index.species:
-        wanted = {c.key for c in index.train if c.key[0] == name}
-        for path, label in index.files[name]:
-            for chunk in plm.chunk_file(path, name, label, cfg, wanted=wanted):
-                if chunk.tokens is not None:
-                    for shift in range(6):
-                        starts = plm.window_starts(chunk.n_tokens - (shift > 0), cfg.context_size, cfg.window_stride)
-                        assert (starts + span <= chunk.n_tokens - (shift > 0)).all()
-                        for reverse in (False, True):
-                            rows.append(plm.window_tokens(chunk.tokens, starts, cfg, shift, reverse))
+    for chunk in plm.tokenized_chunks(index, cfg, index.train):
+        for shift in range(6):
+            starts = plm.window_starts(chunk.n_tokens - (shift > 0), cfg.context_size, cfg.window_stride)
+            assert (starts + span <= chunk.n_tokens - (shift > 0)).all()
+            for reverse in (False, True):
+                rows.append(plm.window_tokens(chunk.tokens, starts, cfg, shift, reverse))
     return torch.from_numpy(np.concatenate(rows).astype(np.int64))
 
 
