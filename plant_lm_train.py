@@ -4,6 +4,7 @@ One module, read top-down: Config -> data -> model -> training -> evaluation -> 
 Launch with `bash run.sh` (torchrun); `python plant_lm_train.py --help` lists the subcommands.
 """
 
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -439,6 +440,7 @@ class Chunk:
     record_id: str = ""
     tokens: np.ndarray = None  # uint16 6-mer ids
     soft_mask: np.ndarray = None  # uint8 soft_mask_bits per token: which of its bases are lowercase
+    tail: np.ndarray = None  # the < 6 bases (codes 0..3) after the last token, which inference scores base by base
 
     @property
     def repeat(self):
@@ -459,12 +461,14 @@ class FileStats:
     duplicate_ids: int = 0  # records whose id an earlier record of the file already had
 
 
-def chunk_file(path, species, file_label, cfg, wanted=None, stats=None):
+def chunk_file(path, species, file_label, cfg, wanted=None, stats=None, min_bases=None):
     """Stream one FASTA file into Chunks: split at every non-ACGT character, cut segments into chunk_size pieces.
 
     With `wanted` (a set of chunk keys) only those chunks carry tokens; the others are still yielded as bare keys,
-    so every reader of a file sees the same chunk boundaries. Memory is one chunk plus one read block.
+    so every reader of a file sees the same chunk boundaries. Pieces shorter than min_bases (default: one training
+    window) are dropped. Memory is one chunk plus one read block.
     """
+    min_bases = cfg.window_bases if min_bases is None else min_bases
     stats = stats if stats is not None else FileStats()
     buffer = np.empty(cfg.chunk_size, dtype=np.uint8)
     fill = 0
@@ -475,7 +479,7 @@ def chunk_file(path, species, file_label, cfg, wanted=None, stats=None):
     def emit():
         nonlocal fill, chunk_index
         usable = fill - fill % BASES_PER_TOKEN
-        if fill < cfg.window_bases:
+        if fill < min_bases:
             stats.dropped_short += fill
             fill = 0
             return None
@@ -484,12 +488,13 @@ def chunk_file(path, species, file_label, cfg, wanted=None, stats=None):
         stats.chunks += 1
         key = (species, file_label, record_index, segment_start, chunk_index)
         chunk_index += 1
-        fill = 0
         chunk = Chunk(key=key, n_tokens=usable // BASES_PER_TOKEN, record_id=record_id)
         if wanted is None or key in wanted:
             codes = buffer[:usable]
             chunk.tokens = tokenize(codes)
             chunk.soft_mask = soft_mask_bits(codes)
+            chunk.tail = buffer[usable:fill] & 3
+        fill = 0
         return chunk
 
     position = 0  # offset of the current piece within its record
@@ -898,12 +903,17 @@ class RetrievalIndex:
         return RetrievalIndex([k.to(device) for k in self.keys], [c.to(device) for c in self.cumulative], self.digest)
 
     @torch.no_grad()
-    def counts(self, windows, prefix, exclude_self):
-        """windows [B, prefix + T + 1] (-1 before a chunk's start) -> [B, T, O, 2] float32: for each of the T targets
-        and each context length, (occurrences of the context, occurrences of the context followed by the target).
+    def counts(self, windows, prefix, exclude_self, target_bases=(0, BASES_PER_TOKEN)):
+        """windows [B, prefix + T + 1] (-1 before a chunk's start) -> [B, T, O, len(target_bases)] float32: for each
+        of the T targets and each of the O context lengths, the occurrences of the context followed by the target's
+        first j bases, for each j in target_bases: j = 0 counts the context, j = 6 the context and the whole target.
+        Scoring base by base asks for every j (the smoothing of each prefix of the 6-mer, PlantLM.mixed_log_probs).
 
-        exclude_self (training): a training window is in the index, so its own occurrence is taken out of both
-        counts (leave-one-out), twice where the string is its own reverse complement and so also sits on the
+        Keys sort first base highest, so the keys that continue a context with j given bases are one range, and
+        each count is a difference of two cumulative counts.
+
+        exclude_self (training): a training window is in the index, so its own occurrence is taken out of every
+        count (leave-one-out), twice where the string is its own reverse complement and so also sits on the
         other strand at the same place. Overlapping windows hold the same occurrence, so they drop out with it.
         """
         B, T = windows.shape[0], windows.shape[1] - prefix - 1
@@ -915,15 +925,17 @@ class RetrievalIndex:
             key = torch.zeros(B, T, dtype=torch.int64, device=windows.device)
             for i in range(k + 1):
                 key = (key << 12) | grams[..., i]
-            context = (key >> 12) << 12
-            in_context = cumulative[torch.searchsorted(keys, context + VOCAB_SIZE)] - \
-                cumulative[torch.searchsorted(keys, context)]
-            at = torch.searchsorted(keys, key).clamp_max(len(keys) - 1)
-            with_target = torch.where(keys[at] == key, cumulative[at + 1] - cumulative[at], 0)
+            found = []
+            for j in target_bases:
+                free = 2 * (BASES_PER_TOKEN - j)  # the bits of the target's bases past the first j
+                low = (key >> free) << free
+                found.append(cumulative[torch.searchsorted(keys, low + (1 << free))] -
+                             cumulative[torch.searchsorted(keys, low)])
+            found = torch.stack(found, -1)
             if exclude_self:  # a palindrome: its tokens are their own reverse-complemented tokens, reversed
                 own = 1 + (self.reverse_complement[grams.flip(-1)] == grams).all(-1).long()
-                in_context, with_target = (in_context - own).clamp_min(0), (with_target - own).clamp_min(0)
-            per_length.append(torch.stack([in_context * known, with_target * known], -1))
+                found = (found - own[..., None]).clamp_min(0)
+            per_length.append(found * known[..., None])
         return torch.stack(per_length, 2).float()
 
 
@@ -1141,6 +1153,24 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_mlp(x))
 
 
+def prefix_log_probs(logits, targets, target_bases):
+    """log p(the target's first j bases) [B, T, len(target_bases)] under the logits [B, T, 4096], for each j in
+    target_bases (1..6; -100 targets read as 0). A 6-mer id is its bases in base 4, first base highest, so the
+    6-mers that begin with j given bases are a run of 4^(6 - j) ids, and a prefix's probability is a logsumexp
+    over that run: the per-base likelihood marginalizes the 6-mer prediction within the token."""
+    logits = logits.float()
+    columns, normalizer = [], None
+    for j in target_bases:
+        if j == BASES_PER_TOKEN:  # the whole 6-mer: the fused cross-entropy, as training computes it
+            columns.append(-F.cross_entropy(logits.transpose(1, 2), targets, reduction="none"))
+            continue
+        normalizer = logits.logsumexp(-1) if normalizer is None else normalizer
+        runs = logits.unflatten(-1, (4**j, 4**(BASES_PER_TOKEN - j))).logsumexp(-1)  # [B, T, 4^j]
+        prefix = targets.clamp_min(0) >> 2 * (BASES_PER_TOKEN - j)
+        columns.append(runs.gather(-1, prefix[..., None]).squeeze(-1) - normalizer)
+    return torch.stack(columns, -1)
+
+
 class PlantLM(nn.Module):
     """Causal next-6-mer model: token + species embeddings, rotary local attention, and a global memory.
 
@@ -1170,7 +1200,7 @@ class PlantLM(nn.Module):
         # the decayed count of those observations. Both are state, not parameters: saved, never trained.
         self.register_buffer("bucket_memory", torch.zeros(cfg.n_buckets, cfg.d_model))
         self.register_buffer("bucket_weight", torch.zeros(cfg.n_buckets))
-        if cfg.global_memory == "retrieval":  # per position, one value per context length (see mixed_nats)
+        if cfg.global_memory == "retrieval":  # per position, one value per context length (see mixed_log_probs)
             self.retrieval_head = nn.Linear(cfg.d_model, len(RETRIEVAL_CONTEXT_TOKENS))
         self._block_masks = {}
         self.apply(self._init_weights)
@@ -1215,36 +1245,37 @@ class PlantLM(nn.Module):
         logits = self.head(hidden)
         if targets is None:
             return logits, hidden.detach()
+        log_p = prefix_log_probs(logits, targets, (BASES_PER_TOKEN,))
         if self.cfg.global_memory == "retrieval":
-            nats = self.mixed_nats(logits, hidden, targets, retrieval)
-        else:
-            nats = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+            log_p = self.mixed_log_probs(log_p, hidden, retrieval)
+        nats = torch.where(targets != -100, -log_p[..., 0], 0.0)
         if reduction == "none":
             return nats, hidden.detach()
         return nats.sum() / (targets != -100).sum().clamp_min(1), hidden.detach()
 
-    def mixed_nats(self, logits, hidden, targets, retrieval):
-        """-log p(target) [B, T] of the LM's distribution smoothed by the retrieved counts (class docstring).
-
-        Only the target's probability is needed, so each step of the smoothing is a scalar per position: the
-        4096-way distribution is never built. Where a context never occurs, its step leaves p as it was."""
-        log_p = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    def mixed_log_probs(self, log_p, hidden, retrieval):
+        """The LM's log-probabilities of the targets' first j bases, log_p [B, T, P] (prefix_log_probs), smoothed by
+        the retrieved counts (class docstring); retrieval [B, T, O, 1 + P] is RetrievalIndex.counts with
+        target_bases (0, j...). Every smoothing step is linear in p, so a prefix's probability (a sum over the
+        6-mers that begin with it) is smoothed by the counts of the same prefix: each step is a scalar per position
+        and prefix, and the 4096-way distribution is never built. Where a context never occurs, its step leaves p
+        as it was."""
         values = self.retrieval_head(hidden).float()  # [B, T, context lengths]
-        in_context, with_target = retrieval.unbind(-1)
+        in_context, with_prefix = retrieval[..., 0], retrieval[..., 1:]
         if self.cfg.retrieval_mixing == "dirichlet":
             for i in range(values.shape[-1]):
-                log_p = torch.logaddexp(with_target[..., i].log(), values[..., i] + log_p) - \
-                    torch.logaddexp(in_context[..., i].log(), values[..., i])
+                log_p = torch.logaddexp(with_prefix[..., i, :].log(), values[..., i, None] + log_p) - \
+                    torch.logaddexp(in_context[..., i, None].log(), values[..., i, None])
         else:
             lengths = torch.arange(1, values.shape[-1] + 1, device=values.device)
             longest = ((in_context > 0) * lengths).amax(-1, keepdim=True)  # 0 where no context occurs
             pick = (longest - 1).clamp_min(0)
-            gate = values.gather(-1, pick).squeeze(-1)
-            frequency = with_target.gather(-1, pick).squeeze(-1).log() - \
-                in_context.gather(-1, pick).squeeze(-1).clamp_min(1).log()
+            gate = values.gather(-1, pick)
+            frequency = with_prefix.gather(2, pick[..., None].expand(-1, -1, 1, log_p.shape[-1])).squeeze(2).log() - \
+                in_context.gather(-1, pick).clamp_min(1).log()
             mixed = torch.logaddexp(F.logsigmoid(-gate) + log_p, F.logsigmoid(gate) + frequency)
-            log_p = torch.where(longest.squeeze(-1) > 0, mixed, log_p)
-        return torch.where(targets != -100, -log_p, 0.0)
+            log_p = torch.where(longest > 0, mixed, log_p)
+        return log_p
 
     def memory_rows(self):
         """The bucket memory as attention reads it: every row scaled to unit RMS (an empty row stays zero).
@@ -2225,75 +2256,266 @@ def restore_rng_states(states, device):
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------- inference: score, variants, embed
 
-def scored_targets(n_tokens, context_size, stride):
-    """Windows (start, mask over its targets) that score every target of a chunk exactly once.
+TARGET_PREFIXES = tuple(range(1, BASES_PER_TOKEN + 1))  # a target 6-mer's first 1..6 bases: scoring base by base
 
-    The first window scores all its targets; each later window scores only targets past the previous one's, so
-    most targets are predicted with at least context_size - stride tokens of context. A last window is added
-    flush with the chunk's end so that no tail is left out.
-    """
-    starts = window_starts(n_tokens, context_size, stride).tolist()
-    if starts and starts[-1] + context_size + 1 < n_tokens:
-        starts.append(n_tokens - context_size - 1)
-    windows, scored_until = [], 0  # targets are token positions 1..n_tokens-1
+
+@dataclass
+class Inference:
+    """A trained checkpoint ready for inference: the model in eval mode on its device, with its global memory."""
+    model: nn.Module
+    cfg: Config
+    species_id: int
+    device: torch.device
+    memory_index: RetrievalIndex = None
+
+
+def load_for_inference(checkpoint, species, device="auto", warn=print):
+    """The checkpoint's model for `species` (a name it was trained on, or 'average': the mean species embedding),
+    on `device` ('auto': a GPU when there is one), with its memory: the frozen bucket memory in its weights, or the
+    retrieval index of its training chunks, cached beside it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is visible here")
+    ckpt = load_checkpoint(checkpoint)
+    cfg = checkpoint_config(ckpt["config"])
+    names = ckpt["species"]
+    model = PlantLM(cfg, len(names))
+    model.load_state_dict(ckpt["model_state_dict"])
+    if species == "average":
+        mean = model.species_embedding.weight.detach().mean(0, keepdim=True)
+        model.species_embedding = nn.Embedding.from_pretrained(mean)
+        species_id = 0
+    elif species in names:
+        species_id = names.index(species)
+    else:
+        raise ConfigError(f"species {species!r} is unknown to {checkpoint}; known species: "
+                          f"{', '.join(names)} (or 'average' for the mean species embedding)")
+    memory_index = None
+    if cfg.global_memory == "retrieval":
+        path = os.path.join(os.path.dirname(checkpoint) or ".", f"retrieval_index_{ckpt['retrieval_index']}.pt")
+        if not os.path.exists(path):
+            raise ConfigError(f"{checkpoint} reads the retrieval index {path}, which is missing; it is rebuilt "
+                              f"by a training run on the same data with --checkpoint_dir set to that folder")
+        memory_index = load_retrieval_index(path, device)
+        warn(f"memory: retrieval index {ckpt['retrieval_index']} ({path}), the training chunks of {', '.join(names)}")
+    return Inference(model.to(device).eval(), cfg, species_id, device, memory_index)
+
+
+def score_pieces(inference, pieces, batch_size=64):
+    """Per-base log-likelihoods of DNA: for each (key, codes) of pieces (base codes 0..3), yields (key, codes,
+    log_probs), log_probs [len(codes)] float64: ln p(base | the piece's bases before it), nan for the first 6 bases,
+    which are context only (nothing predicts a piece's first 6-mer).
+
+    A piece is tokenized from its first base, and a last partial 6-mer is scored too: a base's probability is the
+    probability of the 6-mer prefix it ends over the one before it, each a sum over the 6-mers that begin with it
+    (prefix_log_probs), so the bases of a 6-mer multiply to the 6-mer's probability. Windows of context_size + 1
+    tokens read a piece as training and validation do, each target scored once, in the window where it has the
+    most context (covering_windows); windows of many pieces share a batch, and pieces come back in order."""
+    cfg = inference.cfg
+    width = cfg.prefix_tokens + cfg.context_size + 1
+    for key, codes, windows in windowed(pieces, lambda codes: scoring_windows(codes, cfg), width, batch_size,
+                                        lambda rows: window_base_log_probs(inference, rows)):
+        log_probs = np.full(len(codes), np.nan)
+        for (_, start, owned), per_base in windows:
+            targets = np.flatnonzero(owned)  # the window's t-th target is the piece's token start + 1 + t
+            at = BASES_PER_TOKEN * (start + 1 + targets)[:, None] + np.arange(BASES_PER_TOKEN)
+            inside = at < len(codes)  # the last 6-mer may be partial
+            log_probs[at[inside]] = per_base[targets][inside]
+        yield key, codes, log_probs
+
+
+def scoring_windows(codes, cfg):
+    """(row, start, owned) per window that scores a piece: row = its tokens from start - prefix_tokens to the window's
+    end (-1 before the piece), owned = which of the window's targets it scores. The last 6-mer may be partial: its
+    missing bases read as A and are never scored."""
+    tokens = tokenize(np.concatenate([codes, np.zeros(-len(codes) % BASES_PER_TOKEN, np.uint8)])).astype(np.int64)
+    for start, length, owned in covering_windows(len(tokens), cfg.context_size + 1, cfg.window_stride):
+        if length > 1:
+            row = np.concatenate([np.full(max(0, cfg.prefix_tokens - start), -1),
+                                  tokens[max(0, start - cfg.prefix_tokens):start + length]])
+            yield row, start, owned[1:]  # a window's first token is context only
+
+
+def covering_windows(n, span, stride):
+    """(start, length, owned) windows of at most `span` positions over positions 0..n-1, every position owned by
+    exactly one: the first window owns all of its positions, each later one, `stride` further on, only those past
+    the previous one's end, so most positions are read with span - stride positions before them. A last window sits
+    flush with the end, so that no tail is left out."""
+    if n <= span:
+        return [(0, n, np.ones(n, dtype=bool))] if n else []
+    starts = list(range(0, n - span + 1, stride))
+    if starts[-1] + span < n:
+        starts.append(n - span)
+    windows, covered = [], 0
     for start in starts:
-        positions = np.arange(start + 1, start + context_size + 1)
-        windows.append((start, positions > scored_until))
-        scored_until = start + context_size
+        windows.append((start, span, np.arange(start, start + span) >= covered))
+        covered = start + span
     return windows
 
 
 @torch.no_grad()
-def evaluate_fasta(model, cfg, paths, species_id, device, batch_size=64, progress=True, memory_index=None):
-    """Per-record and per-file loss of a FASTA file, with the checkpoint's global memory: its frozen bucket memory,
-    or the retrieval index of its training chunks (memory_index)."""
+def window_base_log_probs(inference, rows):
+    """rows [B, prefix + T + 1] int64 token windows (-1 where there is none) -> [B, T, 6] float64 numpy: each target
+    base's ln p given everything before it, in fp32 on every device (so that CPU and GPU scores agree)."""
+    model, cfg = inference.model, inference.cfg
+    rows = rows.to(inference.device)
+    inputs, targets = rows[:, cfg.prefix_tokens:-1].clamp_min(0), rows[:, cfg.prefix_tokens + 1:]
+    targets = torch.where(targets >= 0, targets, -100)  # padding: right of every real token, so it changes none
+    species = torch.full((len(rows),), inference.species_id, device=inference.device)
+    logits, hidden = model(inputs, species)
+    log_p = prefix_log_probs(logits, targets, TARGET_PREFIXES)
+    if inference.memory_index is not None:
+        counts = inference.memory_index.counts(rows, cfg.prefix_tokens, exclude_self=False,
+                                               target_bases=(0,) + TARGET_PREFIXES)
+        log_p = model.mixed_log_probs(log_p, hidden, counts)
+    return torch.diff(log_p, dim=-1, prepend=torch.zeros_like(log_p[..., :1])).double().cpu().numpy()
+
+
+def windowed(pieces, windows_of, width, batch_size, run):
+    """For each (key, piece) of pieces, yields (key, piece, [(window, output) per window of windows_of(piece)]), in
+    order, running the windows of many pieces in batches: run(rows) maps a batch of windows' rows (int64 [B, width],
+    each window's row padded on the right with -1) to one output per row. Only unfinished pieces are held."""
+    in_flight, batch = collections.deque(), []  # in_flight: [key, piece, windows outstanding, results]
+
+    def run_batch():
+        rows = torch.full((len(batch), width), -1, dtype=torch.int64)
+        for i, (_, window) in enumerate(batch):
+            rows[i, :len(window[0])] = torch.from_numpy(window[0])
+        for (entry, window), output in zip(batch, run(rows)):
+            entry[2] -= 1
+            entry[3].append((window, output))
+        batch.clear()
+
+    def finished():
+        while in_flight and in_flight[0][2] == 0:
+            key, piece, _, results = in_flight.popleft()
+            yield key, piece, results
+
+    for key, piece in pieces:
+        entry = [key, piece, 1, []]  # 1: its windows are still being listed
+        in_flight.append(entry)
+        for window in windows_of(piece):
+            batch.append((entry, window))
+            entry[2] += 1
+            if len(batch) == batch_size:
+                run_batch()
+                yield from finished()
+        entry[2] -= 1
+    if batch:
+        run_batch()
+    yield from finished()
+
+
+# ----------------------------------------------------------------------------- inference: eval
+
+def evaluate_fasta(inference, paths, batch_size=64, progress=True, per_base=None):
+    """Per-record and per-file log-likelihood of FASTA files, base by base (score_pieces), with the checkpoint's
+    global memory. Every A/C/G/T run of at least 7 bases is scored (split at other letters, cut at chunk_size as in
+    training); per_base, an open text file, receives the per-base bedGraph track."""
     from tqdm import tqdm
-    model.eval()
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    cfg = inference.cfg
     results = []
     for path in paths:
-        totals = {}  # (record index, record id) -> [nats, targets]
-        pending = []
-
-        def flush():
-            rows = torch.from_numpy(np.stack([w for w, _, _ in pending]).astype(np.int64)).to(device)
-            masks = torch.from_numpy(np.stack([m for _, m, _ in pending])).to(device)
-            species = torch.full((len(rows),), species_id, device=device)
-            prefix = cfg.prefix_tokens
-            memory = {} if memory_index is None else {
-                "retrieval": memory_index.counts(rows, prefix, exclude_self=False)}
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                nats, _ = model(rows[:, prefix:-1], species, rows[:, prefix + 1:], reduction="none", **memory)
-            nats = (nats * masks).sum(1).double().cpu().numpy()
-            for (_, mask, record), value in zip(pending, nats):
-                entry = totals.setdefault(record, [0.0, 0])
-                entry[0] += float(value)
-                entry[1] += int(mask.sum())
-            pending.clear()
-
+        totals = {}  # (record index, record id) -> [log-likelihood, bases scored]
         stats = FileStats()
-        bar = tqdm(desc=os.path.basename(path), unit=" windows", disable=not progress)
-        for chunk in chunk_file(path, "eval", path, cfg, stats=stats):
-            for start, mask in scored_targets(chunk.n_tokens, cfg.context_size, cfg.window_stride):
-                pending.append((window_tokens(chunk.tokens, [start], cfg)[0], mask,
-                                (chunk.key[2], chunk.record_id)))
-                if len(pending) == batch_size:
-                    flush()
-                    bar.update(batch_size)
-        if pending:
-            bar.update(len(pending))
-            flush()
+        chunks = chunk_file(path, "eval", path, cfg, stats=stats, min_bases=BASES_PER_TOKEN + 1)
+        pieces = (((c.key, c.record_id), np.concatenate([token_bases(c.tokens), c.tail])) for c in chunks)
+        bar = tqdm(desc=os.path.basename(path), unit=" bases", unit_scale=True, disable=not progress)
+        for (key, record_id), codes, log_probs in score_pieces(inference, pieces, batch_size):
+            scored = ~np.isnan(log_probs)
+            entry = totals.setdefault((key[2], record_id), [0.0, 0])
+            entry[0] += float(log_probs[scored].sum())
+            entry[1] += int(scored.sum())
+            if per_base is not None:  # the chunk's offset in its record: segment start + chunk index * chunk_size
+                write_bedgraph(per_base, record_id, key[3] + key[4] * cfg.chunk_size, log_probs)
+            bar.update(len(codes))
         bar.close()
         check_looks_like_dna(path, stats)
         ids = [record_id for _, record_id in totals]
         names = {key: key[1] if ids.count(key[1]) == 1 else f"{key[1]} (record {key[0] + 1})" for key in totals}
-        results.append({"file": path, "records": {names[key]: {"nats_per_token": n / max(t, 1), "tokens": t}
-                                                   for key, (n, t) in totals.items()},
-                        "nats": sum(n for n, _ in totals.values()), "tokens": sum(t for _, t in totals.values()),
+        results.append({"file": path, "records": {names[key]: likelihood_summary(ll, n)
+                                                   for key, (ll, n) in totals.items()},
+                        **likelihood_summary(sum(ll for ll, _ in totals.values()), sum(n for _, n in totals.values())),
                         "bases_read": stats.bases, "non_acgt_removed": stats.non_acgt})
     return results
+
+
+def likelihood_summary(log_likelihood, bases):
+    """The figures reported per record, file and overall; bits/base is None where nothing was scored (0 would read as a
+    perfect model)."""
+    return {"bases_scored": bases, "log_likelihood": log_likelihood,
+            "bits_per_base": -log_likelihood / (bases * math.log(2)) if bases else None}
+
+
+def write_bedgraph(out, chrom, offset, log_probs):
+    """One bedGraph line per scored base: chrom, 0-based start, end, ln p(base | the bases before it)."""
+    at = np.flatnonzero(~np.isnan(log_probs))
+    out.write("".join(f"{chrom}\t{offset + i}\t{offset + i + 1}\t{value:.6g}\n"
+                      for i, value in zip(at.tolist(), log_probs[at].tolist())))
+
+
+def eval_main(argv):
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="plant_lm_train.py eval",
+        description="Log-likelihood and bits per base of a trained checkpoint on FASTA files, base by base: every "
+                    "A/C/G/T run of at least 7 bases is scored, each base given the bases before it (the first 6 "
+                    "bases of a run are context only).")
+    add_inference_arguments(parser)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--per-base", metavar="OUT.bedGraph",
+                        help="write the per-base track: ln p(base | the bases before it), in nats, one line per scored "
+                             "base (bedGraph: record id, 0-based start, end, value)")
+    parser.add_argument("fasta", nargs="+", help="FASTA files, optionally gzipped")
+    args = parser.parse_args(argv)
+    for path in args.fasta:
+        check_input_file(path, "the FASTA files in it")
+    inference = load_for_inference(args.checkpoint, args.species, args.device, warn=print_to_stderr)
+    with open(args.per_base, "w") if args.per_base else contextlib.nullcontext() as per_base:
+        if per_base is not None:
+            per_base.write(f'track type=bedGraph name="Plant LM" description="ln p(base | bases before it), nats, '
+                           f'{os.path.basename(args.checkpoint)}, species {args.species}"\n')
+        results = evaluate_fasta(inference, args.fasta, args.batch_size, per_base=per_base)
+    print(f"{'file / record':60s} {'bases scored':>14s} {'log-lik (nats)':>16s} {'bits/base':>10s}")
+    for result in results:
+        for record, r in result["records"].items():
+            print(summary_line("  " + record, r))
+        print(summary_line(os.path.basename(result["file"]), result))
+        if not result["bases_scored"]:
+            print_to_stderr(f"warning: {result['file']}: nothing scored: no A/C/G/T run of at least "
+                            f"{BASES_PER_TOKEN + 1} bases ({result['bases_read']:,} bases read, "
+                            f"{result['non_acgt_removed']:,} non-ACGT removed)")
+    overall = likelihood_summary(sum(r["log_likelihood"] for r in results), sum(r["bases_scored"] for r in results))
+    if not overall["bases_scored"]:
+        raise DataError(f"nothing to score in {', '.join(args.fasta)}: eval needs A/C/G/T runs of at least "
+                        f"{BASES_PER_TOKEN + 1} bases (one 6-mer of context and a base to predict)")
+    print(summary_line("overall", overall))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"checkpoint": args.checkpoint, "species": args.species, "files": results, **overall}, f,
+                      indent=1)
+    return overall
+
+
+def summary_line(name, figures):
+    bits = "-" if figures["bits_per_base"] is None else f"{figures['bits_per_base']:.4f}"
+    return f"{name[:60]:60s} {figures['bases_scored']:14,d} {figures['log_likelihood']:16.2f} {bits:>10s}"
+
+
+def add_inference_arguments(parser):
+    """The arguments every inference subcommand takes."""
+    parser.add_argument("--checkpoint", required=True, help="a model_*.pt written by training")
+    parser.add_argument("--species", required=True,
+                        help="species name known to the checkpoint, or 'average' for the mean species embedding")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="windows per forward pass (default 64)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+
+
+def check_input_file(path, hint):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: " + (f"a directory; give {hint}" if os.path.isdir(path) else "no such file"))
 
 
 def positive_int(text):
@@ -2303,82 +2525,360 @@ def positive_int(text):
     return value
 
 
-def eval_main(argv):
+def print_to_stderr(message):
+    print(message, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- inference: variants
+
+@dataclass
+class Allele:
+    """One ALT allele of a VCF record, and its score or the reason it has none."""
+    chrom: str
+    pos: int  # 1-based, as in the VCF
+    id: str
+    ref: str
+    alt: str
+    llr: float = math.nan
+    note: str = None  # why it is not scored; None while it may be
+
+
+def variants_main(argv):
     import argparse
-    parser = argparse.ArgumentParser(prog="plant_lm_train.py eval",
-                                     description="Bits per base of a trained checkpoint on FASTA files.")
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--species", required=True,
-                        help="species name known to the checkpoint, or 'average' for the mean species embedding")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("fasta", nargs="+")
+    parser = argparse.ArgumentParser(
+        prog="plant_lm_train.py variants",
+        description="Zero-shot scores of the SNVs of a VCF: the log-likelihood ratio log P(alt) - log P(ref), in "
+                    "nats, of the sequence around each, over every 6-mer whose prediction the change can affect, "
+                    "averaged over the 6 token frames and both strands. Negative: the model finds the ALT allele "
+                    "less likely than the reference. One row per ALT allele; indels, non-ACGT alleles and a REF that "
+                    "disagrees with the FASTA get NA and the reason.")
+    add_inference_arguments(parser)
+    parser.add_argument("--fasta", required=True, help="the reference genome (FASTA, optionally gzipped)")
+    parser.add_argument("--vcf", required=True, help="the variants (VCF or VCF.gz)")
+    parser.add_argument("--out", required=True, help="the scores, a tab-separated table")
     args = parser.parse_args(argv)
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = checkpoint_config(ckpt["config"])
-    species = ckpt["species"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = PlantLM(cfg, len(species))
-    model.load_state_dict(ckpt["model_state_dict"])
-    if args.species == "average":
-        mean = model.species_embedding.weight.detach().mean(0, keepdim=True)
-        model.species_embedding = nn.Embedding.from_pretrained(mean)
-        species_id = 0
-    elif args.species in species:
-        species_id = species.index(args.species)
-    else:
-        raise ConfigError(f"species {args.species!r} is unknown to {args.checkpoint}; known species: "
-                          f"{', '.join(species)} (or 'average' for the mean species embedding)")
-    memory_index = None
-    if cfg.global_memory == "retrieval":  # the index of the checkpoint's own training chunks, cached beside it
-        path = os.path.join(os.path.dirname(args.checkpoint) or ".", f"retrieval_index_{ckpt['retrieval_index']}.pt")
-        if not os.path.exists(path):
-            raise ConfigError(f"{args.checkpoint} reads the retrieval index {path}, which is missing; it is rebuilt "
-                              f"by a training run on the same data with --checkpoint_dir set to that folder")
-        memory_index = load_retrieval_index(path, device)
-        print(f"memory: retrieval index {ckpt['retrieval_index']} ({path}), the training chunks of "
-              f"{', '.join(species)}", file=sys.stderr)
-    for path in args.fasta:
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: " + ("a directory; give the FASTA files in it" if os.path.isdir(path) else
-                                           "no such file"))
-    results = evaluate_fasta(model.to(device), cfg, args.fasta, species_id, device, args.batch_size,
-                             memory_index=memory_index)
-    print(f"{'file / record':60s} {'tokens':>12s} {'nats/token':>11s} {'bits/base':>10s}")
-    for result in results:
-        for record, r in result["records"].items():
-            print(f"  {record[:58]:58s} {r['tokens']:12,d} {r['nats_per_token']:11.4f} "
-                  f"{r['nats_per_token'] * NATS_PER_TOKEN_TO_BITS_PER_BASE:10.4f}")
-        if not result["tokens"]:  # a score of 0 here would read as a perfect model
-            result.update(nats_per_token=None, bits_per_base=None)
-            print(f"{os.path.basename(result['file'])[:60]:60s} {0:12,d} {'-':>11s} {'-':>10s}")
-            print(f"warning: {result['file']}: nothing scored: no A/C/G/T run of at least {cfg.window_bases} bases "
-                  f"({result['bases_read']:,} bases read, {result['non_acgt_removed']:,} non-ACGT removed)",
-                  file=sys.stderr)
-            continue
-        nats = result["nats"] / result["tokens"]
-        result.update(nats_per_token=nats, bits_per_base=nats * NATS_PER_TOKEN_TO_BITS_PER_BASE)
-        print(f"{os.path.basename(result['file'])[:60]:60s} {result['tokens']:12,d} {nats:11.4f} "
-              f"{nats * NATS_PER_TOKEN_TO_BITS_PER_BASE:10.4f}")
-    total_tokens = sum(r["tokens"] for r in results)
-    if not total_tokens:
-        raise DataError(f"nothing to score in {', '.join(args.fasta)}: eval needs A/C/G/T runs of at least "
-                        f"{cfg.window_bases} bases (one window of the checkpoint's context)")
-    overall = sum(r["nats"] for r in results) / total_tokens
-    print(f"{'overall':60s} {total_tokens:12,d} {overall:11.4f} {overall * NATS_PER_TOKEN_TO_BITS_PER_BASE:10.4f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "species": args.species, "files": results,
-                       "nats_per_token": overall, "bits_per_base": overall * NATS_PER_TOKEN_TO_BITS_PER_BASE}, f, indent=1)
-    return overall
+    check_input_file(args.fasta, "the reference FASTA file")
+    check_input_file(args.vcf, "the VCF file")
+    inference = load_for_inference(args.checkpoint, args.species, args.device, warn=print_to_stderr)
+    alleles = read_vcf_alleles(args.vcf)
+    score_alleles(inference, args.fasta, alleles, args.batch_size)
+    write_variant_table(args.out, alleles)
+    reasons = collections.Counter(a.note for a in alleles if a.note is not None)
+    print_to_stderr(f"{len(alleles) - sum(reasons.values()):,} of {len(alleles):,} ALT alleles scored, in {args.out}")
+    for reason, n in reasons.most_common():
+        print_to_stderr(f"  not scored: {n:,} x {reason}")
+    return alleles
+
+
+def read_vcf_alleles(path):
+    """One Allele per ALT allele of every VCF record (cyvcf2, which reads VCF and VCF.gz); the ones that are not SNVs
+    of A/C/G/T carry the reason. A record htslib cannot parse is an error naming its line."""
+    from cyvcf2 import VCF
+    try:
+        vcf = VCF(path)
+    except OSError as e:
+        raise DataError(f"{path}: not a readable VCF ({e})") from e
+    records, alleles = iter(vcf), []
+    line = vcf.raw_header.count("\n")  # records follow the header, one a line
+    while True:
+        line += 1
+        try:
+            record = next(records)
+        except StopIteration:
+            break
+        except Exception as e:  # cyvcf2 raises a bare Exception for a record htslib rejects
+            raise DataError(f"{path}: line {line}: not a valid VCF record ({e})") from e
+        for alt in record.ALT or ["."]:
+            alleles.append(Allele(record.CHROM, record.POS, record.ID or ".", record.REF, alt,
+                                  note=snv_problem(record.REF, alt)))
+    vcf.close()
+    return alleles
+
+
+def snv_problem(ref, alt):
+    """Why a VCF allele is not scored as an SNV, or None."""
+    if alt == ".":
+        return "no ALT allele"
+    if alt.startswith("<") or "[" in alt or "]" in alt:
+        return "symbolic or breakend ALT allele"
+    if len(ref) != 1 or len(alt) != 1:
+        return "indel or multi-base substitution: only SNVs are scored"
+    if ref.upper() not in "ACGT" or alt.upper() not in "ACGT":
+        return "non-ACGT allele"
+    if ref.upper() == alt.upper():
+        return "ALT equals REF"
+    return None
+
+
+def score_alleles(inference, fasta, alleles, batch_size=64):
+    """Score every SNV of alleles in place (llr), reading the reference one record at a time, only the records that
+    have variants: memory is one chromosome."""
+    from tqdm import tqdm
+    by_contig = collections.defaultdict(list)
+    for allele in alleles:
+        if allele.note is None:
+            by_contig[allele.chrom].append(allele)
+    bar = tqdm(total=sum(map(len, by_contig.values())), unit=" variants", disable=None)
+    for record_id, codes in read_records(fasta, set(by_contig)):
+        score_contig_snvs(inference, codes, by_contig.pop(record_id), batch_size, bar)
+    bar.close()
+    for contig, missing in by_contig.items():
+        for allele in missing:
+            allele.note = f"contig {contig} is not in {os.path.basename(fasta)}"
+
+
+def read_records(path, wanted):
+    """(record id, BYTE_CODES of the whole record) for each record of a FASTA file whose id is in wanted (None: all),
+    one at a time, in file order; a later record with an id already read is skipped."""
+    done, current, current_id, parts = set(), None, None, None
+    for record_index, record_id, piece in read_fasta(path):
+        if record_index != current:
+            if parts is not None:
+                yield current_id, BYTE_CODES[np.frombuffer(b"".join(parts), dtype=np.uint8)]
+            current, current_id = record_index, record_id
+            parts = [] if (wanted is None or record_id in wanted) and record_id not in done else None
+            done.add(record_id)
+        if parts is not None:
+            parts.append(piece)
+    if parts is not None:
+        yield current_id, BYTE_CODES[np.frombuffer(b"".join(parts), dtype=np.uint8)]
+
+
+def score_contig_snvs(inference, codes, alleles, batch_size, bar):
+    """The LLRs of one chromosome's SNVs (codes: BYTE_CODES of the record). Each site's 12 regions (snv_regions, both
+    strands) are scored with the reference base and with each ALT base; an allele's LLR is the mean over the 12 of
+    the summed per-base log-likelihood differences, which start at the variant (the bases before it are the same)."""
+    sites = collections.defaultdict(list)
+    for allele in alleles:
+        at = allele.pos - 1
+        base = codes[at] if 0 <= at < len(codes) else None
+        if base is None:
+            allele.note = f"position {allele.pos:,} is outside {allele.chrom} ({len(codes):,} bases)"
+        elif base >= 8:
+            allele.note = "the reference base is not A/C/G/T"
+        elif "ACGT"[base & 3] != allele.ref.upper():
+            allele.note = f"REF {allele.ref} does not match the reference base {'ACGT'[base & 3]}"
+        else:
+            sites[at].append(allele)
+    for at, site_alleles in list(sites.items()):
+        if max(end - start for start, end in snv_regions(codes, at, inference.cfg)) <= BASES_PER_TOKEN:
+            for allele in site_alleles:
+                allele.note = f"fewer than {BASES_PER_TOKEN + 1} A/C/G/T bases around the site"
+            bar.update(len(site_alleles))
+            del sites[at]
+    sums = {}  # (site, allele number: 0 = reference) -> per region, the log-likelihood from the variant on
+
+    def pieces():
+        for at, site_alleles in sites.items():
+            alts = [BYTE_CODES[ord(a.alt)] & 3 for a in site_alleles]
+            for region, (piece, variant, reverse) in enumerate(oriented_regions(codes, at, inference.cfg)):
+                yield (at, 0, region, variant), piece
+                for number, base in enumerate(alts, 1):
+                    changed = piece.copy()
+                    changed[variant] = 3 - base if reverse else base
+                    yield (at, number, region, variant), changed
+
+    for (at, number, region, variant), _, log_probs in score_pieces(inference, pieces(), batch_size):
+        sums.setdefault((at, number), np.zeros(2 * BASES_PER_TOKEN))[region] = np.nansum(log_probs[variant:])
+        site_alleles = sites[at]
+        if number == len(site_alleles) and region == 2 * BASES_PER_TOKEN - 1:  # the site's last piece
+            for n, allele in enumerate(site_alleles, 1):
+                allele.llr = float((sums.pop((at, n)) - sums[(at, 0)]).mean())
+            del sums[(at, 0)]
+            bar.update(len(site_alleles))
+
+
+def oriented_regions(codes, at, cfg):
+    """The 12 pieces that score a site, (base codes, the variant's index, on the reverse strand?): the 6 snv_regions
+    read 5' to 3' on the forward strand, then the same on the reverse strand (reverse-complemented)."""
+    forward = [(codes[start:end] & 3, at - start, False) for start, end in snv_regions(codes, at, cfg)]
+    return forward + [(3 - piece[::-1], len(piece) - 1 - variant, True) for piece, variant, _ in forward]
+
+
+def snv_regions(codes, at, cfg):
+    """(start, end) of the 6 regions that score a SNV at `at`, one per token frame: in frame f the variant is base f
+    of its 6-mer, with context_size // 2 whole 6-mers before it and a window's worth after, clipped to the run of
+    A/C/G/T around the site (near a gap the region keeps the frame while a whole 6-mer fits before the variant).
+    The window is the model's: every 6-mer the variant changes or precedes in it is scored."""
+    span = (cfg.context_size + 1) * BASES_PER_TOKEN
+    before = cfg.context_size // 2 * BASES_PER_TOKEN
+    reach = max(0, at - before - BASES_PER_TOKEN)
+    gaps = np.flatnonzero(codes[reach:at] >= 8)
+    run_start = reach + int(gaps[-1]) + 1 if len(gaps) else reach
+    gaps = np.flatnonzero(codes[at:at + span] >= 8)
+    run_end = at + (int(gaps[0]) if len(gaps) else len(codes[at:at + span]))
+    regions = []
+    for frame in range(BASES_PER_TOKEN):
+        start = at - frame - before
+        if start < run_start:
+            start = run_start + (at - frame - run_start) % BASES_PER_TOKEN if at - frame >= run_start else run_start
+        regions.append((start, min(start + span, run_end)))
+    return regions
+
+
+def write_variant_table(path, alleles):
+    with open(path, "w") as f:
+        f.write("chrom\tpos\tid\tref\talt\tllr\tnote\n")
+        for a in alleles:
+            llr = "NA" if a.note is not None else f"{a.llr:.6f}"
+            f.write(f"{a.chrom}\t{a.pos}\t{a.id}\t{a.ref}\t{a.alt}\t{llr}\t{a.note or '.'}\n")
+
+
+# ----------------------------------------------------------------------------- inference: embeddings
+
+@dataclass
+class Region:
+    name: str
+    chrom: str = None  # BED regions: where in the reference; FASTA records are whole regions
+    start: int = 0
+    end: int = 0
+    reverse: bool = False
+    line: int = 0  # the BED line, for error messages
+
+
+def embed_main(argv):
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="plant_lm_train.py embed",
+        description="Embeddings of DNA regions: the final hidden states of the checkpoint's model, mean-pooled over "
+                    "each region's 6-mers (and per 6-mer with --per-token), written to an .npz file with the region "
+                    "names. Regions are the records of a FASTA file, or the lines of a BED file in --fasta.")
+    add_inference_arguments(parser)
+    parser.add_argument("--out", required=True, help="the embeddings, an .npz file (numpy.load, no pickle)")
+    parser.add_argument("--bed", help="regions of --fasta: chrom, 0-based start, end, optional name, score and "
+                                      "strand ('-' embeds the reverse complement)")
+    parser.add_argument("--fasta", help="the reference genome that --bed refers to")
+    parser.add_argument("--per-token", action="store_true",
+                        help="also write every 6-mer's hidden state (token_embeddings, token_offsets, token_starts)")
+    parser.add_argument("regions", nargs="?", help="a FASTA file: each record is a region (instead of --bed)")
+    args = parser.parse_args(argv)
+    if (args.bed is None) == (args.regions is None) or (args.bed is None) != (args.fasta is None):
+        parser.error("give either a FASTA file of regions, or --bed REGIONS with --fasta REF")
+    for path in filter(None, (args.bed, args.fasta, args.regions)):
+        check_input_file(path, "a file")
+    inference = load_for_inference(args.checkpoint, args.species, args.device, warn=print_to_stderr)
+    regions = read_bed(args.bed) if args.bed else None
+    sequences = bed_sequences(args.fasta, args.bed, regions) if args.bed else \
+        (((number, record_id), codes) for number, (record_id, codes) in enumerate(read_records(args.regions, None)))
+    found = {}  # region number -> (name, mean, per-token hidden states or None, their starts)
+    from tqdm import tqdm
+    for (number, name), hidden, starts in tqdm(embed_regions(inference, sequences, args.batch_size),
+                                               unit=" regions", total=len(regions) if regions else None, disable=None):
+        mean = hidden.mean(0) if len(hidden) else np.full(inference.cfg.d_model, np.nan, np.float32)
+        found[number] = (name, mean, hidden if args.per_token else None, starts)
+    names, pooled, hidden, starts = zip(*(found[number] for number in sorted(found)))  # BED or FASTA order
+    empty = [name for name, s in zip(names, starts) if not len(s)]
+    if empty:
+        print_to_stderr(f"warning: {len(empty)} region(s) hold no 6-mer of A/C/G/T ({', '.join(empty[:3])}"
+                        f"{', ...' if len(empty) > 3 else ''}): their embedding is nan")
+    arrays = {"names": np.array(names, dtype=str), "embeddings": np.stack(pooled).astype(np.float32),
+              "n_tokens": np.array([len(s) for s in starts], dtype=np.int64)}
+    if args.per_token:
+        arrays["token_embeddings"] = np.concatenate(hidden).astype(np.float32)
+        arrays["token_offsets"] = np.concatenate([[0], np.cumsum(arrays["n_tokens"])])
+        arrays["token_starts"] = np.concatenate(starts).astype(np.int64)
+    write_atomically_npz(args.out, arrays)
+    print_to_stderr(f"{len(names):,} region embeddings ({inference.cfg.d_model} values each) in {args.out}")
+    return arrays
+
+
+def embed_regions(inference, sequences, batch_size=64):
+    """For each (key, codes) of sequences (BYTE_CODES), yields (key, hidden [n, d_model] float32, starts [n]): the
+    final hidden state at each 6-mer of the region's A/C/G/T runs (split at any other letter, tokenized from each
+    run's start, a last partial 6-mer dropped) and the 6-mer's offset in the region. A 6-mer's hidden state is read
+    in the window where it has the most context (covering_windows), as scoring reads its prediction."""
+    cfg = inference.cfg
+
+    def windows_of(codes):
+        for run_start, run_end in acgt_segments(codes).tolist():
+            tokens = tokenize(codes[run_start:run_end]).astype(np.int64)
+            for start, length, owned in covering_windows(len(tokens), cfg.context_size, cfg.window_stride):
+                yield tokens[start:start + length], run_start + BASES_PER_TOKEN * start, owned
+
+    for key, _, windows in windowed(sequences, windows_of, cfg.context_size, batch_size,
+                                    lambda rows: window_hidden_states(inference, rows)):
+        hidden = [h[:len(owned)][owned] for (_, _, owned), h in windows]
+        starts = [first + BASES_PER_TOKEN * np.flatnonzero(owned) for (_, first, owned), _ in windows]
+        yield key, np.concatenate(hidden) if hidden else np.zeros((0, cfg.d_model), np.float32), \
+            np.concatenate(starts) if starts else np.zeros(0, np.int64)
+
+
+@torch.no_grad()
+def window_hidden_states(inference, rows):
+    """rows [B, T] int64 (-1 padding on the right) -> the final hidden states [B, T, d_model], float32 numpy."""
+    rows = rows.to(inference.device)
+    species = torch.full((len(rows),), inference.species_id, device=inference.device)
+    _, hidden = inference.model(rows.clamp_min(0), species)
+    return hidden.float().cpu().numpy()
+
+
+def read_bed(path):
+    """The regions of a BED file (plain or gzipped), checked line by line; an error names the line."""
+    regions = []
+    with open_genome(path) as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if not line.strip() or line.startswith(("#", "track", "browser")):
+                continue
+            fields = line.split("\t") if "\t" in line else line.split()
+            if len(fields) < 3:
+                raise DataError(f"{path}: line {number}: a BED line needs chrom, start and end; found {line[:80]!r}")
+            try:
+                start, end = int(fields[1]), int(fields[2])
+            except ValueError:
+                raise DataError(f"{path}: line {number}: start and end must be whole numbers; found "
+                                f"{fields[1]!r} and {fields[2]!r}") from None
+            if not 0 <= start < end:
+                raise DataError(f"{path}: line {number}: needs 0 <= start < end; found start {start}, end {end}")
+            strand = fields[5] if len(fields) > 5 else "+"
+            if strand not in ("+", "-", "."):
+                raise DataError(f"{path}: line {number}: strand must be +, - or .; found {strand!r}")
+            name = fields[3] if len(fields) > 3 and fields[3] not in ("", ".") else f"{fields[0]}:{start}-{end}"
+            regions.append(Region(name, fields[0], start, end, strand == "-", number))
+    return regions
+
+
+def bed_sequences(fasta, bed, regions):
+    """((region number, name), BYTE_CODES) of each BED region, in the reference's order, reading it one record at a
+    time."""
+    by_chrom = collections.defaultdict(list)
+    for number, region in enumerate(regions):
+        by_chrom[region.chrom].append(number)
+    for record_id, codes in read_records(fasta, set(by_chrom)):
+        for number in by_chrom.pop(record_id):
+            region = regions[number]
+            if region.end > len(codes):
+                raise DataError(f"{bed}: line {region.line}: end {region.end:,} is past the end of {record_id} "
+                                f"({len(codes):,} bases)")
+            piece = codes[region.start:region.end]
+            yield (number, region.name), reverse_complement_codes(piece) if region.reverse else piece
+    if by_chrom:
+        chrom, numbers = next(iter(by_chrom.items()))
+        raise DataError(f"{bed}: line {regions[numbers[0]].line}: {chrom} is not a record of {fasta}")
+
+
+def reverse_complement_codes(codes):
+    """BYTE_CODES of the reverse strand: reversed, each base complemented (3 - base, soft-masking kept)."""
+    reverse = codes[::-1]
+    return np.where(reverse < 8, (reverse & 4) | (3 - (reverse & 3)), reverse).astype(np.uint8)
+
+
+def write_atomically_npz(path, arrays):
+    temporary = f"{path}.tmp.npz"
+    np.savez(temporary, **arrays)
+    os.replace(temporary, path)
 
 
 # ----------------------------------------------------------------------------- entry point
 
 USAGE = """usage:
   python plant_lm_train.py [train] [--field=value ...]   train (launch through run.sh / torchrun for several GPUs)
-  python plant_lm_train.py eval --checkpoint PATH --species NAME FASTA [FASTA ...]
-Config fields are the Config dataclass at the top of this file; --field=value overrides one for this run."""
+  python plant_lm_train.py eval --checkpoint PATH --species NAME [--per-base OUT.bedGraph] FASTA [FASTA ...]
+  python plant_lm_train.py variants --checkpoint PATH --species NAME --fasta REF.fa --vcf IN.vcf --out OUT.tsv
+  python plant_lm_train.py embed --checkpoint PATH --species NAME --out OUT.npz (FASTA | --bed REGIONS --fasta REF)
+Config fields are the Config dataclass at the top of this file; --field=value overrides one for this run.
+Each subcommand's --help says more."""
+SUBCOMMANDS = {"eval": eval_main, "variants": variants_main, "embed": embed_main}
 
 
 def config_from_args(args):
@@ -2403,8 +2903,8 @@ def main(argv):
     is_main = int(os.environ.get("RANK", 0)) == 0
     cfg = None
     try:
-        if argv and argv[0] == "eval":
-            eval_main(argv[1:])
+        if argv and argv[0] in SUBCOMMANDS:
+            SUBCOMMANDS[argv[0]](argv[1:])
             return 0
         cfg = config_from_args(argv[1:] if argv and argv[0] == "train" else argv)
         train(cfg)
