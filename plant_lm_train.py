@@ -12,6 +12,7 @@ import functools
 import gzip
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -1159,16 +1160,14 @@ def prefix_log_probs(logits, targets, target_bases):
     6-mers that begin with j given bases are a run of 4^(6 - j) ids, and a prefix's probability is a logsumexp
     over that run: the per-base likelihood marginalizes the 6-mer prediction within the token."""
     logits = logits.float()
-    columns, normalizer = [], None
-    for j in target_bases:
-        if j == BASES_PER_TOKEN:  # the whole 6-mer: the fused cross-entropy, as training computes it
-            columns.append(-F.cross_entropy(logits.transpose(1, 2), targets, reduction="none"))
-            continue
-        normalizer = logits.logsumexp(-1) if normalizer is None else normalizer
-        runs = logits.unflatten(-1, (4**j, 4**(BASES_PER_TOKEN - j))).logsumexp(-1)  # [B, T, 4^j]
-        prefix = targets.clamp_min(0) >> 2 * (BASES_PER_TOKEN - j)
-        columns.append(runs.gather(-1, prefix[..., None]).squeeze(-1) - normalizer)
-    return torch.stack(columns, -1)
+    if tuple(target_bases) == (BASES_PER_TOKEN,):  # training: the whole 6-mer, through the fused cross-entropy
+        return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")[..., None]
+    runs = [logits]  # runs[i]: log-sums over the runs of 4^i ids, [B, T, 4^(6 - i)]; each from the last in groups of 4
+    for _ in range(BASES_PER_TOKEN):
+        runs.append(runs[-1].unflatten(-1, (-1, 4)).logsumexp(-1))
+    normalizer, targets = runs[-1][..., 0], targets.clamp_min(0)
+    return torch.stack([runs[BASES_PER_TOKEN - j].gather(-1, (targets >> 2 * (BASES_PER_TOKEN - j))[..., None])[..., 0]
+                        for j in target_bases], -1) - normalizer[..., None]
 
 
 class PlantLM(nn.Module):
@@ -2271,10 +2270,10 @@ class Inference:
     memory_index: RetrievalIndex = None
 
 
-def load_for_inference(checkpoint, species, device="auto", warn=print):
+def load_for_inference(checkpoint, species, device="auto", warn=print, scoring=True):
     """The checkpoint's model for `species` (a name it was trained on, or 'average': the mean species embedding),
-    on `device` ('auto': a GPU when there is one), with its memory: the frozen bucket memory in its weights, or the
-    retrieval index of its training chunks, cached beside it."""
+    on `device` ('auto': a GPU when there is one), with its memory: the frozen bucket memory in its weights, or, for
+    scoring, the retrieval index of its training chunks, cached beside it (hidden states never read it)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA device is visible here")
@@ -2293,7 +2292,7 @@ def load_for_inference(checkpoint, species, device="auto", warn=print):
         raise ConfigError(f"species {species!r} is unknown to {checkpoint}; known species: "
                           f"{', '.join(names)} (or 'average' for the mean species embedding)")
     memory_index = None
-    if cfg.global_memory == "retrieval":
+    if cfg.global_memory == "retrieval" and scoring:
         path = os.path.join(os.path.dirname(checkpoint) or ".", f"retrieval_index_{ckpt['retrieval_index']}.pt")
         if not os.path.exists(path):
             raise ConfigError(f"{checkpoint} reads the retrieval index {path}, which is missing; it is rebuilt "
@@ -2579,7 +2578,8 @@ def read_vcf_alleles(path):
     except OSError as e:
         raise DataError(f"{path}: not a readable VCF ({e})") from e
     records, alleles = iter(vcf), []
-    line = vcf.raw_header.count("\n")  # records follow the header, one a line
+    with open_genome(path) as f:  # records follow the file's header lines, one a line
+        line = sum(1 for _ in itertools.takewhile(lambda text: text.startswith(b"#"), f))
     while True:
         line += 1
         try:
@@ -2756,7 +2756,7 @@ def embed_main(argv):
         parser.error("give either a FASTA file of regions, or --bed REGIONS with --fasta REF")
     for path in filter(None, (args.bed, args.fasta, args.regions)):
         check_input_file(path, "a file")
-    inference = load_for_inference(args.checkpoint, args.species, args.device, warn=print_to_stderr)
+    inference = load_for_inference(args.checkpoint, args.species, args.device, warn=print_to_stderr, scoring=False)
     regions = read_bed(args.bed) if args.bed else None
     sequences = bed_sequences(args.fasta, args.bed, regions) if args.bed else \
         (((number, record_id), codes) for number, (record_id, codes) in enumerate(read_records(args.regions, None)))

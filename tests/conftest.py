@@ -3,13 +3,15 @@
 The plain helpers they are built on (tiny_config, random_dna, write_fasta, ...) live in tests/_helpers.py.
 """
 
+import dataclasses
 import glob
 import os
 
 import numpy as np
 import pytest
+import torch
 
-from _helpers import DATA_SHAPE, REPO, parse_with_biopython, random_dna, tiny_config, write_fasta
+from _helpers import DATA_SHAPE, REPO, motif_genome, parse_with_biopython, random_dna, tiny_config, write_fasta
 import plant_lm_train as plm
 
 REAL_SPECIES = ("arabidopsis", "arenosa", "lyrata")
@@ -138,3 +140,35 @@ def real_index(real_data_dir):
     warnings = []
     index = plm.scan_genomes(cfg, warn=warnings.append, progress=False)
     return cfg, index, warnings
+
+
+# ----------------------------------------------------------------------------- checkpoints to score with
+
+@pytest.fixture(scope="session")
+def scoring_checkpoints(tmp_path_factory):
+    """global_memory -> (checkpoint path, its genome file): one untrained tiny model per memory, its weights drawn
+    wide (std 0.3) so that its predictions are far from uniform, with the retrieval index of its training chunks
+    beside it. Species 's' (and an unused 't'); chr1 a repeated motif (the index knows its contexts), chr2 random.
+    Scoring tests need exact arithmetic, not a trained model: this costs no training run."""
+    made = {}
+    for memory in plm.GLOBAL_MEMORIES:
+        root = tmp_path_factory.mktemp(f"scoring_{memory}")
+        genome = write_fasta(root / "data" / "s" / "g.fa", [("chr1", motif_genome(3000, seed=3)),
+                                                             ("chr2", random_dna(1000, seed=5))])
+        cfg = tiny_config(global_memory=memory, data_dir=root / "data", species_distribution={"s": 1},
+                          val_fraction=0.2)
+        torch.manual_seed(0)
+        model = plm.PlantLM(cfg, 2)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.3)
+        digest = None
+        if memory == "retrieval":
+            index = plm.scan_genomes(cfg, progress=False)
+            digest = plm.training_chunks_digest(index)
+            plm.save_retrieval_index(plm.build_retrieval_index(index, cfg, torch.device("cpu"), digest),
+                                     str(root / f"retrieval_index_{digest}.pt"))
+        torch.save({"config": dataclasses.asdict(cfg), "species": ["s", "t"], "model_state_dict": model.state_dict(),
+                    "retrieval_index": digest}, str(root / "model.pt"))
+        made[memory] = (str(root / "model.pt"), genome)
+    return made

@@ -12,7 +12,6 @@ import glob
 import gzip
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -23,8 +22,8 @@ import pytest
 import torch
 
 import plant_lm_train as plm
-from _helpers import (REPO, SCRIPT, TESTS, TINY_ARGS, describe, load, random_dna, read_jsonl, run_sh, run_train,
-                      tiny_config, train_env, write_fasta)
+from _helpers import (REPO, SCRIPT, TESTS, TINY_ARGS, armed_checkpoint, assert_armed, describe, load, random_dna,
+                      read_jsonl, run_sh, run_train, tiny_config, tiny_payload, train_env, write_fasta)
 
 
 @pytest.fixture(scope="module")
@@ -44,43 +43,7 @@ def error_lines(stderr):
     return [line[line.index("error:"):] for line in re.split(r"[\r\n]", stderr) if "error:" in line]
 
 
-def tiny_payload(cfg, species=("s",), step=5):
-    """A complete checkpoint payload of a fresh model, as train() writes it."""
-    model = plm.PlantLM(cfg, len(species))
-    optimizer = plm.build_optimizer(model, cfg, torch.device("cpu"))
-    return {"model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-            "scaler_state_dict": {}, "epoch": 0, "step": step, "config": dataclasses.asdict(cfg),
-            "species": list(species), "steps_per_epoch": 100, "world_size": 1,
-            "best_val_loss": float("inf"), "rng_states": [plm.rng_states(torch.device("cpu"))]}
-
-
 # ----------------------------------------------------------------------------- 9. checkpoints that would run code
-
-class _RunsCode:
-    """Unpickling this calls os.system(command): what a malicious checkpoint would do."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
-def armed_checkpoint(path, marker):
-    cfg = tiny_config()
-    payload = tiny_payload(cfg, step=10**6)  # the highest step: find_latest_checkpoint would prefer it
-    payload["extra"] = _RunsCode(f"touch {shlex.quote(str(marker))}")
-    torch.save(payload, str(path))
-    return str(path)
-
-
-def assert_armed(path, marker):
-    """The crafted file does run code when loaded without weights_only (in a separate process)."""
-    assert not os.path.exists(marker)
-    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(path)!r}, weights_only=False)"],
-                   capture_output=True, timeout=60)
-    assert os.path.exists(marker), "test setup: the crafted checkpoint is not armed"
-
 
 def test_load_checkpoint_refuses_a_pickle_that_would_run_code(tmp_path):
     marker = tmp_path / "PWNED"

@@ -327,6 +327,6 @@ def test_every_global_memory_trains_resumes_and_evaluates(memory, unique_dir, tm
     scored = run_train(["eval", "--checkpoint", str(tmp_path / "ckpt" / "model_latest.pt"), "--species", "s", novel],
                        cwd=tmp_path)
     assert scored.returncode == 0, describe(scored)
-    overall = re.search(r"^overall\s+([\d,]+)\s+([\d.]+)\s+([\d.]+)$", scored.stdout, flags=re.M)
+    overall = re.search(r"^overall\s+([\d,]+)\s+(-[\d.]+)\s+([\d.]+)$", scored.stdout, flags=re.M)
     assert overall and 1.5 < float(overall.group(3)) < 2.5, scored.stdout
     assert ("retrieval index " + str(ckpt["retrieval_index"]) in scored.stderr) == (memory == "retrieval")

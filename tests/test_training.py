@@ -553,17 +553,17 @@ def test_eval_scores_the_training_genome_below_its_shuffle_and_leaves_the_checkp
                            shuffled_fa, "--json", str(out_json)], cwd=str(folder), env=train_env(),
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, describe(proc)
-    assert re.search(r"^overall\s+[\d,]+\s+[\d.]+\s+[\d.]+$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^overall\s+[\d,]+\s+-[\d.]+\s+[\d.]+$", proc.stdout, re.M), proc.stdout
     result = json.loads(out_json.read_text())
     trained, shuffled = result["files"]
     assert (trained["file"], shuffled["file"]) == (train_fa, shuffled_fa)
-    assert trained["tokens"] == shuffled["tokens"] > 1000
+    assert trained["bases_scored"] == shuffled["bases_scored"] > 6000
     assert trained["bits_per_base"] < shuffled["bits_per_base"] - 0.1, (trained["bits_per_base"],
                                                                         shuffled["bits_per_base"])
     assert set(trained["records"]) == {"motif_chr1"} and set(shuffled["records"]) == {"motif_shuffled"}
     record = trained["records"]["motif_chr1"]
-    assert record["tokens"] == trained["tokens"]
-    assert record["nats_per_token"] == pytest.approx(trained["nats_per_token"])
+    assert record["bases_scored"] == trained["bases_scored"]
+    assert record["log_likelihood"] == pytest.approx(trained["log_likelihood"])
     assert (sha256(ckpt), os.stat(ckpt).st_mtime_ns) == before, "eval modified the checkpoint file"
 
 
@@ -607,15 +607,15 @@ def test_eval_average_species_scores_every_record(eval_files, capsys):
 
 def test_eval_reports_a_file_with_nothing_to_score_instead_of_a_perfect_score(eval_files, tmp_path, capsys):
     ckpt, train_fa, _, _ = eval_files
-    short = write_fasta(tmp_path / "short.fa.gz", [("contigs", ("ACGTTGCA" * 10 + "N") * 20)])  # 80-base runs
+    short = write_fasta(tmp_path / "short.fa.gz", [("contigs", ("ACGTTG" + "N") * 20)])  # 6-base runs: context only
     out_json = tmp_path / "mixed.json"
     assert plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", train_fa, short,
                      "--json", str(out_json)]) == 0
     err = capsys.readouterr().err
-    assert f"warning: {short}: nothing scored" in err and "1,620 bases read" in err, err
+    assert f"warning: {short}: nothing scored" in err and "140 bases read" in err, err
     result = json.loads(out_json.read_text())
     scored, empty = result["files"]
-    assert empty["tokens"] == 0 and empty["bits_per_base"] is None
+    assert empty["bases_scored"] == 0 and empty["bits_per_base"] is None
     assert result["bits_per_base"] == pytest.approx(scored["bits_per_base"]) and scored["bits_per_base"] > 0
 
     assert plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", short]) == 2
@@ -632,13 +632,11 @@ def test_eval_of_a_protein_file_is_an_error_naming_it(eval_files, tmp_path, caps
 def test_eval_never_updates_the_bucket_memory(eval_files):
     ckpt_path, train_fa, _, _ = eval_files
     ckpt = load(ckpt_path)
-    cfg = plm.Config(**ckpt["config"])
-    model = plm.PlantLM(cfg, len(ckpt["species"]))
-    model.load_state_dict(ckpt["model_state_dict"])
+    scorer = plm.load_for_inference(ckpt_path, "motif", "cpu")
     assert ckpt["model_state_dict"]["bucket_weight"].sum() > 0
-    plm.evaluate_fasta(model, cfg, [train_fa], ckpt["species"].index("motif"), torch.device("cpu"), progress=False)
-    assert torch.equal(model.bucket_memory, ckpt["model_state_dict"]["bucket_memory"])
-    assert torch.equal(model.bucket_weight, ckpt["model_state_dict"]["bucket_weight"])
+    plm.evaluate_fasta(scorer, [train_fa], progress=False)
+    assert torch.equal(scorer.model.bucket_memory, ckpt["model_state_dict"]["bucket_memory"])
+    assert torch.equal(scorer.model.bucket_weight, ckpt["model_state_dict"]["bucket_weight"])
 
 
 def test_eval_keeps_records_with_the_same_id_apart(eval_files, tmp_path):
@@ -646,11 +644,8 @@ def test_eval_keeps_records_with_the_same_id_apart(eval_files, tmp_path):
     evaluate_fasta keys its per-record totals by record index too, so each keeps its own entry ('chr1 (record N)')
     instead of both landing in one."""
     ckpt_path, _, _, _ = eval_files
-    ckpt = load(ckpt_path)
-    cfg = plm.Config(**ckpt["config"])
-    model = plm.PlantLM(cfg, len(ckpt["species"]))
-    model.load_state_dict(ckpt["model_state_dict"])
+    scorer = plm.load_for_inference(ckpt_path, "motif", "cpu")
     fasta = write_fasta(tmp_path / "dup.fa.gz", [("chr1", motif_genome(1200, seed=1)),
                                                     ("chr1", motif_genome(1800, seed=2))])
-    (result,) = plm.evaluate_fasta(model, cfg, [fasta], 0, torch.device("cpu"), progress=False)
+    (result,) = plm.evaluate_fasta(scorer, [fasta], progress=False)
     assert len(result["records"]) == 2, f"records with the same id were merged: {list(result['records'])}"

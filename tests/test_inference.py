@@ -1,0 +1,411 @@
+"""Tests of the inference subcommands: eval (any sequence of 7+ bases, base by base, the bedGraph track), variants
+(the LLR of SNVs from a VCF) and embed (hidden states of FASTA records or BED regions).
+
+The checkpoints are untrained tiny models with wide random weights, one per global memory (conftest.py's
+scoring_checkpoints): the properties checked are exact arithmetic, which needs no training. Every check compares the
+subcommand with an independent route to the same number: the model's own training loss, a brute-force sum over all
+4,096 next 6-mers, or full-sequence scores of the regions written out as FASTA.
+"""
+
+import gzip
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import plant_lm_train as plm
+from _helpers import armed_checkpoint, assert_armed, random_dna, write_fasta
+
+MEMORIES = plm.GLOBAL_MEMORIES
+COMPLEMENT = str.maketrans("ACGT", "TGCA")
+
+
+def inference(scoring_checkpoints, memory):
+    return plm.load_for_inference(scoring_checkpoints[memory][0], "s", "cpu", warn=lambda message: None)
+
+
+def genome_record(scoring_checkpoints, name="chr1"):
+    path = scoring_checkpoints["none"][1]
+    return next(seq for record_id, seq in read_fasta_text(path) if record_id == name)
+
+
+def read_fasta_text(path):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    records = []
+    with opener(path, "rt") as f:
+        for line in f:
+            if line.startswith(">"):
+                records.append([line[1:].split()[0], ""])
+            else:
+                records[-1][1] += line.strip()
+    return [tuple(r) for r in records]
+
+
+def codes_of(seq):
+    return plm.BYTE_CODES[np.frombuffer(seq.encode(), dtype=np.uint8)] & 3
+
+
+def per_base(scorer, seq):
+    ((_, _, log_probs),) = plm.score_pieces(scorer, [("x", codes_of(seq))])
+    return log_probs
+
+
+def forward_nats(scorer, token_rows):
+    """The model's training-path loss per target (nats), with the retrieval counts training would give it."""
+    cfg = scorer.cfg
+    rows = torch.cat([torch.full((len(token_rows), cfg.prefix_tokens), -1), torch.as_tensor(token_rows)], 1).long()
+    memory = {} if scorer.memory_index is None else {
+        "retrieval": scorer.memory_index.counts(rows, cfg.prefix_tokens, exclude_self=False)}
+    species = torch.zeros(len(rows), dtype=torch.long)
+    with torch.no_grad():
+        nats, _ = scorer.model(rows[:, cfg.prefix_tokens:-1], species, rows[:, cfg.prefix_tokens + 1:],
+                               reduction="none", **memory)
+    return nats.double().numpy()
+
+
+# ----------------------------------------------------------------------------- per-base scores
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_per_base_log_likelihoods_multiply_to_each_6mer_and_marginalize_the_full_distribution(
+        scoring_checkpoints, memory):
+    """The bases of a 6-mer sum to the 6-mer's log-probability as training computes it; the bases of a last partial
+    6-mer equal the brute-force log of the summed probability of every 6-mer that begins with them."""
+    scorer = inference(scoring_checkpoints, memory)
+    seq = genome_record(scoring_checkpoints)[600:645]  # 7 whole 6-mers and 3 bases: one window of the tiny model
+    log_probs = per_base(scorer, seq)
+    assert np.isnan(log_probs[:6]).all() and not np.isnan(log_probs[6:]).any()
+    tokens = plm.tokenize(codes_of(seq)).astype(np.int64)
+    nats = forward_nats(scorer, tokens[None])[0]
+    assert log_probs[6:42].reshape(6, 6).sum(1) == pytest.approx(-nats, abs=1e-4)
+
+    # every possible last 6-mer after the 7 whole ones: the full, mixed distribution of the 8th token
+    candidates = np.repeat(np.append(tokens, 0)[None], plm.VOCAB_SIZE, 0)
+    candidates[:, -1] = np.arange(plm.VOCAB_SIZE)
+    probabilities = np.exp(-forward_nats(scorer, candidates)[:, -1])
+    assert probabilities.sum() == pytest.approx(1.0, abs=1e-4)
+    tail = codes_of(seq[42:])
+    for j in range(1, 4):
+        prefix = int(sum(int(b) << 2 * (j - 1 - i) for i, b in enumerate(tail[:j])))
+        begins = (np.arange(plm.VOCAB_SIZE) >> 2 * (6 - j)) == prefix
+        assert log_probs[42:42 + j].sum() == pytest.approx(math.log(probabilities[begins].sum()), abs=1e-4)
+
+
+def test_eval_scores_every_run_of_seven_bases_and_its_track_sums_to_each_record(scoring_checkpoints, tmp_path):
+    """Runs between Ns, short records and partial last 6-mers are scored with the context they have; the bedGraph
+    track holds one line per scored base, at its place in the record, and sums to the record's log-likelihood."""
+    checkpoint, _ = scoring_checkpoints["retrieval"]
+    long = genome_record(scoring_checkpoints)[:700]  # windows of 17 tokens; cut at chunk_size (600), as in training
+    gapped = random_dna(40, 1) + "NNN" + random_dna(9, 2) + "N" + random_dna(5, 3)  # runs of 40, 9, 5 bases
+    records = [("long", long), ("gapped", gapped), ("twelve", random_dna(12, 4)), ("seven", random_dna(7, 5)),
+               ("six", random_dna(6, 6))]
+    fasta = write_fasta(tmp_path / "q.fa", records)
+    track, result = tmp_path / "q.bedGraph", tmp_path / "q.json"
+    assert plm.main(["eval", "--checkpoint", checkpoint, "--species", "s", "--per-base", str(track),
+                     "--json", str(result), fasta]) == 0
+    scored = {name: r for name, r in json.loads(result.read_text())["files"][0]["records"].items()}
+    assert {name: r["bases_scored"] for name, r in scored.items()} == {
+        "long": 594 + 94, "gapped": 34 + 3, "twelve": 6, "seven": 1}  # each piece of n >= 7 bases: n - 6
+    lines = [line.split("\t") for line in track.read_text().splitlines()[1:]]
+    positions = {name: [int(start) for chrom, start, end, _ in lines if chrom == name] for name in scored}
+    assert positions["gapped"] == list(range(6, 40)) + list(range(49, 52))  # runs start at 0 and 43
+    assert positions["long"] == list(range(6, 600)) + list(range(606, 700))
+    for name, figures in scored.items():
+        total = sum(float(value) for chrom, _, _, value in lines if chrom == name)
+        assert total == pytest.approx(figures["log_likelihood"], abs=1e-3)
+        assert figures["bits_per_base"] == pytest.approx(-figures["log_likelihood"] / figures["bases_scored"]
+                                                         / math.log(2))
+
+
+def test_eval_of_a_long_sequence_sums_the_training_loss_of_its_windows(scoring_checkpoints):
+    """Whole 6-mers of a sequence longer than a window: each target is scored once, in the window where it has the
+    most context, as the model's training loss on that window scores it."""
+    scorer = inference(scoring_checkpoints, "retrieval")
+    cfg = scorer.cfg
+    seq = genome_record(scoring_checkpoints)[:600]  # 100 tokens, windows of 17 at stride 8
+    tokens = plm.tokenize(codes_of(seq)).astype(np.int64)
+    expected = 0.0
+    for start, length, owned in plm.covering_windows(len(tokens), cfg.context_size + 1, cfg.window_stride):
+        before = tokens[max(0, start - cfg.prefix_tokens):start]  # the retrieval memory's prefix tokens
+        row = np.concatenate([np.full(cfg.prefix_tokens - len(before), -1), before, tokens[start:start + length]])
+        rows = torch.as_tensor(row[None]).long()
+        memory = {"retrieval": scorer.memory_index.counts(rows, cfg.prefix_tokens, exclude_self=False)}
+        with torch.no_grad():
+            nats, _ = scorer.model(rows[:, cfg.prefix_tokens:-1], torch.zeros(1, dtype=torch.long),
+                                   rows[:, cfg.prefix_tokens + 1:], reduction="none", **memory)
+        expected -= nats[0].double().numpy()[owned[1:]].sum()
+    assert np.nansum(per_base(scorer, seq)) == pytest.approx(expected, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------- variants
+
+def write_vcf(path, rows, contigs=("chr1", "chr2")):
+    text = "##fileformat=VCFv4.2\n" + "".join(f"##contig=<ID={c}>\n" for c in contigs) + \
+        "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n" + \
+        "".join("\t".join(map(str, row)) + "\t.\t.\t.\n" for row in rows)
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+def read_table(path):
+    header, *rows = [line.split("\t") for line in path.read_text().splitlines()]
+    return [dict(zip(header, row)) for row in rows]
+
+
+def reverse_complement(seq):
+    return seq.translate(COMPLEMENT)[::-1]
+
+
+@pytest.mark.parametrize("memory", MEMORIES)
+def test_variant_llr_is_the_mean_over_frames_and_strands_of_two_full_sequence_scores(
+        scoring_checkpoints, memory, tmp_path):
+    """The subcommand's LLR equals, computed apart: the 6 regions with the variant at each offset of its 6-mer (half
+    a context of 6-mers before it, a window in all), on both strands, each written as a FASTA record with the
+    reference and with the ALT base, scored whole by eval, alt minus ref, averaged over the 12."""
+    checkpoint, genome = scoring_checkpoints[memory]
+    seq = genome_record(scoring_checkpoints)
+    pos = 1500  # 1-based, far from every edge
+    ref = seq[pos - 1]
+    alt = "A" if ref != "A" else "G"
+    vcf = write_vcf(tmp_path / "v.vcf", [("chr1", pos, "site", ref, alt)])
+    out = tmp_path / "scores.tsv"
+    assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf", vcf,
+                     "--out", str(out)]) == 0
+    (row,) = read_table(out)
+
+    context = 16  # the tiny config's context_size
+    records = []
+    for frame in range(6):
+        start = pos - 1 - frame - context // 2 * 6
+        region = seq[start:start + (context + 1) * 6]
+        at = pos - 1 - start
+        changed = region[:at] + alt + region[at + 1:]
+        records += [(f"f{frame}_ref", region), (f"f{frame}_alt", changed),
+                    (f"r{frame}_ref", reverse_complement(region)), (f"r{frame}_alt", reverse_complement(changed))]
+    fasta = write_fasta(tmp_path / "regions.fa", records)
+    scores = tmp_path / "regions.json"
+    assert plm.main(["eval", "--checkpoint", checkpoint, "--species", "s", "--json", str(scores), fasta]) == 0
+    ll = {name: r["log_likelihood"] for name, r in json.loads(scores.read_text())["files"][0]["records"].items()}
+    expected = np.mean([ll[f"{s}{f}_alt"] - ll[f"{s}{f}_ref"] for s in "fr" for f in range(6)])
+    assert float(row["llr"]) == pytest.approx(expected, abs=2e-4)
+    assert row["note"] == "." and abs(expected) > 1e-3  # a real difference, not two zeros
+
+
+def test_snv_regions_put_the_variant_at_each_frame_on_both_strands_and_stop_at_gaps(scoring_checkpoints):
+    cfg = inference(scoring_checkpoints, "none").cfg
+    seq = genome_record(scoring_checkpoints)
+    codes = plm.BYTE_CODES[np.frombuffer(seq.encode(), dtype=np.uint8)]
+    pieces = plm.oriented_regions(codes, 1499, cfg)
+    assert len(pieces) == 12
+    for strand, half in (("forward", pieces[:6]), ("reverse", pieces[6:])):
+        assert sorted(variant % 6 for _, variant, _ in half) == list(range(6)), strand
+        assert all(len(piece) == (cfg.context_size + 1) * 6 for piece, _, _ in half)
+        assert all(variant // 6 == cfg.context_size // 2 for _, variant, _ in half), strand
+    for piece, variant, reverse in pieces:
+        text = "".join("ACGT"[b] for b in piece)
+        assert (reverse_complement(text) if reverse else text) in seq
+        assert text[variant] == (reverse_complement(seq[1499]) if reverse else seq[1499])
+
+    gapped = codes.copy()
+    gapped[1480] = plm.BYTE_CODES[ord("N")]  # 18 bases of the run before the site
+    regions = plm.snv_regions(gapped, 1499, cfg)
+    assert [(1499 - start) % 6 for start, _ in regions] == list(range(6))  # every frame kept, in frame order
+    assert all(1481 <= start < 1481 + 6 and end == start + (cfg.context_size + 1) * 6 for start, end in regions)
+
+
+def test_variant_scores_do_not_depend_on_where_the_6mer_grid_falls(scoring_checkpoints, tmp_path):
+    """Bases added at the start of the chromosome, far from the site, move the record's 6-mer grid by 1..5 bases; the
+    score averages the 6 frames, each placed relative to the variant, so it does not move."""
+    checkpoint, _ = scoring_checkpoints["retrieval"]
+    seq = genome_record(scoring_checkpoints)
+    ref = seq[1999]
+    alt = "C" if ref != "C" else "T"
+    llrs = []
+    for added in range(6):
+        genome = write_fasta(tmp_path / f"g{added}.fa", [("chr1", random_dna(added, 9) + seq)])
+        vcf = write_vcf(tmp_path / f"v{added}.vcf", [("chr1", 2000 + added, ".", ref, alt)])
+        out = tmp_path / f"s{added}.tsv"
+        assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf", vcf,
+                         "--out", str(out)]) == 0
+        llrs.append(float(read_table(out)[0]["llr"]))
+    assert llrs == pytest.approx([llrs[0]] * 6, abs=1e-5)
+
+
+@pytest.mark.parametrize("vcf_name", ["v.vcf", "v.vcf.gz"])
+def test_vcf_edge_cases_each_get_their_stated_result(scoring_checkpoints, tmp_path, vcf_name):
+    checkpoint, _ = scoring_checkpoints["none"]
+    seq = genome_record(scoring_checkpoints)
+    genome = write_fasta(tmp_path / "ref.fa.gz", [("chr1", seq[:1000] + "NNNN" + seq[1004:]),
+                                                  ("chr2", random_dna(500, 8))])
+    base = seq[99]
+    others = [b for b in "ACGT" if b != base]
+    wrong = others[0]
+    rows = [("chr1", 100, "multi", base, f"{others[0]},{others[1]}"),
+            ("chr1", 200, "indel", seq[199] + seq[200], seq[199]),
+            ("chr1", 300, "mismatch", wrong if wrong != seq[299] else others[1], "T" if seq[299] != "T" else "G"),
+            ("chr9", 10, "no_contig", "A", "C"),
+            ("chr1", 1002, "gap", "N", "A"),
+            ("chr1", 400, "symbolic", seq[399], "<DEL>"),
+            ("chr1", 410, "star", seq[409], "*"),
+            ("chr1", 420, "no_alt", seq[419], "."),
+            ("chr2", 501, "past_end", "A", "C"),
+            ("chr1", 1001, "n_ref", "A", "C"),
+            ("chr2", 1, "first_base", "ACGT"[0], "C")]
+    vcf = write_vcf(tmp_path / vcf_name, rows)
+    out = tmp_path / "out.tsv"
+    assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf", vcf,
+                     "--out", str(out)]) == 0
+    table = read_table(out)
+    assert [r["id"] for r in table] == ["multi", "multi", "indel", "mismatch", "no_contig", "gap", "symbolic", "star",
+                                       "no_alt", "past_end", "n_ref", "first_base"]
+    notes = {(r["id"], r["alt"]): r["note"] for r in table}
+    llrs = {(r["id"], r["alt"]): r["llr"] for r in table}
+    assert notes[("multi", others[0])] == notes[("multi", others[1])] == "."
+    assert llrs[("multi", others[0])] != llrs[("multi", others[1])]
+    float(llrs[("multi", others[0])])
+    assert notes[("indel", seq[199])] == "indel or multi-base substitution: only SNVs are scored"
+    mismatch = next(r for r in table if r["id"] == "mismatch")
+    assert mismatch["note"] == f"REF {mismatch['ref']} does not match the reference base {seq[299]}"
+    assert notes[("no_contig", "C")] == "contig chr9 is not in ref.fa.gz"
+    assert notes[("gap", "A")] == "non-ACGT allele"
+    assert notes[("symbolic", "<DEL>")] == "symbolic or breakend ALT allele"
+    assert notes[("star", "*")] == "non-ACGT allele"
+    assert notes[("no_alt", ".")] == "no ALT allele"
+    assert notes[("past_end", "C")] == "position 501 is outside chr2 (500 bases)"
+    assert notes[("n_ref", "C")] == "the reference base is not A/C/G/T"
+    chr2_first = read_fasta_text(genome)[1][1][0]
+    first = next(r for r in table if r["id"] == "first_base")
+    expected_note = "." if chr2_first == "A" else f"REF A does not match the reference base {chr2_first}"
+    assert first["note"] == expected_note
+    assert all((r["llr"] == "NA") == (r["note"] != ".") for r in table)
+
+
+def test_vcf_and_gzipped_vcf_give_the_same_scores(scoring_checkpoints, tmp_path):
+    checkpoint, genome = scoring_checkpoints["buckets"]
+    seq = genome_record(scoring_checkpoints)
+    rows = [("chr1", p, ".", seq[p - 1], "A" if seq[p - 1] != "A" else "T") for p in (5, 700, 2999)]
+    tables = []
+    for name in ("v.vcf", "v.vcf.gz"):
+        out = tmp_path / f"{name}.tsv"
+        assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome,
+                         "--vcf", write_vcf(tmp_path / name, rows), "--out", str(out)]) == 0
+        tables.append(out.read_text())
+    assert tables[0] == tables[1] and "NA" not in tables[0]
+
+
+def test_a_broken_vcf_is_one_error_naming_the_file_and_line(scoring_checkpoints, tmp_path, capsys):
+    checkpoint, genome = scoring_checkpoints["none"]
+    vcf = write_vcf(tmp_path / "v.vcf", [("chr1", 5, ".", "A", "C"), ("chr1", "x", ".", "A", "C")])
+    assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf", vcf,
+                     "--out", str(tmp_path / "o.tsv")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [errors[0]] and errors[0].startswith(f"error: {vcf}: line 6: not a valid VCF record")
+    text = tmp_path / "t.vcf"
+    text.write_text("hello\n")
+    assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf",
+                     str(text), "--out", str(tmp_path / "o.tsv")]) == 2
+    assert f"error: {text}: not a readable VCF" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+def embed(checkpoint, tmp_path, *args, name="e.npz"):
+    out = tmp_path / name
+    assert plm.main(["embed", "--checkpoint", checkpoint, "--species", "s", "--out", str(out), *args]) == 0
+    with np.load(out) as saved:  # no allow_pickle: nothing in it needs it
+        return {key: saved[key] for key in saved.files}
+
+
+def test_embeddings_are_deterministic_with_the_stated_shapes(scoring_checkpoints, tmp_path, capsys):
+    checkpoint, _ = scoring_checkpoints["retrieval"]
+    records = [("r1", random_dna(500, 1)), ("gapped", random_dna(40, 2) + "NN" + random_dna(31, 3)),
+               ("empty", "NNNNACG")]
+    fasta = write_fasta(tmp_path / "r.fa", records)
+    first = embed(checkpoint, tmp_path, "--per-token", fasta, name="a.npz")
+    again = embed(checkpoint, tmp_path, "--per-token", fasta, name="b.npz")
+    assert set(first) == {"names", "embeddings", "n_tokens", "token_embeddings", "token_offsets", "token_starts"}
+    for key in first:
+        np.testing.assert_array_equal(first[key], again[key])
+    d = 32  # the tiny config's d_model
+    assert list(first["names"]) == ["r1", "gapped", "empty"]
+    assert first["embeddings"].shape == (3, d) and first["embeddings"].dtype == np.float32
+    assert list(first["n_tokens"]) == [83, 6 + 5, 0]  # each run tokenized from its start; a last partial 6-mer dropped
+    assert first["token_embeddings"].shape == (94, d) and list(first["token_offsets"]) == [0, 83, 94, 94]
+    assert list(first["token_starts"][83:]) == [0, 6, 12, 18, 24, 30, 42, 48, 54, 60, 66]
+    means = [first["token_embeddings"][a:b].mean(0) for a, b in zip(first["token_offsets"][:2],
+                                                                      first["token_offsets"][1:3])]
+    np.testing.assert_allclose(first["embeddings"][:2], np.stack(means), rtol=1e-5, atol=1e-6)
+    assert np.isnan(first["embeddings"][2]).all()
+    assert "1 region(s) hold no 6-mer of A/C/G/T (empty)" in capsys.readouterr().err
+    pooled_only = embed(checkpoint, tmp_path, fasta, name="c.npz")
+    assert set(pooled_only) == {"names", "embeddings", "n_tokens"}
+    np.testing.assert_array_equal(pooled_only["embeddings"], first["embeddings"])
+
+
+def test_an_embedding_is_the_models_final_hidden_state_and_minus_strand_regions_read_the_other_strand(
+        scoring_checkpoints, tmp_path):
+    checkpoint, genome = scoring_checkpoints["buckets"]
+    seq = genome_record(scoring_checkpoints)
+    bed = tmp_path / "r.bed"
+    bed.write_text("# regions\nchr1\t100\t190\tplus\t0\t+\nchr1\t100\t190\tminus\t0\t-\nchr2\t0\t60\n")
+    found = embed(checkpoint, tmp_path, "--per-token", "--bed", str(bed), "--fasta", genome)
+    assert list(found["names"]) == ["plus", "minus", "chr2:0-60"]
+    scorer = inference(scoring_checkpoints, "buckets")
+    for name, region in (("plus", seq[100:190]), ("minus", reverse_complement(seq[100:190]))):
+        tokens = torch.as_tensor(plm.tokenize(codes_of(region)).astype(np.int64))[None]
+        with torch.no_grad():
+            _, hidden = scorer.model(tokens, torch.zeros(1, dtype=torch.long))
+        i = list(found["names"]).index(name)
+        np.testing.assert_allclose(found["embeddings"][i], hidden[0].mean(0).numpy(), rtol=1e-5, atol=1e-6)
+        a, b = found["token_offsets"][i:i + 2]
+        np.testing.assert_allclose(found["token_embeddings"][a:b], hidden[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("chr1\t10\n", "line 1: a BED line needs chrom, start and end"),
+    ("chr1\tten\t20\n", "line 1: start and end must be whole numbers"),
+    ("chr1\t30\t20\n", "line 1: needs 0 <= start < end"),
+    ("chr1\t0\t20\tx\t0\t*\n", "line 1: strand must be +, - or ."),
+    ("chr1\t0\t20\nchrZ\t0\t20\n", "line 2: chrZ is not a record of"),
+    ("chr2\t900\t1001\n", "line 1: end 1,001 is past the end of chr2 (1,000 bases)"),
+])
+def test_bed_mistakes_are_one_error_naming_the_line(scoring_checkpoints, tmp_path, capsys, line, message):
+    checkpoint, genome = scoring_checkpoints["none"]
+    bed = tmp_path / "r.bed"
+    bed.write_text(line)
+    assert plm.main(["embed", "--checkpoint", checkpoint, "--species", "s", "--out", str(tmp_path / "e.npz"),
+                     "--bed", str(bed), "--fasta", genome]) == 2
+    errors = [e for e in capsys.readouterr().err.splitlines() if e.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {bed}: {message}"), errors
+    assert not (tmp_path / "e.npz").exists()
+
+
+# ----------------------------------------------------------------------------- every subcommand
+
+@pytest.mark.parametrize("subcommand", ["eval", "variants", "embed"])
+def test_inference_subcommands_refuse_a_checkpoint_that_would_run_code(scoring_checkpoints, tmp_path, capsys,
+                                                                       subcommand):
+    marker = tmp_path / "PWNED"
+    checkpoint = armed_checkpoint(tmp_path / "model.pt", marker)
+    _, genome = scoring_checkpoints["none"]
+    vcf = write_vcf(tmp_path / "v.vcf", [("chr1", 5, ".", "A", "C")])
+    inputs = {"eval": [genome], "variants": ["--fasta", genome, "--vcf", vcf, "--out", str(tmp_path / "o.tsv")],
+              "embed": ["--out", str(tmp_path / "o.npz"), genome]}[subcommand]
+    assert plm.main([subcommand, "--checkpoint", checkpoint, "--species", "s", *inputs]) == 2
+    assert f"error: {checkpoint}: not a loadable Plant LM checkpoint" in capsys.readouterr().err
+    assert not marker.exists(), "loading the checkpoint ran its code"
+    assert_armed(checkpoint, marker)
+
+
+@pytest.mark.parametrize("subcommand", ["eval", "variants", "embed"])
+def test_inference_subcommands_document_themselves(subcommand, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        plm.main([subcommand, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"plant_lm_train.py {subcommand}" in text and "--checkpoint" in text and "--device" in text
