@@ -2421,7 +2421,8 @@ def evaluate_fasta(inference, paths, batch_size=64, progress=True, per_base=None
         stats = FileStats()
         chunks = chunk_file(path, "eval", path, cfg, stats=stats, min_bases=BASES_PER_TOKEN + 1)
         pieces = (((c.key, c.record_id), np.concatenate([token_bases(c.tokens), c.tail])) for c in chunks)
-        bar = tqdm(desc=os.path.basename(path), unit=" bases", unit_scale=True, disable=not progress)
+        bar = tqdm(desc=os.path.basename(path), unit=" bases", unit_scale=True,
+                   disable=None if progress else True)  # None: a bar only on a terminal
         for (key, record_id), codes, log_probs in score_pieces(inference, pieces, batch_size):
             scored = ~np.isnan(log_probs)
             entry = totals.setdefault((key[2], record_id), [0.0, 0])
