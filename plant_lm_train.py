@@ -99,6 +99,8 @@ class Config:
     max_minutes: float = field(default=0.0, metadata=RUNTIME)  # stop after this much training time (0 = no limit)
     compile: bool = field(default=True, metadata=RUNTIME)  # torch.compile on CUDA (the CPU always runs eager)
     compile_mode: str = field(default="default", metadata=RUNTIME)  # default | max-autotune | max-autotune-no-cudagraphs
+    # replay each optimizer step as one CUDA graph (StepGraph) on a single CUDA process; DDP and the CPU run eagerly
+    cuda_graphs: bool = field(default=True, metadata=RUNTIME)
     eval_every: int = field(default=500, metadata=RUNTIME)  # optimizer steps between validations (and at epoch ends)
     log_every: int = field(default=50, metadata=RUNTIME)
     checkpoint_every: int = field(default=1000, metadata=RUNTIME)  # steps between model_latest.pt saves (0 = off)
@@ -155,7 +157,10 @@ class Config:
             (self.global_memory in GLOBAL_MEMORIES, "global_memory", "must be retrieval, buckets or none"),
             (self.retrieval_mixing in ("dirichlet", "gate"), "retrieval_mixing", "must be dirichlet or gate"),
             (self.compile_mode in ("default", "max-autotune", "max-autotune-no-cudagraphs"), "compile_mode",
-             "must be default, max-autotune or max-autotune-no-cudagraphs (CUDA graphs do not yet work here)"),
+             "must be default, max-autotune or max-autotune-no-cudagraphs (cuda_graphs captures the whole step)"),
+            (not (self.cuda_graphs and self.compile_mode == "max-autotune"), "compile_mode",
+             "max-autotune captures CUDA graphs of its own, which cannot nest in cuda_graphs' capture of the whole "
+             "step: use max-autotune-no-cudagraphs, or --cuda_graphs=false"),
             (self.default_species_weight >= 0, "default_species_weight", "must be >= 0"),
             (isinstance(self.species_distribution, dict), "species_distribution", "must map species name -> weight"),
             (self.log_every >= 1 and self.eval_every >= 1, "log_every/eval_every", "must be >= 1"),
@@ -1505,6 +1510,8 @@ class Learner:
     autocast_dtype: torch.dtype
     fixed_scale: float  # None with fp16 (the loss scale moves); 1.0 otherwise
     memory_index: "RetrievalIndex" = None  # with global_memory = retrieval
+    lr: torch.Tensor = None  # the learning rate on the device: every step reads it, so a captured step can too
+    graph: "StepGraph" = None  # with Config.cuda_graphs on one CUDA process: what train_step replays
     # Bad-step accounting on the device, so that no step waits for the host: the current and the longest run of
     # consecutive non-finite steps, and the count of skipped steps.
     consecutive_bad: torch.Tensor = None
@@ -1535,23 +1542,36 @@ def build_learner(cfg, rt, n_species, build_model=None):
     scaler = torch.amp.GradScaler(rt.device.type, init_scale=2.0**16 if use_scaler else 1.0)
     compiled = torch.compile(model, mode=cfg.compile_mode) if cfg.compile and rt.device.type == "cuda" else model
     zero = lambda: torch.zeros((), device=rt.device)  # noqa: E731
-    return Learner(cfg, rt, model, compiled, wrap_ddp(compiled, rt.device) if rt.distributed else compiled, kernel,
-                   build_optimizer(model, cfg, rt.device), scaler, autocast_dtype, None if use_scaler else 1.0,
-                   consecutive_bad=zero(), worst_streak=zero(), skipped_steps=zero())
+    learner = Learner(cfg, rt, model, compiled, wrap_ddp(compiled, rt.device) if rt.distributed else compiled, kernel,
+                      build_optimizer(model, cfg, rt.device), scaler, autocast_dtype, None if use_scaler else 1.0,
+                      lr=torch.full((), cfg.learning_rate, device=rt.device),
+                      consecutive_bad=zero(), worst_streak=zero(), skipped_steps=zero())
+    if cfg.cuda_graphs and rt.device.type == "cuda" and not rt.distributed:  # DDP's hooks stay eager
+        learner.graph = StepGraph(learner)
+    return learner
 
 
 def train_step(learner, step_tokens, step_species, step_repeat, lr):
     """One optimizer step: forward and backward over the accumulation micro-batches, clip, optimizer, memory update,
     bad-step accounting. step_tokens [A, B, prefix + context + 1], step_species [A, B] and step_repeat (the tokens'
-    repeat flags) as the loader yields them. Returns device tensors and never waits for the device."""
+    repeat flags) as the loader yields them. Replays the learner's StepGraph when it has one, else runs
+    step_on_device directly: the same work either way. Returns device tensors and never waits for the device."""
+    learner.lr.fill_(lr)
+    batch = (step_tokens, step_species, step_repeat)
+    if learner.graph is not None:
+        return learner.graph.step(batch)
+    return step_on_device(learner, *(t.to(learner.rt.device, non_blocking=True) for t in batch))
+
+
+def step_on_device(learner, step_tokens, step_species, step_repeat):
+    """train_step's work once its inputs are on the device: only device work, so that a CUDA graph can hold it."""
     cfg, rt, model = learner.cfg, learner.rt, learner.model
     for group in learner.optimizer.param_groups:
-        group["lr"] = lr
-    step_tokens = step_tokens.to(rt.device, non_blocking=True).long()
-    step_species = step_species.to(rt.device, non_blocking=True)
+        group["lr"] = learner.lr  # a resume's load_state_dict brings the saved value back: point at ours again
+    step_tokens = step_tokens.long()
     # each target weighs 1, a repeat target repeat_loss_weight: the gradient follows the weighted mean, while the
     # reported loss stays the plain mean, comparable across runs
-    step_weights = 1 + (cfg.repeat_loss_weight - 1) * step_repeat.to(rt.device, non_blocking=True).float()
+    step_weights = 1 + (cfg.repeat_loss_weight - 1) * step_repeat.float()
     # one weighted mean over the whole step: every micro-batch and every rank divides by the same total weight
     # (DDP averages the ranks' gradients, hence the division by world_size)
     total_weight = step_weights[:, :, cfg.prefix_tokens + 1:].sum()
@@ -1597,6 +1617,59 @@ def train_step(learner, step_tokens, step_species, step_repeat, lr):
     return StepResult(step_loss, step_weighted, grad_norm, finite)
 
 
+class StepGraph:
+    """train_step's device work captured once as a CUDA graph and then replayed: one launch per optimizer step in
+    place of thousands, which is what bounds a small batch (Config.cuda_graphs).
+
+    The graph reads fixed addresses, so each step's batch is first copied into static buffers, and every replay
+    writes its StepResult into the same tensors, which are handed back as copies. The first WARMUP_STEPS steps run
+    step_on_device eagerly, on a side stream as capture requires: they compile, create the optimizer state and the
+    loss scale, which must all exist before capture. A replay then does what an eager step does, dropout included
+    (torch.cuda.graph registers the default generator, whose offset advances on every replay). On the CPU nothing
+    is captured and every step runs eagerly from the buffers.
+    """
+
+    WARMUP_STEPS = 2
+
+    def __init__(self, learner):
+        self.learner, self.inputs, self.graph, self.outputs, self.eager_steps = learner, None, None, None, 0
+
+    def step(self, batch):
+        device = self.learner.rt.device
+        if self.inputs is None:
+            self.inputs = [torch.empty(t.shape, dtype=t.dtype, device=device) for t in batch]
+        for static, new in zip(self.inputs, batch):
+            if static.shape != new.shape:
+                raise ValueError(f"a step of shape {tuple(new.shape)} after {tuple(static.shape)}: a captured step "
+                                 f"needs the same shapes every time")
+            static.copy_(new, non_blocking=True)
+        if self.graph is None and device.type == "cuda" and self.eager_steps == self.WARMUP_STEPS:
+            self.capture()
+        if self.graph is None:
+            self.eager_steps += 1
+            return self.eager_step()
+        self.graph.replay()
+        return StepResult(*(t.clone() for t in vars(self.outputs).values()))
+
+    def eager_step(self):
+        if self.learner.rt.device.type != "cuda":
+            return step_on_device(self.learner, *self.inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            result = step_on_device(self.learner, *self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        return result
+
+    def capture(self):
+        for group in self.learner.optimizer.param_groups:
+            group["capturable"] = True  # fused AdamW computes the same either way; the flag only admits capture
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the DataLoader's pin-memory thread goes on calling CUDA while this thread captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.outputs = step_on_device(self.learner, *self.inputs)
+
+
 # ----------------------------------------------------------------------------- training: log lines, validation, saves
 
 class LogMeter:
@@ -1640,7 +1713,7 @@ def write_log_line(run, meter, result):
               "bits_per_base": mean_loss * NATS_PER_TOKEN_TO_BITS_PER_BASE}
     if cfg.repeat_loss_weight != 1:  # what the gradient follows; `loss` stays the plain mean, comparable across runs
         record["weighted_loss"] = weighted_sum / good_steps if good_steps else math.nan
-    record.update({"lr": learner.optimizer.param_groups[0]["lr"], "grad_norm": result.grad_norm.item(),
+    record.update({"lr": lr_at(run.step - 1, cfg, run.total_steps), "grad_norm": result.grad_norm.item(),
                    "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * cfg.context_size,
                    "data_wait_frac": meter.data_wait / seconds, "skipped_steps": skipped, "host_rss_mb": host_rss_mb(),
                    "elapsed_s": time.time() - run.t_start, "train_s": run.train_seconds})

@@ -1,11 +1,15 @@
-"""Where a training step's GPU time goes, at a given batch: kernels grouped into attention, matmuls, loss,
-optimizer, bucket-memory update and the rest, from torch.profiler.
+"""Where a training step's GPU time goes, at a given batch: kernels grouped into attention, layer norms, matmuls,
+loss, optimizer, memory and the rest, from torch.profiler.
 
-    python bench/profile_step.py --batch_size=4096 --accumulation_steps=1 [--global_memory=retrieval|buckets|none ...]
-        -> bench/results/profile_b4096_MEMORY.json   (INDEX_ENTRIES=N: the retrieval index's size per context length)
+    python bench/profile_step.py [--name=NAME] --batch_size=4096 --accumulation_steps=1 [--field=value ...]
+        -> bench/results/NAME.json (default profile_bBATCH_MEMORY)
+    INDEX_ENTRIES=N: the synthetic retrieval index's size per context length; ATTENTION_KERNEL=sdpa|flex: the local
+    attention's kernel (the trainer picks flex when it compiles)
 Synthetic tokens (the data pipeline is measured separately, as data_wait in the throughput runs); the step is
 plant_lm_train.train_step itself: compiled forward/backward over the accumulation micro-batches, clip, fused AdamW,
-memory observations and update. Figures are per optimizer step (batch_size x accumulation_steps windows).
+memory observations and update. It is timed twice, replaying its CUDA graph (Config.cuda_graphs) and run eagerly;
+the kernels profiled are the eager step's (the same kernels). Figures are per optimizer step (batch_size x
+accumulation_steps windows).
 """
 
 import json
@@ -18,19 +22,26 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import plant_lm_train as plm  # noqa: E402
 
+# A kernel counts in the first group one of whose substrings its name holds. Inductor names a fused kernel after
+# every op in it: a LayerNorm fused with the dropout and residual around it counts as layer norm.
 GROUPS = [("retrieval lookup", ("searchsorted",)),
-          ("attention", ("flash", "fmha", "flex", "attention", "sdpa", "triton_tem_fused")),
-          ("optimizer", ("adam", "multi_tensor", "foreach", "clip", "norm")),
-          ("memory update", ("index_add", "scatter", "bincount")),
-          ("loss", ("cross_entropy", "log_softmax", "nll")),
+          ("local attention", ("flash", "fmha", "flex", "attention", "sdpa", "triton_tem_fused")),
+          ("layer norm (+ fused dropout, residual, casts)", ("layer_norm",)),
+          ("optimizer, gradient clipping", ("adam", "multi_tensor", "foreach", "lpnorm", "normtwo")),
+          ("GELU (+ fused)", ("gelu",)),
+          ("loss (log-softmax, mixture)", ("cross_entropy", "log_softmax", "nll")),
+          ("embedding backward, bucket memory update", ("index_add", "scatter", "bincount", "embedding")),
           ("matmul (projections, MLP, head)", ("gemm", "cutlass", "xmma", "sm90", "nvjet", "cublas", "mm_")),
           ("other elementwise/copies", ("",))]
 
 
 def main():
-    cfg = plm.Config(**plm.parse_overrides(sys.argv[1:])).validate()
+    name = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--name=")), None)
+    cfg = plm.Config(**plm.parse_overrides([a for a in sys.argv[1:] if not a.startswith("--name=")])).validate()
     rt = plm.Runtime(0, 0, 1, torch.device("cuda"))
-    learner = plm.build_learner(cfg, rt, 3)  # the trainer's model, compiled forward, fused AdamW and scaler
+    kernel = os.environ.get("ATTENTION_KERNEL", "flex")
+    # the trainer's model, compiled forward, fused AdamW, scaler and step graph
+    learner = plm.build_learner(cfg, rt, 3, build_model=lambda *args, **kw: plm.PlantLM(*args, attention_kernel=kernel))
     model = learner.model
     if cfg.global_memory == "retrieval":  # an index of the bundled genomes' size: what a lookup searches
         learner.memory_index = synthetic_index(int(os.environ.get("INDEX_ENTRIES", 200_000_000)), rt.device)
@@ -42,12 +53,17 @@ def main():
         for _ in range(n):
             plm.train_step(learner, tokens, species, repeat, cfg.learning_rate)  # the trainer's own step
 
-    step(5)
-    torch.cuda.synchronize()
-    t0 = time.time()
-    step(10)
-    torch.cuda.synchronize()
-    seconds_per_step = (time.time() - t0) / 10
+    def seconds_per_step():
+        step(5)  # warm-up: compilation, and with a StepGraph its eager steps and its capture
+        torch.cuda.synchronize()
+        t0 = time.time()
+        step(20)
+        torch.cuda.synchronize()
+        return (time.time() - t0) / 20
+
+    graphed = seconds_per_step() if learner.graph is not None else None
+    learner.graph = None  # from here on, the plain step
+    eager = seconds_per_step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step(5)
         torch.cuda.synchronize()
@@ -62,23 +78,27 @@ def main():
         group = next(name for name, keys in GROUPS if any(k in lower for k in keys))
         totals[group] += us / 5
     kernel_total = sum(totals.values())
-    flops = model.flops_per_step(cfg.batch_size * cfg.accumulation_steps * cfg.context_size, cfg.accumulation_steps)
+    n_tokens = cfg.batch_size * cfg.accumulation_steps * cfg.context_size
+    flops = model.flops_per_step(n_tokens, cfg.accumulation_steps)
+    timed = {"eager": eager, **({"graphed": graphed} if graphed else {})}
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "command": " ".join(sys.argv), "batch_size": cfg.batch_size, "global_memory": cfg.global_memory,
-              "seconds_per_step_mean_of_10": seconds_per_step,
-              "accumulation_steps": cfg.accumulation_steps,
-              "tokens_per_s": cfg.batch_size * cfg.accumulation_steps * cfg.context_size / seconds_per_step,
-              "mfu_989": flops / seconds_per_step / 989e12,
+              "accumulation_steps": cfg.accumulation_steps, "attention_kernel": kernel, "dropout": cfg.dropout,
+              "seconds_per_step_mean_of_20": timed,
+              "tokens_per_s": {k: n_tokens / s for k, s in timed.items()},
+              "mfu_989": {k: flops / s / 989e12 for k, s in timed.items()},
               "gpu_kernel_ms_per_step": kernel_total / 1000,
               "share": {k: v / kernel_total for k, v in totals.items()},
               "top_kernels_ms": [(k, us / 1000) for k, us in sorted(kernels, key=lambda x: -x[1])[:25]]}
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    name = f"profile_b{cfg.batch_size}_{cfg.global_memory}.json"
-    with open(os.path.join(os.path.dirname(__file__), "results", name), "w") as f:
+    name = name or f"profile_b{cfg.batch_size}_{cfg.global_memory}"
+    with open(os.path.join(os.path.dirname(__file__), "results", f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps({k: v for k, v in result.items() if k != "top_kernels_ms"}, indent=1))
     for k, ms in result["top_kernels_ms"][:15]:
         print(f"{ms:8.3f} ms  {k[:110]}")
+    for group, share in result["share"].items():
+        print(f"{share * kernel_total / 1000:8.2f} ms {share:6.1%}  {group}")
 
 
 def synthetic_index(entries, device):

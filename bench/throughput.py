@@ -4,7 +4,8 @@
 A variant with --nproc=N runs as N ranks under torchrun (DDP scaling: "--nproc=1 ..." against "--nproc=2 ...").
 Each variant trains through plant_lm_train.train (data pipeline, loop and all) for --steps optimizer steps;
 the figure is the median over log windows after the first two (warm-up and compilation left out), leaving out
-windows that hold an epoch end (validation and checkpoint).
+windows that hold an epoch end (validation and checkpoint). The variants share one checkpoint_dir, so that the
+retrieval index is built once (every variant starts fresh: resume=none).
 Writes bench/results/NAME.json.
 """
 
@@ -22,7 +23,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_variant(label, args, steps, log_every, extra_env):
+def run_variant(label, args, steps, log_every, extra_env, checkpoint_dir):
     logs = tempfile.mkdtemp(prefix=f"bench_{label}_")
     nproc = next((int(a.split("=", 1)[1]) for a in args if a.startswith("--nproc=")), None)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
@@ -30,7 +31,7 @@ def run_variant(label, args, steps, log_every, extra_env):
     command = [*launcher, os.path.join(HERE, "train_variant.py"), *[a for a in args if not a.startswith("--nproc=")],
                f"--max_steps={steps}",
                f"--log_every={log_every}", f"--eval_every={10**9}", "--checkpoint_every=0", f"--log_dir={logs}",
-               f"--checkpoint_dir={logs}/ckpt", "--resume=none"]
+               f"--checkpoint_dir={checkpoint_dir}", "--resume=none"]
     env = dict(os.environ, WANDB_MODE="disabled", TORCH_LOGS="recompiles", **extra_env)
     started = time.time()
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -73,10 +74,10 @@ def main():
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
             "statistic": "median over log windows after the first two, leaving out windows that hold an epoch end "
                          "(validation, checkpoint); one run per variant"}
-    results = []
+    results, checkpoint_dir = [], tempfile.mkdtemp(prefix="bench_checkpoints_")
     for spec in args.variant:
         label, _, arglist = spec.partition(":")
-        result = run_variant(label, arglist.split(), args.steps, args.log_every, {})
+        result = run_variant(label, arglist.split(), args.steps, args.log_every, {}, checkpoint_dir)
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "tokens_per_s_windows"}), flush=True)
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)

@@ -436,6 +436,47 @@ def test_loss_is_fp32_cross_entropy_of_the_logits_under_bf16_autocast():
     assert loss.item() == pytest.approx(fp32.item(), rel=1e-2)
 
 
+def tiny_retrieval_index(tokens):
+    """A RetrievalIndex of one sequence of 6-mer ids (a 1-D int64 tensor), both strands left aside."""
+    bases = torch.from_numpy(plm.token_bases(tokens.numpy()))
+    keys, cumulative = plm.key_tables(plm.longest_keys(bases, [len(bases)], plm.INDEX_KEY_BASES))
+    return plm.RetrievalIndex(keys, cumulative, "test")
+
+
+@pytest.mark.parametrize("memory", ["buckets", "retrieval"])
+def test_the_step_graph_path_trains_exactly_like_plain_train_step(memory):
+    """Config.cuda_graphs: StepGraph copies each batch into static buffers and runs step_on_device from them (on a
+    GPU it captures that once and replays it). Its steps, dropout on and the learning rate changing, must give
+    bit for bit the parameters, memory and results of plain train_steps; bench/graph_equivalence.py checks the
+    captured graph on a GPU the same way. On the CPU the learner itself holds no graph."""
+    cfg = tiny_config(n_layers=2, global_memory=memory, precision="fp32", dropout=0.1)
+    g = torch.Generator().manual_seed(5)
+    genome = torch.randint(0, 12, (4000,), generator=g)  # few distinct 6-mers: contexts recur, lookups hit
+    width = cfg.prefix_tokens + cfg.context_size + 1
+    steps = [(torch.stack([genome[s:s + width] for s in torch.randint(0, 4000 - width, (8,), generator=g)])
+              .view(2, 4, width).to(torch.int16), torch.randint(0, 3, (2, 4), generator=g),
+              torch.rand(2, 4, width, generator=g) < 0.3, 1e-3 * (i + 1)) for i in range(5)]
+    runs = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        learner = plm.build_learner(cfg, plm.Runtime(0, 0, 1, torch.device("cpu")), 3)
+        assert learner.graph is None  # the CPU has no graphs to capture
+        if memory == "retrieval":
+            learner.memory_index = tiny_retrieval_index(genome)
+            assert learner.memory_index.counts(steps[0][0][0].long(), cfg.prefix_tokens, True)[..., 1].sum() > 0
+        if graphed:
+            learner.graph = plm.StepGraph(learner)
+        initial = {k: v.clone() for k, v in learner.model.state_dict().items()}
+        results = [plm.train_step(learner, *step) for step in steps]
+        runs.append((learner.model.state_dict(), results))
+    (plain, plain_results), (graphed, graphed_results) = runs
+    assert not torch.equal(plain["blocks.0.mlp.fc.weight"], initial["blocks.0.mlp.fc.weight"])  # it trained
+    for name in plain:
+        assert torch.equal(plain[name], graphed[name]), name
+    for a, b in zip(plain_results, graphed_results):
+        assert all(torch.equal(x, y) for x, y in zip(vars(a).values(), vars(b).values()))
+
+
 def test_train_step_follows_the_repeat_weighted_loss_and_reports_the_plain_one():
     """repeat_loss_weight w: the step's gradient is that of one weighted mean over all its micro-batches,
     sum(weight * nats) / sum(weight), weight w on targets whose repeat flag is set and 1 elsewhere (not a mean of
