@@ -12,7 +12,6 @@ import functools
 import gzip
 import hashlib
 import inspect
-import itertools
 import json
 import math
 import os
@@ -2347,7 +2346,11 @@ def load_for_inference(checkpoint, species, device="auto", warn=print, scoring=T
     """The checkpoint's model for `species` (a name it was trained on, or 'average': the mean species embedding),
     on `device` ('auto': a GPU when there is one), with its memory: the frozen bucket memory in its weights, or, for
     scoring, the retrieval index of its training chunks, cached beside it (hidden states never read it)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    try:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else \
+            torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA device is visible here")
     ckpt = load_checkpoint(checkpoint)
@@ -2388,7 +2391,7 @@ def score_pieces(inference, pieces, batch_size=64):
     cfg = inference.cfg
     width = cfg.prefix_tokens + cfg.context_size + 1
     for key, codes, windows in windowed(pieces, lambda codes: scoring_windows(codes, cfg), width, batch_size,
-                                        lambda rows: window_base_log_probs(inference, rows)):
+                                        lambda rows, _: window_base_log_probs(inference, rows)):
         log_probs = np.full(len(codes), np.nan)
         for (_, start, owned), per_base in windows:
             targets = np.flatnonzero(owned)  # the window's t-th target is the piece's token start + 1 + t
@@ -2447,37 +2450,46 @@ def window_base_log_probs(inference, rows):
 
 def windowed(pieces, windows_of, width, batch_size, run):
     """For each (key, piece) of pieces, yields (key, piece, [(window, output) per window of windows_of(piece)]), in
-    order, running the windows of many pieces in batches: run(rows) maps a batch of windows' rows (int64 [B, width],
-    each window's row padded on the right with -1) to one output per row. Only unfinished pieces are held."""
-    in_flight, batch = collections.deque(), []  # in_flight: [key, piece, windows outstanding, results]
+    order, running the windows of many pieces in batches: run(rows, windows) maps a batch of windows' rows (int64
+    [B, width], each window's row padded on the right with -1) to one output per window, keeping only what the
+    caller needs. Only unfinished pieces are held."""
+    in_flight, batch = collections.deque(), []
 
     def run_batch():
         rows = torch.full((len(batch), width), -1, dtype=torch.int64)
         for i, (_, window) in enumerate(batch):
             rows[i, :len(window[0])] = torch.from_numpy(window[0])
-        for (entry, window), output in zip(batch, run(rows)):
-            entry[2] -= 1
-            entry[3].append((window, output))
+        for (entry, window), output in zip(batch, run(rows, [window for _, window in batch])):
+            entry.outstanding -= 1
+            entry.results.append((window, output))
         batch.clear()
 
     def finished():
-        while in_flight and in_flight[0][2] == 0:
-            key, piece, _, results = in_flight.popleft()
-            yield key, piece, results
+        while in_flight and in_flight[0].outstanding == 0:
+            entry = in_flight.popleft()
+            yield entry.key, entry.piece, entry.results
 
     for key, piece in pieces:
-        entry = [key, piece, 1, []]  # 1: its windows are still being listed
+        entry = PieceInFlight(key, piece)
         in_flight.append(entry)
         for window in windows_of(piece):
             batch.append((entry, window))
-            entry[2] += 1
+            entry.outstanding += 1
             if len(batch) == batch_size:
                 run_batch()
                 yield from finished()
-        entry[2] -= 1
+        entry.outstanding -= 1  # all its windows are listed
     if batch:
         run_batch()
     yield from finished()
+
+
+@dataclass
+class PieceInFlight:
+    key: object
+    piece: np.ndarray
+    outstanding: int = 1  # windows not yet run, + 1 while they are still being listed
+    results: list = field(default_factory=list)  # (window, output)
 
 
 # ----------------------------------------------------------------------------- inference: eval
@@ -2545,6 +2557,8 @@ def eval_main(argv):
     args = parser.parse_args(argv)
     for path in args.fasta:
         check_input_file(path, "the FASTA files in it")
+    for path in filter(None, (args.json, args.per_base)):
+        check_output_path(path)
     inference = load_for_inference(args.checkpoint, args.species, args.device, warn=print_to_stderr)
     with open(args.per_base, "w") if args.per_base else contextlib.nullcontext() as per_base:
         if per_base is not None:
@@ -2586,6 +2600,15 @@ def add_inference_arguments(parser):
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
 
 
+def check_output_path(path):
+    """Before any work: an output's folder must exist and be writable, so that a long run does not end in a lost
+    result."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise DataError(f"{path}: cannot write here: {folder} " +
+                        ("is not writable" if os.path.isdir(folder) else "does not exist"))
+
+
 def check_input_file(path, hint):
     if not os.path.isfile(path):
         raise DataError(f"{path}: " + (f"a directory; give {hint}" if os.path.isdir(path) else "no such file"))
@@ -2604,7 +2627,7 @@ def print_to_stderr(message):
 
 # ----------------------------------------------------------------------------- inference: variants
 
-@dataclass
+@dataclass(slots=True)  # a VCF can hold millions
 class Allele:
     """One ALT allele of a VCF record, and its score or the reason it has none."""
     chrom: str
@@ -2632,6 +2655,7 @@ def variants_main(argv):
     args = parser.parse_args(argv)
     check_input_file(args.fasta, "the reference FASTA file")
     check_input_file(args.vcf, "the VCF file")
+    check_output_path(args.out)
     inference = load_for_inference(args.checkpoint, args.species, args.device, warn=print_to_stderr)
     alleles = read_vcf_alleles(args.vcf)
     score_alleles(inference, args.fasta, alleles, args.batch_size)
@@ -2647,13 +2671,12 @@ def read_vcf_alleles(path):
     """One Allele per ALT allele of every VCF record (cyvcf2, which reads VCF and VCF.gz); the ones that are not SNVs
     of A/C/G/T carry the reason. A record htslib cannot parse is an error naming its line."""
     from cyvcf2 import VCF
+    line = check_vcf_columns(path)
     try:
         vcf = VCF(path)
-    except OSError as e:
+    except Exception as e:  # OSError, or a bare Exception for a header htslib rejects
         raise DataError(f"{path}: not a readable VCF ({e})") from e
     records, alleles = iter(vcf), []
-    with open_genome(path) as f:  # records follow the file's header lines, one a line
-        line = sum(1 for _ in itertools.takewhile(lambda text: text.startswith(b"#"), f))
     while True:
         line += 1
         try:
@@ -2667,6 +2690,30 @@ def read_vcf_alleles(path):
                                   note=snv_problem(record.REF, alt)))
     vcf.close()
     return alleles
+
+
+def check_vcf_columns(path):
+    """The number of header lines of a VCF, after checking that every record has the 8 tab-separated columns and a
+    whole-number POS: htslib crashes the process on some malformed records instead of raising."""
+    header = 0
+    for number, raw in text_lines(path):
+        if raw.startswith(b"#"):
+            header = number
+            continue
+        fields = raw.rstrip(b"\r\n").split(b"\t")
+        if len(fields) < 8 or not fields[1].isdigit():
+            raise DataError(f"{path}: line {number}: not a VCF record (8 or more tab-separated columns, POS a "
+                            f"whole number); found {raw[:80].decode('utf-8', 'replace').rstrip()!r}")
+    return header
+
+
+def text_lines(path):
+    """(line number, bytes) of a text file, gzipped or not; a damaged file is an error naming it."""
+    try:
+        with open_genome(path) as f:
+            yield from enumerate(f, 1)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read: {e}") from e
 
 
 def snv_problem(ref, alt):
@@ -2702,26 +2749,43 @@ def score_alleles(inference, fasta, alleles, batch_size=64):
 
 
 def read_records(path, wanted):
-    """(record id, BYTE_CODES of the whole record) for each record of a FASTA file whose id is in wanted (None: all),
-    one at a time, in file order; a later record with an id already read is skipped."""
-    done, current, current_id, parts = set(), None, None, None
+    """(record id, BYTE_CODES of the whole record) for each record of a FASTA file whose id is in wanted (None:
+    every record), one at a time, in file order. A reference must name its records uniquely: a second record with a
+    wanted id is an error, as is a record that looks like protein."""
+    seen, current_index, current_id, parts = set(), None, None, None
     for record_index, record_id, piece in read_fasta(path):
-        if record_index != current:
+        if record_index != current_index:
             if parts is not None:
-                yield current_id, BYTE_CODES[np.frombuffer(b"".join(parts), dtype=np.uint8)]
-            current, current_id = record_index, record_id
-            parts = [] if (wanted is None or record_id in wanted) and record_id not in done else None
-            done.add(record_id)
+                yield current_id, record_codes(path, current_id, parts)
+            if wanted is not None and record_id in wanted and record_id in seen:
+                raise DataError(f"{path}: two records are named {record_id}: a reference needs unique record ids")
+            seen.add(record_id)
+            current_index, current_id = record_index, record_id
+            parts = [] if wanted is None or record_id in wanted else None
         if parts is not None:
             parts.append(piece)
     if parts is not None:
-        yield current_id, BYTE_CODES[np.frombuffer(b"".join(parts), dtype=np.uint8)]
+        yield current_id, record_codes(path, current_id, parts)
+
+
+def record_codes(path, record_id, parts):
+    """The BYTE_CODES of a record's pieces; an error naming it when it looks like protein (check_looks_like_dna's
+    rule, per record)."""
+    text = np.frombuffer(b"".join(parts), dtype=np.uint8)
+    codes = BYTE_CODES[text]
+    letters = text & 0xDF
+    other = int(((letters >= 65) & (letters <= 90) & (codes == 8) & (letters != 78)).sum())
+    if other > 0.1 * len(text):
+        raise DataError(f"{path}: record {record_id}: {other / len(text):.0%} of the letters are neither A/C/G/T nor "
+                        f"N: this looks like protein, not DNA")
+    return codes
 
 
 def score_contig_snvs(inference, codes, alleles, batch_size, bar):
-    """The LLRs of one chromosome's SNVs (codes: BYTE_CODES of the record). Each site's 12 regions (snv_regions, both
-    strands) are scored with the reference base and with each ALT base; an allele's LLR is the mean over the 12 of
-    the summed per-base log-likelihood differences, which start at the variant (the bases before it are the same)."""
+    """The LLRs of one chromosome's SNVs (codes: BYTE_CODES of the record). Each site's pieces (site_pieces: every
+    placement of a window around it, on both strands) are scored with the reference base and with each ALT base; a
+    piece's difference is the summed per-base log-likelihood from the variant on (the bases before it are the same).
+    An allele's LLR is the mean over each strand's pieces, then over the two strands."""
     sites = collections.defaultdict(list)
     for allele in alleles:
         at = allele.pos - 1
@@ -2734,58 +2798,69 @@ def score_contig_snvs(inference, codes, alleles, batch_size, bar):
             allele.note = f"REF {allele.ref} does not match the reference base {'ACGT'[base & 3]}"
         else:
             sites[at].append(allele)
-    for at, site_alleles in list(sites.items()):
-        if max(end - start for start, end in snv_regions(codes, at, inference.cfg)) <= BASES_PER_TOKEN:
-            for allele in site_alleles:
-                allele.note = f"fewer than {BASES_PER_TOKEN + 1} A/C/G/T bases around the site"
-            bar.update(len(site_alleles))
-            del sites[at]
-    sums = {}  # (site, allele number: 0 = reference) -> per region, the log-likelihood from the variant on
+    pieces_of = {at: site_pieces(codes, at, inference.cfg) for at in sites}
+    for at in [at for at, pieces in pieces_of.items() if not pieces]:
+        for allele in sites.pop(at):
+            allele.note = f"fewer than {BASES_PER_TOKEN + 1} A/C/G/T bases around the site"
+    bar.update(len(alleles) - sum(map(len, sites.values())))
+    sums = {}  # (site, allele number: 0 = reference) -> per piece, the log-likelihood from the variant on
 
     def pieces():
         for at, site_alleles in sites.items():
             alts = [BYTE_CODES[ord(a.alt)] & 3 for a in site_alleles]
-            for region, (piece, variant, reverse) in enumerate(oriented_regions(codes, at, inference.cfg)):
-                yield (at, 0, region, variant), piece
-                for number, base in enumerate(alts, 1):
+            for number, (piece, variant, reverse) in enumerate(pieces_of[at]):
+                yield (at, 0, number, variant), piece
+                for allele_number, base in enumerate(alts, 1):
                     changed = piece.copy()
                     changed[variant] = 3 - base if reverse else base
-                    yield (at, number, region, variant), changed
+                    yield (at, allele_number, number, variant), changed
 
-    for (at, number, region, variant), _, log_probs in score_pieces(inference, pieces(), batch_size):
-        sums.setdefault((at, number), np.zeros(2 * BASES_PER_TOKEN))[region] = np.nansum(log_probs[variant:])
+    for (at, allele_number, number, variant), _, log_probs in score_pieces(inference, pieces(), batch_size):
+        sums.setdefault((at, allele_number), np.zeros(len(pieces_of[at])))[number] = np.nansum(log_probs[variant:])
         site_alleles = sites[at]
-        if number == len(site_alleles) and region == 2 * BASES_PER_TOKEN - 1:  # the site's last piece
+        if allele_number == len(site_alleles) and number == len(pieces_of[at]) - 1:  # the site's last piece
+            reverse = np.array([r for _, _, r in pieces_of.pop(at)])
+            reference = sums.pop((at, 0))
             for n, allele in enumerate(site_alleles, 1):
-                allele.llr = float((sums.pop((at, n)) - sums[(at, 0)]).mean())
-            del sums[(at, 0)]
+                difference = sums.pop((at, n)) - reference
+                allele.llr = float(np.mean([difference[reverse == r].mean() for r in (False, True)
+                                            if (reverse == r).any()]))
             bar.update(len(site_alleles))
 
 
-def oriented_regions(codes, at, cfg):
-    """The 12 pieces that score a site, (base codes, the variant's index, on the reverse strand?): the 6 snv_regions
-    read 5' to 3' on the forward strand, then the same on the reverse strand (reverse-complemented)."""
-    forward = [(codes[start:end] & 3, at - start, False) for start, end in snv_regions(codes, at, cfg)]
-    return forward + [(3 - piece[::-1], len(piece) - 1 - variant, True) for piece, variant, _ in forward]
-
-
-def snv_regions(codes, at, cfg):
-    """(start, end) of the 6 regions that score a SNV at `at`, one per token frame: in frame f the variant is base f
-    of its 6-mer, with context_size // 2 whole 6-mers before it and a window's worth after, clipped to the run of
-    A/C/G/T around the site (near a gap the region keeps the frame while a whole 6-mer fits before the variant).
-    The window is the model's: every 6-mer the variant changes or precedes in it is scored."""
-    span = (cfg.context_size + 1) * BASES_PER_TOKEN
-    before = cfg.context_size // 2 * BASES_PER_TOKEN
-    reach = max(0, at - before - BASES_PER_TOKEN)
-    gaps = np.flatnonzero(codes[reach:at] >= 8)
-    run_start = reach + int(gaps[-1]) + 1 if len(gaps) else reach
+def site_pieces(codes, at, cfg):
+    """The pieces that score a SNV at `at`, each (base codes 0..3, the variant's index in it, on the reverse
+    strand?): on each strand, read 5' to 3', every distinct window_placements region of at least 7 bases, the
+    reverse strand's placed in its own frames (the run mirrored). Far from a gap, 6 per strand, one per frame."""
+    span = (cfg.context_size + 1) * BASES_PER_TOKEN  # no placement reaches further from the site
+    low = max(0, at - span)
+    gaps = np.flatnonzero(codes[low:at] >= 8)
+    run_start = low + int(gaps[-1]) + 1 if len(gaps) else low
     gaps = np.flatnonzero(codes[at:at + span] >= 8)
     run_end = at + (int(gaps[0]) if len(gaps) else len(codes[at:at + span]))
+    mirror = run_start + run_end - 1  # x -> mirror - x maps the run onto itself, reversed
+    pieces = []
+    for reverse, site in ((False, at), (True, mirror - at)):
+        for start, end in dict.fromkeys(window_placements(site, run_start, run_end, cfg)):  # distinct, in order
+            if end - start <= BASES_PER_TOKEN:  # nothing after the first 6-mer: nothing scored
+                continue
+            piece = 3 - (codes[mirror - end + 1:mirror - start + 1] & 3)[::-1] if reverse else codes[start:end] & 3
+            pieces.append((piece, site - start, reverse))
+    return pieces
+
+
+def window_placements(site, run_start, run_end, cfg):
+    """(start, end) of the 6 regions around a site in a run [run_start, run_end), one per token frame: in frame f the
+    variant is base f of its 6-mer, with context_size // 2 whole 6-mers before it and the rest of one model window
+    (65 6-mers) after it, clipped to the run. Near the run's start a region keeps its frame while the variant lies
+    past the run's first f bases. The window is the model's: every 6-mer after the variant in it is scored."""
+    span = (cfg.context_size + 1) * BASES_PER_TOKEN
+    before = cfg.context_size // 2 * BASES_PER_TOKEN
     regions = []
     for frame in range(BASES_PER_TOKEN):
-        start = at - frame - before
+        start = site - frame - before
         if start < run_start:
-            start = run_start + (at - frame - run_start) % BASES_PER_TOKEN if at - frame >= run_start else run_start
+            start = run_start + (site - frame - run_start) % BASES_PER_TOKEN if site - frame >= run_start else run_start
         regions.append((start, min(start + span, run_end)))
     return regions
 
@@ -2830,51 +2905,76 @@ def embed_main(argv):
         parser.error("give either a FASTA file of regions, or --bed REGIONS with --fasta REF")
     for path in filter(None, (args.bed, args.fasta, args.regions)):
         check_input_file(path, "a file")
+    check_output_path(args.out)
     inference = load_for_inference(args.checkpoint, args.species, args.device, warn=print_to_stderr, scoring=False)
     regions = read_bed(args.bed) if args.bed else None
     sequences = bed_sequences(args.fasta, args.bed, regions) if args.bed else \
         (((number, record_id), codes) for number, (record_id, codes) in enumerate(read_records(args.regions, None)))
-    found = {}  # region number -> (name, mean, per-token hidden states or None, their starts)
+    found = {}  # region number -> (name, mean, 6-mers, per-token hidden states and their starts or None)
     from tqdm import tqdm
-    for (number, name), hidden, starts in tqdm(embed_regions(inference, sequences, args.batch_size),
-                                               unit=" regions", total=len(regions) if regions else None, disable=None):
-        mean = hidden.mean(0) if len(hidden) else np.full(inference.cfg.d_model, np.nan, np.float32)
-        found[number] = (name, mean, hidden if args.per_token else None, starts)
-    names, pooled, hidden, starts = zip(*(found[number] for number in sorted(found)))  # BED or FASTA order
-    empty = [name for name, s in zip(names, starts) if not len(s)]
+    for (number, name), *embedded in tqdm(embed_regions(inference, sequences, args.batch_size, args.per_token),
+                                          unit=" regions", total=len(regions) if regions else None, disable=None):
+        found[number] = (name, *embedded)
+    if not found:
+        raise DataError(f"{args.bed or args.regions}: no regions: " +
+                        ("no BED lines" if args.bed else "no FASTA records"))
+    names, pooled, n_tokens, hidden, starts = zip(*(found[number] for number in sorted(found)))  # input order
+    if not args.bed:  # FASTA records that share an id are told apart by their number, as eval does
+        names = [f"{name} (record {i + 1})" if names.count(name) > 1 else name for i, name in enumerate(names)]
+    empty = [name for name, n in zip(names, n_tokens) if not n]
     if empty:
         print_to_stderr(f"warning: {len(empty)} region(s) hold no 6-mer of A/C/G/T ({', '.join(empty[:3])}"
                         f"{', ...' if len(empty) > 3 else ''}): their embedding is nan")
-    arrays = {"names": np.array(names, dtype=str), "embeddings": np.stack(pooled).astype(np.float32),
-              "n_tokens": np.array([len(s) for s in starts], dtype=np.int64)}
+    arrays = {"names": np.array(names, dtype=str), "embeddings": np.stack(pooled),
+              "n_tokens": np.array(n_tokens, dtype=np.int64)}
     if args.per_token:
-        arrays["token_embeddings"] = np.concatenate(hidden).astype(np.float32)
+        arrays["token_embeddings"] = np.concatenate(hidden)
         arrays["token_offsets"] = np.concatenate([[0], np.cumsum(arrays["n_tokens"])])
-        arrays["token_starts"] = np.concatenate(starts).astype(np.int64)
+        arrays["token_starts"] = np.concatenate(starts)
     write_atomically_npz(args.out, arrays)
     print_to_stderr(f"{len(names):,} region embeddings ({inference.cfg.d_model} values each) in {args.out}")
     return arrays
 
 
-def embed_regions(inference, sequences, batch_size=64):
-    """For each (key, codes) of sequences (BYTE_CODES), yields (key, hidden [n, d_model] float32, starts [n]): the
-    final hidden state at each 6-mer of the region's A/C/G/T runs (split at any other letter, tokenized from each
-    run's start, a last partial 6-mer dropped) and the 6-mer's offset in the region. A 6-mer's hidden state is read
-    in the window where it has the most context (covering_windows), as scoring reads its prediction."""
+def embed_regions(inference, sequences, batch_size=64, per_token=False):
+    """For each (key, codes) of sequences (BYTE_CODES), yields (key, mean [d_model] float32, 6-mers, hidden, starts):
+    the mean of the final hidden states at the region's 6-mers (nan without one) and their number, and with
+    per_token the states themselves [n, d_model] and each 6-mer's offset in the region [n] (else None). The region
+    is read as training reads a genome: split into A/C/G/T runs, cut at chunk_size, each piece tokenized from its
+    start (a last partial 6-mer dropped). A 6-mer's state is read in the window where it has the most context
+    (covering_windows), as scoring reads its prediction. Memory: one piece's states, unless per_token."""
     cfg = inference.cfg
 
-    def windows_of(codes):
-        for run_start, run_end in acgt_segments(codes).tolist():
-            tokens = tokenize(codes[run_start:run_end]).astype(np.int64)
-            for start, length, owned in covering_windows(len(tokens), cfg.context_size, cfg.window_stride):
-                yield tokens[start:start + length], run_start + BASES_PER_TOKEN * start, owned
+    def pieces():  # ((key, offset in the region, the region's last piece?), codes); an empty one for an empty region
+        for key, codes in sequences:
+            cuts = [(start, min(start + cfg.chunk_size, end)) for run_start, end in acgt_segments(codes).tolist()
+                    for start in range(run_start, end, cfg.chunk_size)]
+            for i, (start, end) in enumerate(cuts or [(0, 0)]):
+                yield (key, start, i == max(len(cuts), 1) - 1), codes[start:end]
 
-    for key, _, windows in windowed(sequences, windows_of, cfg.context_size, batch_size,
-                                    lambda rows: window_hidden_states(inference, rows)):
-        hidden = [h[:len(owned)][owned] for (_, _, owned), h in windows]
-        starts = [first + BASES_PER_TOKEN * np.flatnonzero(owned) for (_, first, owned), _ in windows]
-        yield key, np.concatenate(hidden) if hidden else np.zeros((0, cfg.d_model), np.float32), \
-            np.concatenate(starts) if starts else np.zeros(0, np.int64)
+    def windows_of(codes):
+        tokens = tokenize(codes).astype(np.int64)
+        for start, length, owned in covering_windows(len(tokens), cfg.context_size, cfg.window_stride):
+            yield tokens[start:start + length], start, owned
+
+    def run(rows, windows):  # only the rows each window owns leave the batch
+        hidden = window_hidden_states(inference, rows)
+        return [h[:len(owned)][owned] for h, (_, _, owned) in zip(hidden, windows)]
+
+    total, count, kept, starts = np.zeros(cfg.d_model), 0, [], []
+    for (key, offset, last), _, windows in windowed(pieces(), windows_of, cfg.context_size, batch_size, run):
+        for (_, start, owned), hidden in windows:
+            total += hidden.sum(0, dtype=np.float64)
+            count += len(hidden)
+            if per_token:
+                kept.append(hidden)
+                starts.append(offset + BASES_PER_TOKEN * (start + np.flatnonzero(owned)))
+        if last:
+            mean = (total / count if count else np.full(cfg.d_model, np.nan)).astype(np.float32)
+            yield (key, mean, count,
+                   np.concatenate(kept or [np.zeros((0, cfg.d_model), np.float32)]) if per_token else None,
+                   np.concatenate(starts or [np.zeros(0, np.int64)]).astype(np.int64) if per_token else None)
+            total, count, kept, starts = np.zeros(cfg.d_model), 0, [], []
 
 
 @torch.no_grad()
@@ -2889,26 +2989,25 @@ def window_hidden_states(inference, rows):
 def read_bed(path):
     """The regions of a BED file (plain or gzipped), checked line by line; an error names the line."""
     regions = []
-    with open_genome(path) as f:
-        for number, raw in enumerate(f, 1):
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if not line.strip() or line.startswith(("#", "track", "browser")):
-                continue
-            fields = line.split("\t") if "\t" in line else line.split()
-            if len(fields) < 3:
-                raise DataError(f"{path}: line {number}: a BED line needs chrom, start and end; found {line[:80]!r}")
-            try:
-                start, end = int(fields[1]), int(fields[2])
-            except ValueError:
-                raise DataError(f"{path}: line {number}: start and end must be whole numbers; found "
-                                f"{fields[1]!r} and {fields[2]!r}") from None
-            if not 0 <= start < end:
-                raise DataError(f"{path}: line {number}: needs 0 <= start < end; found start {start}, end {end}")
-            strand = fields[5] if len(fields) > 5 else "+"
-            if strand not in ("+", "-", "."):
-                raise DataError(f"{path}: line {number}: strand must be +, - or .; found {strand!r}")
-            name = fields[3] if len(fields) > 3 and fields[3] not in ("", ".") else f"{fields[0]}:{start}-{end}"
-            regions.append(Region(name, fields[0], start, end, strand == "-", number))
+    for number, raw in text_lines(path):
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line.strip() or line.startswith(("#", "track", "browser")):
+            continue
+        fields = line.split("\t") if "\t" in line else line.split()
+        if len(fields) < 3:
+            raise DataError(f"{path}: line {number}: a BED line needs chrom, start and end; found {line[:80]!r}")
+        try:
+            start, end = int(fields[1]), int(fields[2])
+        except ValueError:
+            raise DataError(f"{path}: line {number}: start and end must be whole numbers; found "
+                            f"{fields[1]!r} and {fields[2]!r}") from None
+        if not 0 <= start < end:
+            raise DataError(f"{path}: line {number}: needs 0 <= start < end; found start {start}, end {end}")
+        strand = fields[5] if len(fields) > 5 else "+"
+        if strand not in ("+", "-", "."):
+            raise DataError(f"{path}: line {number}: strand must be +, - or .; found {strand!r}")
+        name = fields[3] if len(fields) > 3 and fields[3] not in ("", ".") else f"{fields[0]}:{start}-{end}"
+        regions.append(Region(name, fields[0], start, end, strand == "-", number))
     return regions
 
 

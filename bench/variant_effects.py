@@ -175,12 +175,12 @@ def candidate_snvs(annotation, codes, held_out, cfg):
                 before, after = GENETIC_CODE[codon], GENETIC_CODE[changed]
                 if codon_start == 0:
                     kind = "start_lost"
+                elif before == "*":
+                    continue  # stop-lost or stop-to-stop: not a class of this benchmark
                 elif before == after:
                     kind = "synonymous"
                 elif after == "*":
                     kind = "stop_gained"
-                elif before == "*":
-                    continue  # stop-lost: not a class of this benchmark
                 else:
                     kind = "missense"
                 genomic_alt = alt.translate(COMPLEMENT) if t["strand"] == "-" else alt
@@ -241,7 +241,8 @@ def markov_llrs(index, cfg, codes, variants):
     model = mb.MarkovModel(mb.count_orders(list(mb.load_train_codes(index, cfg).values()), chosen["k"]))
     pieces = []
     for pos, _, alt, _, _ in variants:
-        for piece, at, reverse in (plm.oriented_regions(codes, pos - 1, cfg)[i] for i in (0, plm.BASES_PER_TOKEN)):
+        placed = plm.site_pieces(codes, pos - 1, cfg)  # sites lie a window from any edge: 6 frames a strand
+        for piece, at, reverse in (placed[0], placed[plm.BASES_PER_TOKEN]):  # frame 0 of each strand
             changed = piece.copy()
             changed[at] = 3 - "ACGT".index(alt) if reverse else "ACGT".index(alt)
             pieces += [piece, changed]

@@ -146,17 +146,19 @@ def real_index(real_data_dir):
 
 @pytest.fixture(scope="session")
 def scoring_checkpoints(tmp_path_factory):
-    """global_memory -> (checkpoint path, its genome file): one untrained tiny model per memory, its weights drawn
+    """global_memory (and "dirichlet": retrieval with Dirichlet mixing) -> (checkpoint path, its genome file): one
+    untrained tiny model per memory, its weights drawn
     wide (std 0.3) so that its predictions are far from uniform, with the retrieval index of its training chunks
     beside it. Species 's' (and an unused 't'); chr1 a repeated motif (the index knows its contexts), chr2 random.
     Scoring tests need exact arithmetic, not a trained model: this costs no training run."""
     made = {}
-    for memory in plm.GLOBAL_MEMORIES:
-        root = tmp_path_factory.mktemp(f"scoring_{memory}")
+    for name in (*plm.GLOBAL_MEMORIES, "dirichlet"):
+        memory, mixing = ("retrieval", "dirichlet") if name == "dirichlet" else (name, "gate")
+        root = tmp_path_factory.mktemp(f"scoring_{name}")
         genome = write_fasta(root / "data" / "s" / "g.fa", [("chr1", motif_genome(3000, seed=3)),
                                                              ("chr2", random_dna(1000, seed=5))])
-        cfg = tiny_config(global_memory=memory, data_dir=root / "data", species_distribution={"s": 1},
-                          val_fraction=0.2)
+        cfg = tiny_config(global_memory=memory, retrieval_mixing=mixing, data_dir=root / "data",
+                          species_distribution={"s": 1}, val_fraction=0.2)
         torch.manual_seed(0)
         model = plm.PlantLM(cfg, 2)
         with torch.no_grad():
@@ -170,5 +172,5 @@ def scoring_checkpoints(tmp_path_factory):
                                      str(root / f"retrieval_index_{digest}.pt"))
         torch.save({"config": dataclasses.asdict(cfg), "species": ["s", "t"], "model_state_dict": model.state_dict(),
                     "retrieval_index": digest}, str(root / "model.pt"))
-        made[memory] = (str(root / "model.pt"), genome)
+        made[name] = (str(root / "model.pt"), genome)
     return made

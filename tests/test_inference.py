@@ -7,6 +7,7 @@ subcommand with an independent route to the same number: the model's own trainin
 4,096 next 6-mers, or full-sequence scores of the regions written out as FASTA.
 """
 
+import functools
 import gzip
 import json
 import math
@@ -18,7 +19,7 @@ import torch
 import plant_lm_train as plm
 from _helpers import armed_checkpoint, assert_armed, random_dna, write_fasta
 
-MEMORIES = plm.GLOBAL_MEMORIES
+MEMORIES = (*plm.GLOBAL_MEMORIES, "dirichlet")  # conftest's scoring_checkpoints: "dirichlet" is retrieval mixed so
 COMPLEMENT = str.maketrans("ACGT", "TGCA")
 
 
@@ -196,16 +197,18 @@ def test_variant_llr_is_the_mean_over_frames_and_strands_of_two_full_sequence_sc
     assert row["note"] == "." and abs(expected) > 1e-3  # a real difference, not two zeros
 
 
-def test_snv_regions_put_the_variant_at_each_frame_on_both_strands_and_stop_at_gaps(scoring_checkpoints):
+def frames(pieces, reverse):
+    return sorted(variant % 6 for _, variant, r in pieces if r == reverse)
+
+
+def test_site_pieces_place_the_variant_at_each_frame_on_both_strands_near_gaps_and_ends(scoring_checkpoints):
     cfg = inference(scoring_checkpoints, "none").cfg
     seq = genome_record(scoring_checkpoints)
     codes = plm.BYTE_CODES[np.frombuffer(seq.encode(), dtype=np.uint8)]
-    pieces = plm.oriented_regions(codes, 1499, cfg)
-    assert len(pieces) == 12
-    for strand, half in (("forward", pieces[:6]), ("reverse", pieces[6:])):
-        assert sorted(variant % 6 for _, variant, _ in half) == list(range(6)), strand
-        assert all(len(piece) == (cfg.context_size + 1) * 6 for piece, _, _ in half)
-        assert all(variant // 6 == cfg.context_size // 2 for _, variant, _ in half), strand
+    span = (cfg.context_size + 1) * 6
+    pieces = plm.site_pieces(codes, 1499, cfg)  # far from any edge: 6 frames a strand, whole windows
+    assert frames(pieces, False) == frames(pieces, True) == list(range(6)) and len(pieces) == 12
+    assert all(len(piece) == span and variant // 6 == cfg.context_size // 2 for piece, variant, _ in pieces)
     for piece, variant, reverse in pieces:
         text = "".join("ACGT"[b] for b in piece)
         assert (reverse_complement(text) if reverse else text) in seq
@@ -213,9 +216,15 @@ def test_snv_regions_put_the_variant_at_each_frame_on_both_strands_and_stop_at_g
 
     gapped = codes.copy()
     gapped[1480] = plm.BYTE_CODES[ord("N")]  # 18 bases of the run before the site
-    regions = plm.snv_regions(gapped, 1499, cfg)
-    assert [(1499 - start) % 6 for start, _ in regions] == list(range(6))  # every frame kept, in frame order
-    assert all(1481 <= start < 1481 + 6 and end == start + (cfg.context_size + 1) * 6 for start, end in regions)
+    near_gap = plm.site_pieces(gapped, 1499, cfg)
+    assert frames(near_gap, False) == frames(near_gap, True) == list(range(6))
+    assert all(1499 - (len(p) - 1 - v if r else v) >= 1481 for p, v, r in near_gap)  # none reaches past the gap
+    near_end = plm.site_pieces(codes, 2970, cfg)  # 29 bases before the contig's end
+    assert frames(near_end, False) == frames(near_end, True) == list(range(6))
+    after_gap = plm.site_pieces(gapped, 1481, cfg)  # the run's first base: one placement forward, six reverse
+    assert frames(after_gap, False) == [0] and frames(after_gap, True) == list(range(6))
+    tiny = plm.BYTE_CODES[np.frombuffer(b"NNNACGTAGNNN", dtype=np.uint8)]  # a run of 6: nothing to score
+    assert plm.site_pieces(tiny, 5, cfg) == []
 
 
 def test_variant_scores_do_not_depend_on_where_the_6mer_grid_falls(scoring_checkpoints, tmp_path):
@@ -298,18 +307,71 @@ def test_vcf_and_gzipped_vcf_give_the_same_scores(scoring_checkpoints, tmp_path)
     assert tables[0] == tables[1] and "NA" not in tables[0]
 
 
-def test_a_broken_vcf_is_one_error_naming_the_file_and_line(scoring_checkpoints, tmp_path, capsys):
+@pytest.mark.parametrize("record, line", [
+    ("chr1\tx\t.\tA\tC\t.\t.\t.\n", 5),  # POS not a number (htslib's own error)
+    ("chr1 5 . A C . . .\n", 5),  # spaces for tabs: htslib crashed the process on this one
+    ("chr1\t5\t.\tA\tC\n", 5),  # columns missing
+])
+def test_a_broken_vcf_record_is_one_error_naming_the_file_and_line(scoring_checkpoints, tmp_path, capsys, record,
+                                                                   line):
     checkpoint, genome = scoring_checkpoints["none"]
-    vcf = write_vcf(tmp_path / "v.vcf", [("chr1", 5, ".", "A", "C"), ("chr1", "x", ".", "A", "C")])
-    assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf", vcf,
+    vcf = tmp_path / "v.vcf"
+    vcf.write_text("##fileformat=VCFv4.2\n##contig=<ID=chr1>\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
+                   "chr1\t5\t.\tA\tC\t.\t.\t.\n" + record)
+    assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf", str(vcf),
                      "--out", str(tmp_path / "o.tsv")]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert errors == [errors[0]] and errors[0].startswith(f"error: {vcf}: line 6: not a valid VCF record")
-    text = tmp_path / "t.vcf"
+    errors = [e for e in capsys.readouterr().err.splitlines() if e.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {vcf}: line {line}: not a VCF record"), errors
+
+
+def test_a_file_that_is_no_vcf_is_one_error_naming_it(scoring_checkpoints, tmp_path, capsys):
+    checkpoint, genome = scoring_checkpoints["none"]
+    text, truncated = tmp_path / "t.vcf", tmp_path / "t.vcf.gz"
     text.write_text("hello\n")
-    assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf",
-                     str(text), "--out", str(tmp_path / "o.tsv")]) == 2
-    assert f"error: {text}: not a readable VCF" in capsys.readouterr().err
+    truncated.write_bytes(gzip.compress(b"##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n")[:30])
+    for path in (text, truncated):
+        assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf",
+                         str(path), "--out", str(tmp_path / "o.tsv")]) == 2
+        errors = [e for e in capsys.readouterr().err.splitlines() if e.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: {path}: "), errors
+
+
+def test_a_reference_record_is_read_whole_whatever_the_read_blocks(tmp_path, monkeypatch):
+    """read_fasta streams a record in blocks; read_records joins them into one record per id."""
+    records = [("chr1", random_dna(1000, 1)), ("chr2", random_dna(333, 2) + "NNN" + random_dna(50, 3))]
+    fasta = write_fasta(tmp_path / "g.fa.gz", records)
+    monkeypatch.setattr(plm, "read_fasta", functools.partial(plm.read_fasta, block_size=64))
+    found = [(record_id, "".join("ACGTacgtN"[c] for c in codes)) for record_id, codes in plm.read_records(fasta, None)]
+    assert found == records
+    assert [r for r, _ in plm.read_records(fasta, {"chr2"})] == ["chr2"]
+
+
+def test_a_reference_with_two_records_of_one_name_or_of_protein_is_an_error(scoring_checkpoints, tmp_path, capsys):
+    checkpoint, _ = scoring_checkpoints["none"]
+    vcf = write_vcf(tmp_path / "v.vcf", [("chr1", 5, ".", "A", "C")])
+    twice = write_fasta(tmp_path / "twice.fa", [("chr1", random_dna(100, 1)), ("chr1", random_dna(100, 2))])
+    protein = write_fasta(tmp_path / "p.fa", [("chr1", "MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMF" * 5)])
+    for reference, message in ((twice, "two records are named chr1"), (protein, "record chr1: ")):
+        assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", reference, "--vcf", vcf,
+                         "--out", str(tmp_path / "o.tsv")]) == 2
+        assert f"error: {reference}: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("subcommand", ["eval", "variants", "embed"])
+def test_an_output_in_a_missing_folder_is_an_error_before_any_work(scoring_checkpoints, tmp_path, capsys,
+                                                                   subcommand):
+    checkpoint, genome = scoring_checkpoints["none"]
+    out = str(tmp_path / "missing" / "out")
+    vcf = write_vcf(tmp_path / "v.vcf", [("chr1", 5, ".", "A", "C")])
+    inputs = {"eval": ["--json", out, genome], "variants": ["--fasta", genome, "--vcf", vcf, "--out", out],
+              "embed": ["--out", out, genome]}[subcommand]
+    assert plm.main([subcommand, "--checkpoint", checkpoint, "--species", "s", *inputs]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out}: cannot write here: {tmp_path / 'missing'} does not exist" in err
+    assert "memory:" not in err and "model" not in err.lower()  # nothing was loaded
+    assert plm.main([subcommand, "--checkpoint", checkpoint, "--species", "s", "--device", "gpu0",
+                     *[str(tmp_path / "o") if a == out else a for a in inputs]]) == 2
+    assert "error: --device gpu0: not a device" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -364,6 +426,36 @@ def test_an_embedding_is_the_models_final_hidden_state_and_minus_strand_regions_
         np.testing.assert_allclose(found["embeddings"][i], hidden[0].mean(0).numpy(), rtol=1e-5, atol=1e-6)
         a, b = found["token_offsets"][i:i + 2]
         np.testing.assert_allclose(found["token_embeddings"][a:b], hidden[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_embed_keeps_records_of_one_name_apart_and_refuses_an_empty_input(scoring_checkpoints, tmp_path, capsys):
+    checkpoint, _ = scoring_checkpoints["none"]
+    fasta = write_fasta(tmp_path / "dup.fa", [("x", random_dna(60, 1)), ("x", random_dna(90, 2)),
+                                              ("y", random_dna(30, 3))])
+    found = embed(checkpoint, tmp_path, fasta)
+    assert list(found["names"]) == ["x (record 1)", "x (record 2)", "y"] and list(found["n_tokens"]) == [10, 15, 5]
+    for empty in (write_fasta(tmp_path / "none.fa", []), tmp_path / "comments.bed"):
+        args = [str(empty)]
+        if str(empty).endswith(".bed"):
+            empty.write_text("# nothing\n")
+            args = ["--bed", str(empty), "--fasta", fasta]
+        assert plm.main(["embed", "--checkpoint", checkpoint, "--species", "s", "--out", str(tmp_path / "e.npz"),
+                         *args]) == 2
+        assert f"error: {empty}: no regions" in capsys.readouterr().err
+
+
+def test_embedding_a_region_longer_than_a_chunk_reads_it_in_chunk_size_pieces(scoring_checkpoints, tmp_path):
+    """A region is cut where training cuts a genome (chunk_size, 600 bases in the tiny config), so memory holds one
+    piece at a time; the pooled embedding is the mean over all pieces' 6-mers."""
+    checkpoint, _ = scoring_checkpoints["none"]
+    seq = genome_record(scoring_checkpoints)[:1500]
+    whole = embed(checkpoint, tmp_path, "--per-token", write_fasta(tmp_path / "w.fa", [("w", seq)]), name="w.npz")
+    parts = embed(checkpoint, tmp_path, "--per-token",
+                  write_fasta(tmp_path / "p.fa", [("a", seq[:600]), ("b", seq[600:1200]), ("c", seq[1200:])]),
+                  name="p.npz")
+    np.testing.assert_array_equal(whole["token_embeddings"], parts["token_embeddings"])
+    assert list(whole["token_starts"]) == list(range(0, 1500, 6))
+    np.testing.assert_allclose(whole["embeddings"][0], parts["token_embeddings"].mean(0), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("line, message", [
