@@ -626,8 +626,68 @@ def split_chunks(chunks, val_fraction):
     return train, val
 
 
-def scan_genomes(cfg, warn=print, progress=True):
-    """Stream every genome once to find its chunks and count bases, before any model is built."""
+# The scan cache. A scan streams every genome once (minutes at crop scale), so its per-file result (the bare chunks,
+# the FileStats, or why the file was skipped) is kept: one small torch file per genome, in a `scan_cache` folder of
+# checkpoint_dir. There, not next to the genomes: the data directory may be read-only or shared by users whose runs
+# chunk differently, while checkpoint_dir is writable by every run, already holds the retrieval index built from the
+# same scan, and is reused when run.sh restarts or resumes. An entry is used only when all of its key still holds:
+# the file (real path, species, label, size, mtime_ns: an assembly polished in place keeps its size, not its mtime),
+# the Config fields chunking reads (SCAN_FIELDS), and the source code of chunking (SCAN_CODE). Anything else rescans
+# that file and rewrites its entry, so a cache can be wrong only if a file changes and keeps its size and mtime_ns.
+SCAN_FIELDS = ("chunk_size", "context_size")  # every Config field chunk_file reads (window_bases is context_size's)
+# The code whose output an entry holds; any edit to it (a new Chunk field, another split rule) invalidates every entry.
+SCAN_CODE = hashlib.blake2b("".join(inspect.getsource(code) for code in (
+    _byte_table, acgt_segments, open_genome, read_fasta, Chunk, FileStats, chunk_file, check_looks_like_dna)).encode(),
+    digest_size=8).hexdigest()
+
+
+def scan_file(path, species, label, cfg):
+    """One genome file's (bare chunks, FileStats, None), or ([], FileStats, why it is skipped)."""
+    stats = FileStats()
+    try:
+        found = list(chunk_file(path, species, label, cfg, wanted=set(), stats=stats))
+        check_looks_like_dna(path, stats)
+    except DataError as e:
+        return [], stats, str(e)
+    return found, stats, None
+
+
+def scan_cache_key(path, species, label, cfg):
+    """Everything a file's cached scan depends on; a cached entry is used only when its key equals this."""
+    stat = os.stat(path)
+    return {"path": os.path.realpath(path), "species": species, "label": label, "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns, "settings": {name: getattr(cfg, name) for name in SCAN_FIELDS},
+            "code": SCAN_CODE}
+
+
+def cached_scan_file(path, species, label, cfg, cache_dir, warn):
+    """scan_file, answered from cache_dir when the file's entry there has the same key; else scanned and stored."""
+    key = scan_cache_key(path, species, label, cfg)
+    entry_path = os.path.join(cache_dir, label.replace(os.sep, "__") + ".pt")
+    if os.path.exists(entry_path):
+        try:
+            entry = torch.load(entry_path, map_location="cpu", weights_only=True)
+            if entry["key"] == key:
+                return [Chunk(**fields) for fields in entry["chunks"]], FileStats(**entry["stats"]), entry["error"]
+        except Exception as e:  # a cache is never worth a crash: scan the file again and rewrite its entry
+            warn(f"note: {entry_path}: unreadable scan cache entry ({type(e).__name__}: {str(e)[:200]}); "
+                 f"scanning {path} again")
+    found, stats, error = scan_file(path, species, label, cfg)
+    entry = {"key": key, "chunks": [{f.name: getattr(c, f.name) for f in dataclasses.fields(Chunk)} for c in found],
+             "stats": dataclasses.asdict(stats), "error": error}
+    try:
+        write_atomically(entry_path, entry)
+    except OSError as e:
+        warn(f"note: the scan of {path} is not cached: {e}")
+    return found, stats, error
+
+
+def scan_genomes(cfg, warn=print, progress=True, cache_dir=None):
+    """Stream every genome once to find its chunks and count bases, before any model is built.
+
+    With cache_dir, each file's result is kept there and a file whose entry still matches is not read again (see
+    SCAN_FIELDS above); the warnings are the same either way, since they are made from the (cached) result.
+    """
     from tqdm import tqdm
     genomes, weights = discover_genomes(cfg, warn)
     species = sorted(genomes)
@@ -638,16 +698,15 @@ def scan_genomes(cfg, warn=print, progress=True):
         stats[name] = FileStats()
         for path in genomes[name]:
             label = os.path.relpath(path, cfg.data_dir)
-            file_stats = FileStats()
-            try:
-                found = list(chunk_file(path, name, label, cfg, wanted=set(), stats=file_stats))
-                check_looks_like_dna(path, file_stats)
-            except DataError as e:
-                warn(f"warning: {e}; file skipped")
-                skipped.append((path, str(e)))
+            if cache_dir is None:
+                found, file_stats, error = scan_file(path, name, label, cfg)
+            else:
+                found, file_stats, error = cached_scan_file(path, name, label, cfg, cache_dir, warn)
+            bar.update(os.path.getsize(path))
+            if error:
+                warn(f"warning: {error}; file skipped")
+                skipped.append((path, error))
                 continue
-            finally:
-                bar.update(os.path.getsize(path))
             if not found:
                 warn(f"warning: {path}: no A/C/G/T run of at least {cfg.window_bases} bases; nothing to train on")
             if file_stats.duplicate_ids:
@@ -1414,7 +1473,8 @@ def start_run(cfg, rt, log, build_model):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
         warn(f"no GPU found: training on the CPU with {rt.world_size} process(es) (gloo). This is slow; the progress "
              f"bar's ETA is the real estimate. Use a smaller model (--d_model=128 --n_layers=2) to try things out.")
-    index = scan_genomes(cfg, warn=warn, progress=log.progress)
+    index = scan_genomes(cfg, warn=warn, progress=log.progress,
+                         cache_dir=os.path.join(cfg.checkpoint_dir, "scan_cache"))
     val_tokens, val_species, val_repeat = load_validation(index, cfg)
     if not len(val_tokens):
         warn(f"warning: no validation windows: a species whose sequence fits in one chunk (chunk_size = "
