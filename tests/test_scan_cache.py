@@ -1,6 +1,6 @@
-"""The scan cache (scan_genomes with cache_dir, which the trainer keeps in checkpoint_dir/scan_cache): a warm start
-reads no FASTA and finds what a cold one finds, warnings included; a changed file, a changed chunking setting or a
-damaged entry costs a rescan of what changed, never a stale result or a crash."""
+"""The data cache (scan_genomes and cached_validation with a cache_dir, which the trainer keeps in
+checkpoint_dir/data_cache): a warm start reads no FASTA and finds what a cold one finds, warnings included; a changed
+file, a changed setting or a damaged entry costs a rescan of what changed, never a stale result or a crash."""
 
 import os
 
@@ -14,7 +14,8 @@ def scan(data_dir, cache_dir, **overrides):
     """(GenomeIndex, warnings) of a scan through cache_dir."""
     warnings = []
     cfg = tiny_config(**{**DATA_SHAPE, **overrides}, data_dir=data_dir)
-    return plm.scan_genomes(cfg, warn=warnings.append, progress=False, cache_dir=str(cache_dir)), warnings
+    cache_dir = None if cache_dir is None else str(cache_dir)
+    return plm.scan_genomes(cfg, warn=warnings.append, progress=False, cache_dir=cache_dir), warnings
 
 
 @pytest.fixture
@@ -105,19 +106,58 @@ def test_a_changed_chunking_setting_scans_again(genomes, tmp_path, files_read):
         assert changed == scan(genomes, tmp_path / "fresh", **change)[0]
 
 
-def test_the_cache_key_holds_every_config_field_that_chunking_reads(genomes):
-    """SCAN_FIELDS must name each Config field chunk_file reads, or a changed one would reuse a stale entry."""
+def fields_read(genomes, use, **overrides):
+    """The Config fields that use(cfg) reads."""
     read = set()
 
     class Watched(plm.Config):
         def __getattribute__(self, name):
             read.add(name)
             return super().__getattribute__(name)
-    cfg = Watched(**{**vars(tiny_config(**DATA_SHAPE, data_dir=genomes))})
-    path = os.path.join(genomes, "a", "one.fa")
-    plm.scan_file(path, "a", "a/one.fa", cfg)
-    fields = {f.name for f in plm.dataclasses.fields(plm.Config)}
-    assert read & fields and (read & fields) <= set(plm.SCAN_FIELDS), read & fields
+    cfg = Watched(**vars(tiny_config(**{**DATA_SHAPE, **overrides}, data_dir=genomes)))
+    use(cfg)
+    return read & {f.name for f in plm.dataclasses.fields(plm.Config)}
+
+
+def test_the_cache_keys_hold_every_config_field_their_code_reads(genomes):
+    """SCAN_FIELDS and VALIDATION_FIELDS must name each Config field their code reads, or a changed one would reuse a
+    stale entry (the retrieval memory's prefix and the augmentation settings included)."""
+    one = os.path.join(genomes, "a", "one.fa")
+    scanned = fields_read(genomes, lambda cfg: plm.scan_file(one, "a", "a/one.fa", cfg))
+    assert scanned and scanned <= set(plm.SCAN_FIELDS), scanned
+    index = scan(genomes, None)[0]
+    for memory in ("retrieval", "none"):
+        validated = fields_read(genomes, lambda cfg: plm.load_validation(index, cfg), global_memory=memory,
+                                frame_shift=True, reverse_complement=0.5)
+        assert validated and validated <= set(plm.VALIDATION_FIELDS), validated
+
+
+def validation(genomes, cache_dir, **overrides):
+    index, _ = scan(genomes, cache_dir, **overrides)
+    warnings = []
+    cfg = tiny_config(**{**DATA_SHAPE, "eval_windows": 16, **overrides}, data_dir=genomes)
+    return plm.cached_validation(index, cfg, str(cache_dir), warn=warnings.append), warnings
+
+
+def same_tensors(a, b):
+    return all(x.dtype == y.dtype and plm.torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_validation_windows_are_cached_and_follow_the_files_and_settings(genomes, tmp_path, monkeypatch, files_read):
+    cold, warnings = validation(genomes, tmp_path / "cache")
+    assert not warnings and len(cold[0]) == 16
+    del files_read[:]
+    assert same_tensors(validation(genomes, tmp_path / "cache")[0], cold) and files_read == []
+    changed = validation(genomes, tmp_path / "cache", eval_windows=8)[0]
+    assert same_tensors(changed, validation(genomes, tmp_path / "fresh", eval_windows=8)[0]) and files_read
+    path = os.path.join(genomes, "b", "b.fasta")
+    text = open(path).read()
+    open(path, "w").write(text.replace("A", "C", 200))  # same size, new content and mtime
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1_000_000))
+    edited = validation(genomes, tmp_path / "cache")[0]
+    assert same_tensors(edited, validation(genomes, tmp_path / "fresh2")[0])
+    forbid_reading(monkeypatch)
+    assert same_tensors(validation(genomes, tmp_path / "cache")[0], edited)
 
 
 @pytest.mark.parametrize("damage", [b"", b"not a torch file", None])
@@ -132,7 +172,7 @@ def test_a_damaged_entry_is_noted_and_rescanned_not_a_crash(genomes, tmp_path, f
     del files_read[:]
     again, warnings = scan(genomes, tmp_path / "cache")
     assert again == cold and files_read == ["one.fa"]
-    assert [w for w in warnings if "unreadable scan cache entry" in w and entry in w], warnings
+    assert [w for w in warnings if "unreadable cache entry" in w and entry in w], warnings
     del files_read[:]
     assert scan(genomes, tmp_path / "cache")[1] == [] and files_read == []  # the entry was written again
 
@@ -142,7 +182,7 @@ def test_an_unwritable_cache_is_a_note_not_a_crash(genomes, tmp_path):
     blocked.write_text("")
     index, warnings = scan(genomes, blocked)
     assert index == scan(genomes, tmp_path / "cache")[0]
-    assert len([w for w in warnings if w.startswith("note: the scan of") and "not cached" in w]) == 3, warnings
+    assert len([w for w in warnings if w.startswith("note: ") and "is not cached" in w]) == 3, warnings
 
 
 def test_training_keeps_the_scan_cache_in_checkpoint_dir(tmp_path):
@@ -152,4 +192,4 @@ def test_training_keeps_the_scan_cache_in_checkpoint_dir(tmp_path):
     proc = run_train([*TINY_ARGS, f"--data_dir={data_dir}", "--max_steps=1", "--species_distribution={}",
                       f"--checkpoint_dir={ckpt}", f"--log_dir={tmp_path / 'logs'}"], cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
-    assert os.listdir(ckpt / "scan_cache") == ["s__g.fa.pt"]
+    assert sorted(os.listdir(ckpt / "data_cache")) == ["s__g.fa.pt", "validation.pt"]
