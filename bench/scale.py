@@ -1,22 +1,23 @@
 """A crop-sized data set, and what Plant LM's start-up, loader and retrieval index do with it (issue 15).
 
-    python bench/scale.py --gbp 3 --index-gbp 1   -> bench/results/scale.json (rewritten after every stage)
+    python bench/scale.py --gbp 2 --index-gbp 0.2   -> bench/results/scale.json (rewritten after every stage)
 
 1. generate: mutated copies of the bundled genomes (data/<species>/*.fna.gz) as the spec's five crops at their
    real relative sizes (soybean 1.1, rice 0.39, maize 2.2, grape 0.49, arabidopsis 0.135 Gbp), --gbp in all: SNPs
    and 1-10-base indels at --divergence, the sources' soft-masking (repeats) and N runs kept, one gzipped FASTA
    (level 1) per species under --out, written as one gzip member per chromosome by a process pool. A second,
-   --index-gbp set (other seed) is what the retrieval index is measured on: at ~4.5 int64 entries per base
-   (both strands, 3 context lengths) the whole set would not fit memory or disk.
-2. scan: scan_genomes in-process, without the cache, cold with it and warm; the time of each file (a pool over
-   files could not beat the largest); load_validation (not cached: it reads every file holding a validation chunk).
+   --index-gbp set (other seed) is what the retrieval index is measured on: at ~11 int64 entries per base
+   (keys and cumulative counts, both strands, 3 context lengths) the whole set would not fit memory or disk.
+2. scan: each file scanned without the cache (their sum is a cold scan; a pool over files could not beat the
+   largest), scan_genomes writing the cache and reading it back, and the validation windows, cold and cached.
 3. first_step: `bash run.sh` to the trainer's first step log line, global_memory=none, with a fresh checkpoint_dir
-   (cold scan) and again (warm); then global_memory=retrieval on the index set, cold (builds the index) and warm.
-   Peak RSS (VmHWM) of the trainer and each DataLoader worker, from /proc (psutil is not a dependency).
+   (cold: no data cache) and again (warm). Peak RSS (VmHWM) of the trainer and each DataLoader worker, from /proc
+   (psutil is not a dependency).
 4. loader: windows/s of one worker's EpochSampler at batch 4096 (shard 0 of 4, and of 32 = 8 GPUs x 4 workers:
    every worker streams every file and keeps only its chunks), and a 4-worker DataLoader's windows/s and worker
-   peak RSS on the bundled genomes and on the big set: worker memory should not depend on genome size.
-5. retrieval: build_retrieval_index on the index set (on the GPU if there is one), size on disk, counts() calls/s.
+   peak RSS and private memory on the bundled genomes and on the big set: should not depend on genome size.
+5. retrieval: step 3 with global_memory=retrieval on the index set, cold (builds and saves the index; its log line
+   has the build time and size) and warm; then that index's size, keys per base and counts() calls/s on a batch.
 Trainer arguments after the script's own (e.g. --d_model=128 --n_layers=2 on a CPU) go to every run.sh call.
 """
 
@@ -158,25 +159,30 @@ def generate(out, gbp, rate, seed, processes):
 # ----------------------------------------------------------------------------- scan
 
 def scan_stage(cfg, cache_dir):
+    """Each file scanned without the cache (their sum is a cold scan; a pool over files could not beat the largest),
+    then scan_genomes writing the cache and reading it back, then the validation windows, cold and cached."""
     quiet = lambda message: None  # noqa: E731
     shutil.rmtree(cache_dir, ignore_errors=True)
-    timed = {}
-    for label, cache in (("no_cache", None), ("cold_cached", cache_dir), ("warm_cached", cache_dir)):
-        started = time.time()
-        index = plm.scan_genomes(cfg, warn=quiet, progress=False, cache_dir=cache)
-        timed[f"{label}_s"] = time.time() - started
+    genomes, _ = plm.discover_genomes(cfg, warn=quiet)
     per_file = {}
-    for species, files in index.files.items():
-        for path, label in files:
+    for species, paths in genomes.items():
+        for path in paths:
             started = time.time()
-            plm.scan_file(path, species, label, cfg)
-            per_file[label] = time.time() - started
-    started = time.time()
-    val_tokens = plm.load_validation(index, cfg)[0]
+            plm.scan_file(path, species, os.path.relpath(path, cfg.data_dir), cfg)
+            per_file[os.path.relpath(path, cfg.data_dir)] = time.time() - started
+    timed = {"no_cache_s": sum(per_file.values()), "per_file_s": per_file,
+             "pool_over_files_bound_s": max(per_file.values())}
+    for label in ("cold_cached", "warm_cached"):
+        started = time.time()
+        index = plm.scan_genomes(cfg, warn=quiet, progress=False, cache_dir=cache_dir)
+        timed[f"{label}_s"] = time.time() - started
+    for label in ("cold", "warm"):
+        started = time.time()
+        val_tokens = plm.cached_validation(index, cfg, cache_dir, warn=quiet)[0]
+        timed[f"validation_{label}_s"] = time.time() - started
     bases = sum(st.bases for st in index.stats.values())
-    return index, {**timed, "per_file_s": per_file, "pool_over_files_bound_s": max(per_file.values()),
-                   "load_validation_s": time.time() - started, "validation_windows": len(val_tokens),
-                   "bases": bases, "no_cache_s_per_gbp": timed["no_cache_s"] / (bases / 1e9),
+    return index, {**timed, "validation_windows": len(val_tokens), "bases": bases,
+                   "no_cache_s_per_gbp": timed["no_cache_s"] / (bases / 1e9),
                    "chunks": len(index.train) + len(index.val),
                    "cache_bytes": sum(os.path.getsize(os.path.join(cache_dir, n)) for n in os.listdir(cache_dir))}
 
@@ -270,9 +276,12 @@ def time_run_sh(data_dir, ckpt, logs, steps, trainer_args, timeout):
         for mark, prefix in MARKS.items():
             if mark not in seen and line.startswith(prefix):
                 seen[mark] = round(time.time() - started, 2)
+                if mark == "retrieval_index":  # its build time and size
+                    seen["retrieval_index_line"] = line.strip()
     proc.wait()
     timer.cancel()
-    result = {"command": " ".join(command[1:]), "exit": proc.returncode, **{f"to_{k}_s": v for k, v in seen.items()},
+    marks = {k if k.endswith("_line") else f"to_{k}_s": v for k, v in seen.items()}
+    result = {"command": " ".join(command[1:]), "exit": proc.returncode, **marks,
               "wall_s": round(time.time() - started, 2), **watch.stop()}
     if proc.returncode:
         result["output_tail"] = tail
@@ -322,22 +331,18 @@ def loader_rate(index, cfg, seconds, workers):
 
 # ----------------------------------------------------------------------------- retrieval index
 
-def retrieval_stage(index_dir, cache_dir, seconds):
+def retrieval_stage(index_dir, ckpt, seconds):
+    """The index the cold retrieval run built (its log line gives the build time): size on disk, entries per base
+    and counts() calls/s on a batch of 4096 training windows, on the GPU if there is one."""
     import torch
     cfg = plm.Config(data_dir=index_dir).validate()
-    index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False, cache_dir=cache_dir)
+    index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False, cache_dir=os.path.join(ckpt, "data_cache"))
+    path = os.path.join(ckpt, f"retrieval_index_{plm.training_chunks_digest(index)}.pt")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train_bases = sum(c.n_tokens for c in index.train) * plm.BASES_PER_TOKEN
     started = time.time()
-    memory = plm.build_retrieval_index(index, cfg, device, plm.training_chunks_digest(index))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    build = time.time() - started
-    path = os.path.join(cache_dir, "..", "retrieval_index_bench.pt")
-    plm.save_retrieval_index(memory, path)
-    size = os.path.getsize(path)
-    os.remove(path)
-    tokens, _, _ = plm.EpochSampler(index, cfg, 0, 0, 1).next_batch(4096)[:3]
+    memory = plm.load_retrieval_index(path, device)
+    loaded = time.time() - started
+    tokens = plm.EpochSampler(index, cfg, 0, 0, 1).next_batch(4096)[0]
     windows = torch.from_numpy(tokens.astype(np.int64)).to(device)
     calls, started = 0, time.time()
     while time.time() - started < seconds:
@@ -346,10 +351,11 @@ def retrieval_stage(index_dir, cache_dir, seconds):
         if device.type == "cuda":
             torch.cuda.synchronize()
     rate = calls / (time.time() - started)
-    entries = sum(len(k) for k in memory.keys) + sum(len(c) for c in memory.cumulative)
-    return {"device": str(device), "train_bases": train_bases, "build_s": build, "bytes_on_disk": size,
-            "bytes_per_base": size / train_bases, "int64_entries_per_base": entries / train_bases,
-            "counts_calls_per_s": rate, "batch_windows": 4096,
+    train_bases = sum(c.n_tokens for c in index.train) * plm.BASES_PER_TOKEN
+    keys = sum(len(k) for k in memory.keys)
+    return {"device": str(device), "train_bases": train_bases, "bytes_on_disk": os.path.getsize(path),
+            "bytes_per_base": os.path.getsize(path) / train_bases, "keys_per_base": keys / train_bases,
+            "load_s": loaded, "counts_calls_per_s": rate, "batch_windows": 4096,
             "lookups_per_s": rate * 4096 * cfg.context_size * len(plm.RETRIEVAL_CONTEXT_TOKENS)}
 
 
@@ -392,19 +398,15 @@ def main():
     index, scanned = scan_stage(cfg, os.path.join(args.out, "scan_cache"))
     save("scan", scanned)
 
-    runs, ckpt = {}, os.path.join(args.out, "ckpt_none")
-    shutil.rmtree(ckpt, ignore_errors=True)
-    for label in ("cold", "warm"):
-        runs[f"none_{label}"] = time_run_sh(big, ckpt, os.path.join(args.out, "logs"), args.steps,
-                                            ["--global_memory=none", *trainer_args], args.run_timeout_s)
-        save("first_step", runs)
-    ckpt = os.path.join(args.out, "ckpt_retrieval")
-    shutil.rmtree(ckpt, ignore_errors=True)
-    for label in ("cold", "warm"):
-        runs[f"retrieval_index_data_{label}"] = time_run_sh(index_dir, ckpt, os.path.join(args.out, "logs"),
-                                                            args.steps, ["--global_memory=retrieval", *trainer_args],
-                                                            args.run_timeout_s)
-        save("first_step", runs)
+    runs = {}
+
+    def time_runs(label, data_dir, ckpt, memory):
+        shutil.rmtree(ckpt, ignore_errors=True)
+        for start in ("cold", "warm"):  # cold: no data cache (nor retrieval index) in checkpoint_dir yet
+            runs[f"{label}_{start}"] = time_run_sh(data_dir, ckpt, os.path.join(args.out, "logs"), args.steps,
+                                                   [f"--global_memory={memory}", *trainer_args], args.run_timeout_s)
+            save("first_step", runs)
+    time_runs("none", big, os.path.join(args.out, "ckpt_none"), "none")
 
     loader = {"one_worker_sampler": [sampler_rate(index, cfg, n, args.loader_s) for n in (4, 32)]}
     save("loader", loader)
@@ -414,7 +416,9 @@ def main():
         loader[f"dataloader_{label}"] = loader_rate(i, c, args.loader_s, workers=4)
         save("loader", loader)
 
-    save("retrieval", retrieval_stage(index_dir, os.path.join(args.out, "index_scan_cache"), args.loader_s / 2))
+    ckpt = os.path.join(args.out, "ckpt_retrieval")
+    time_runs("retrieval_on_index_data", index_dir, ckpt, "retrieval")
+    save("retrieval", retrieval_stage(index_dir, ckpt, args.loader_s))
 
 
 if __name__ == "__main__":
