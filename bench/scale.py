@@ -8,8 +8,8 @@
    (level 1) per species under --out, written as one gzip member per chromosome by a process pool. A second,
    --index-gbp set (other seed) is what the retrieval index is measured on: at ~11 int64 entries per base
    (keys and cumulative counts, both strands, 3 context lengths) the whole set would not fit memory or disk.
-2. scan: each file scanned without the cache (their sum is a cold scan; a pool over files could not beat the
-   largest), scan_genomes writing the cache and reading it back, and the validation windows, cold and cached.
+2. scan: each file scanned cold (their sum is a cold scan; a pool over files could not beat the largest), writing
+   the data cache; scan_genomes reading it back; the validation windows, cold and cached.
 3. first_step: `bash run.sh` to the trainer's first step log line, global_memory=none, with a fresh checkpoint_dir
    (cold: no data cache) and again (warm). Peak RSS (VmHWM) of the trainer and each DataLoader worker, from /proc
    (psutil is not a dependency).
@@ -127,7 +127,7 @@ def write_chromosome(job):
 def generate(out, gbp, rate, seed, processes):
     """The data set under out/<species>/<species>.scaled.fna.gz; kept when a previous call made the same."""
     stamp = os.path.join(out, "generated.json")
-    wanted = {"gbp": gbp, "divergence": rate, "seed": seed, "crops": CROPS}
+    wanted = json.loads(json.dumps({"gbp": gbp, "divergence": rate, "seed": seed, "crops": CROPS}))  # as read back
     if os.path.exists(stamp) and json.load(open(stamp)) == wanted:
         return {"reused": True}
     shutil.rmtree(out, ignore_errors=True)
@@ -159,31 +159,30 @@ def generate(out, gbp, rate, seed, processes):
 # ----------------------------------------------------------------------------- scan
 
 def scan_stage(cfg, cache_dir):
-    """Each file scanned without the cache (their sum is a cold scan; a pool over files could not beat the largest),
-    then scan_genomes writing the cache and reading it back, then the validation windows, cold and cached."""
+    """Each file scanned cold, writing its cache entry (their sum is a cold scan; a pool over files could not beat
+    the largest), then scan_genomes reading the cache, then the validation windows, cold and cached."""
     quiet = lambda message: None  # noqa: E731
     shutil.rmtree(cache_dir, ignore_errors=True)
     genomes, _ = plm.discover_genomes(cfg, warn=quiet)
     per_file = {}
     for species, paths in genomes.items():
         for path in paths:
+            label = os.path.relpath(path, cfg.data_dir)
             started = time.time()
-            plm.scan_file(path, species, os.path.relpath(path, cfg.data_dir), cfg)
-            per_file[os.path.relpath(path, cfg.data_dir)] = time.time() - started
-    timed = {"no_cache_s": sum(per_file.values()), "per_file_s": per_file,
+            plm.cached_scan_file(path, species, label, cfg, cache_dir, quiet)
+            per_file[label] = time.time() - started
+    timed = {"cold_s": sum(per_file.values()), "per_file_s": per_file,
              "pool_over_files_bound_s": max(per_file.values())}
-    for label in ("cold_cached", "warm_cached"):
-        started = time.time()
-        index = plm.scan_genomes(cfg, warn=quiet, progress=False, cache_dir=cache_dir)
-        timed[f"{label}_s"] = time.time() - started
+    started = time.time()
+    index = plm.scan_genomes(cfg, warn=quiet, progress=False, cache_dir=cache_dir)
+    timed["warm_s"] = time.time() - started
     for label in ("cold", "warm"):
         started = time.time()
         val_tokens = plm.cached_validation(index, cfg, cache_dir, warn=quiet)[0]
         timed[f"validation_{label}_s"] = time.time() - started
     bases = sum(st.bases for st in index.stats.values())
     return index, {**timed, "validation_windows": len(val_tokens), "bases": bases,
-                   "no_cache_s_per_gbp": timed["no_cache_s"] / (bases / 1e9),
-                   "chunks": len(index.train) + len(index.val),
+                   "cold_s_per_gbp": timed["cold_s"] / (bases / 1e9), "chunks": len(index.train) + len(index.val),
                    "cache_bytes": sum(os.path.getsize(os.path.join(cache_dir, n)) for n in os.listdir(cache_dir))}
 
 
@@ -353,7 +352,8 @@ def retrieval_stage(index_dir, ckpt, seconds):
     rate = calls / (time.time() - started)
     train_bases = sum(c.n_tokens for c in index.train) * plm.BASES_PER_TOKEN
     keys = sum(len(k) for k in memory.keys)
-    return {"device": str(device), "train_bases": train_bases, "bytes_on_disk": os.path.getsize(path),
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "train_bases": train_bases, "bytes_on_disk": os.path.getsize(path),
             "bytes_per_base": os.path.getsize(path) / train_bases, "keys_per_base": keys / train_bases,
             "load_s": loaded, "counts_calls_per_s": rate, "batch_windows": 4096,
             "lookups_per_s": rate * 4096 * cfg.context_size * len(plm.RETRIEVAL_CONTEXT_TOKENS)}
@@ -375,7 +375,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args, trainer_args = parser.parse_known_args()
     import torch
-    results = {"meta": {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    results = {"meta": {"device": "cuda" if torch.cuda.is_available() else "cpu",  # named in retrieval: no CUDA
+                        # context before the generator's pool forks
                         "cpus": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                         "command": " ".join(sys.argv), "statistic": "one run of each"}}
 
