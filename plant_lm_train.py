@@ -625,8 +625,75 @@ def split_chunks(chunks, val_fraction):
     return train, val
 
 
-def scan_genomes(cfg, warn=print, progress=True):
-    """Stream every genome once to find its chunks and count bases, before any model is built."""
+# The data cache. A scan streams every genome once (minutes at crop scale), and so does reading the validation
+# windows, so both are kept: one small torch file per genome (its bare chunks, FileStats, or why it is skipped) and
+# one of the validation windows, in a `data_cache` folder of checkpoint_dir. There, not next to the genomes: the data
+# directory may be read-only or shared by users whose runs chunk differently, while checkpoint_dir is writable by
+# every run, already holds the retrieval index built from the same scan, and is reused when run.sh restarts or
+# resumes. An entry is used only when all of its key still holds: the file (real path, species, label, size,
+# mtime_ns: an assembly polished in place keeps its size, not its mtime), the Config fields the code reads
+# (SCAN_FIELDS, VALIDATION_FIELDS) and that code's source (SCAN_CODE, VALIDATION_CODE). Anything else recomputes
+# and rewrites the entry, so an entry can be wrong only if a file changes and keeps its size and mtime_ns.
+SCAN_FIELDS = ("chunk_size", "context_size")  # every Config field chunk_file reads (window_bases is context_size's)
+# The code whose output an entry holds; any edit to it (a new Chunk field, another split rule) invalidates every entry.
+SCAN_CODE = hashlib.blake2b("".join(inspect.getsource(code) for code in (
+    _byte_table, acgt_segments, open_genome, read_fasta, Chunk, FileStats, chunk_file, check_looks_like_dna)).encode(),
+    digest_size=8).hexdigest()
+
+
+def cached(path, key, compute, warn):
+    """compute()'s value (plain containers and tensors), kept in the file at path: read back from there while the
+    key saved with it equals `key`, else computed and saved again. A damaged or unwritable cache is a note."""
+    if os.path.exists(path):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved["key"] == key:
+                return saved["value"]
+        except Exception as e:  # a cache is never worth a crash
+            warn(f"note: {path}: unreadable cache entry ({type(e).__name__}: {str(e)[:200]}); made again")
+    value = compute()
+    try:
+        write_atomically(path, {"key": key, "value": value})
+    except OSError as e:
+        warn(f"note: {path} is not cached ({e.__cause__ or e})")
+    return value
+
+
+def scan_file(path, species, label, cfg):
+    """One genome file's (bare chunks, FileStats, None), or ([], FileStats, why it is skipped)."""
+    stats = FileStats()
+    try:
+        found = list(chunk_file(path, species, label, cfg, wanted=set(), stats=stats))
+        check_looks_like_dna(path, stats)
+    except DataError as e:
+        return [], stats, str(e)
+    return found, stats, None
+
+
+def file_cache_key(path, species, label, cfg, fields, code):
+    """Everything a cached result of the file depends on: the file as it is now, the Config fields and the code."""
+    stat = os.stat(path)
+    return {"path": os.path.realpath(path), "species": species, "label": label, "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns, "settings": {name: getattr(cfg, name) for name in fields}, "code": code}
+
+
+def cached_scan_file(path, species, label, cfg, cache_dir, warn):
+    """scan_file, answered from the file's entry in cache_dir while its key holds."""
+    def scanned():
+        found, stats, error = scan_file(path, species, label, cfg)
+        return {"chunks": [{f.name: getattr(c, f.name) for f in dataclasses.fields(Chunk)} for c in found],
+                "stats": dataclasses.asdict(stats), "error": error}
+    entry = cached(os.path.join(cache_dir, label.replace(os.sep, "__") + ".pt"),
+                   file_cache_key(path, species, label, cfg, SCAN_FIELDS, SCAN_CODE), scanned, warn)
+    return [Chunk(**fields) for fields in entry["chunks"]], FileStats(**entry["stats"]), entry["error"]
+
+
+def scan_genomes(cfg, warn=print, progress=True, cache_dir=None):
+    """Stream every genome once to find its chunks and count bases, before any model is built.
+
+    With cache_dir, each file's result is kept there, and a file whose entry still matches is not read again (see
+    the data cache above); the warnings are the same either way, since they are made from the (cached) result.
+    """
     from tqdm import tqdm
     genomes, weights = discover_genomes(cfg, warn)
     species = sorted(genomes)
@@ -637,16 +704,15 @@ def scan_genomes(cfg, warn=print, progress=True):
         stats[name] = FileStats()
         for path in genomes[name]:
             label = os.path.relpath(path, cfg.data_dir)
-            file_stats = FileStats()
-            try:
-                found = list(chunk_file(path, name, label, cfg, wanted=set(), stats=file_stats))
-                check_looks_like_dna(path, file_stats)
-            except DataError as e:
-                warn(f"warning: {e}; file skipped")
-                skipped.append((path, str(e)))
+            if cache_dir is None:
+                found, file_stats, error = scan_file(path, name, label, cfg)
+            else:
+                found, file_stats, error = cached_scan_file(path, name, label, cfg, cache_dir, warn)
+            bar.update(os.path.getsize(path))
+            if error:
+                warn(f"warning: {error}; file skipped")
+                skipped.append((path, error))
                 continue
-            finally:
-                bar.update(os.path.getsize(path))
             if not found:
                 warn(f"warning: {path}: no A/C/G/T run of at least {cfg.window_bases} bases; nothing to train on")
             if file_stats.duplicate_ids:
@@ -885,6 +951,21 @@ def load_validation(index, cfg):
     tokens = torch.from_numpy(np.concatenate([windows[k] for k in keys]).astype(np.int64))
     ids = torch.from_numpy(np.concatenate([np.full(len(windows[k]), species[k]) for k in keys]))
     return tokens, ids, torch.from_numpy(np.concatenate([repeats[k] for k in keys]))
+
+
+VALIDATION_FIELDS = SCAN_FIELDS + ("overlap_ratio", "eval_windows", "global_memory")  # what load_validation reads
+VALIDATION_CODE = hashlib.blake2b((SCAN_CODE + "".join(inspect.getsource(code) for code in (
+    load_validation, windows_per_chunk, window_reads, window_tokens, window_repeats, shift_tokens,
+    reverse_complement_tokens, tokenize, soft_mask_bits))).encode(), digest_size=8).hexdigest()
+
+
+def cached_validation(index, cfg, cache_dir, warn=print):
+    """load_validation, answered from cache_dir while the validation chunks, every genome file (see the data cache)
+    and the settings are the same: else it streams every file that holds a validation chunk, as long as a scan."""
+    key = {"chunks": [(c.key, c.n_tokens) for c in index.val], "files": [
+        file_cache_key(path, name, label, cfg, VALIDATION_FIELDS, VALIDATION_CODE)
+        for name in index.species for path, label in index.files[name]]}
+    return cached(os.path.join(cache_dir, "validation.pt"), key, lambda: load_validation(index, cfg), warn)
 
 
 # ----------------------------------------------------------------------------- retrieval memory
@@ -1413,8 +1494,9 @@ def start_run(cfg, rt, log, build_model):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
         warn(f"no GPU found: training on the CPU with {rt.world_size} process(es) (gloo). This is slow; the progress "
              f"bar's ETA is the real estimate. Use a smaller model (--d_model=128 --n_layers=2) to try things out.")
-    index = scan_genomes(cfg, warn=warn, progress=log.progress)
-    val_tokens, val_species, val_repeat = load_validation(index, cfg)
+    cache_dir = os.path.join(cfg.checkpoint_dir, "data_cache")
+    index = scan_genomes(cfg, warn=warn, progress=log.progress, cache_dir=cache_dir)
+    val_tokens, val_species, val_repeat = cached_validation(index, cfg, cache_dir, warn)
     if not len(val_tokens):
         warn(f"warning: no validation windows: a species whose sequence fits in one chunk (chunk_size = "
              f"{cfg.chunk_size:,} bases) keeps that chunk for training. Validation and model_best.pt are skipped; "
