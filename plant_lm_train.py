@@ -1247,12 +1247,14 @@ def prefix_log_probs(logits, targets, target_bases):
     logits = logits.float()
     if tuple(target_bases) == (BASES_PER_TOKEN,):  # training: the whole 6-mer, through the fused cross-entropy
         return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")[..., None]
-    runs = [logits]  # runs[i]: log-sums over the runs of 4^i ids, [B, T, 4^(6 - i)]; each from the last in groups of 4
+    # runs[i]: the unnormalized probabilities summed over the runs of 4^i ids, [B, T, 4^(6 - i)], each from the last
+    # in groups of 4; scaled by the largest logit's exp, which cancels in the ratio (one exp pass, no overflow)
+    runs = [(logits - logits.amax(-1, keepdim=True)).exp()]
     for _ in range(BASES_PER_TOKEN):
-        runs.append(runs[-1].unflatten(-1, (-1, 4)).logsumexp(-1))
-    normalizer, targets = runs[-1][..., 0], targets.clamp_min(0)
+        runs.append(runs[-1].unflatten(-1, (-1, 4)).sum(-1))
+    normalizer, targets = runs[-1][..., 0].log(), targets.clamp_min(0)
     return torch.stack([runs[BASES_PER_TOKEN - j].gather(-1, (targets >> 2 * (BASES_PER_TOKEN - j))[..., None])[..., 0]
-                        for j in target_bases], -1) - normalizer[..., None]
+                        for j in target_bases], -1).log() - normalizer[..., None]
 
 
 class PlantLM(nn.Module):
