@@ -635,15 +635,30 @@ def split_chunks(chunks, val_fraction):
 # (SCAN_FIELDS, VALIDATION_FIELDS) and that code's source (SCAN_CODE, VALIDATION_CODE). Anything else recomputes
 # and rewrites the entry, so an entry can be wrong only if a file changes and keeps its size and mtime_ns.
 SCAN_FIELDS = ("chunk_size", "context_size")  # every Config field chunk_file reads (window_bases is context_size's)
-# The code whose output an entry holds; any edit to it (a new Chunk field, another split rule) invalidates every entry.
-SCAN_CODE = hashlib.blake2b("".join(inspect.getsource(code) for code in (
-    _byte_table, acgt_segments, open_genome, read_fasta, Chunk, FileStats, chunk_file, check_looks_like_dna)).encode(),
-    digest_size=8).hexdigest()
 
 
-def cached(path, key, compute, warn):
+def code_digest(*parts):
+    """A hash of the code (and constants) whose output a cache entry holds: any edit to it (a new Chunk field, another
+    split rule) invalidates every entry. Without the source (a build that ships bytecode only) a function's repr
+    stands in: it differs in every process, so such a build never reuses an entry, which is the safe side."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        try:
+            h.update(inspect.getsource(part).encode() if callable(part) else repr(part).encode())
+        except (OSError, TypeError):
+            h.update(repr(part).encode())
+    return h.hexdigest()
+
+
+# The code whose output an entry holds.
+SCAN_CODE = code_digest(_byte_table, acgt_segments, open_genome, read_fasta, Chunk, FileStats, chunk_file,
+                        check_looks_like_dna, BASES_PER_TOKEN)
+
+
+def cached(path, key, compute, warn, keep=lambda value: True):
     """compute()'s value (plain containers and tensors), kept in the file at path: read back from there while the
-    key saved with it equals `key`, else computed and saved again. A damaged or unwritable cache is a note."""
+    key saved with it equals `key`, else computed and saved again, if keep(value). A damaged or unwritable cache is
+    a note."""
     if os.path.exists(path):
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -652,6 +667,8 @@ def cached(path, key, compute, warn):
         except Exception as e:  # a cache is never worth a crash
             warn(f"note: {path}: unreadable cache entry ({type(e).__name__}: {str(e)[:200]}); made again")
     value = compute()
+    if not keep(value):
+        return value
     try:
         write_atomically(path, {"key": key, "value": value})
     except OSError as e:
@@ -660,31 +677,37 @@ def cached(path, key, compute, warn):
 
 
 def scan_file(path, species, label, cfg):
-    """One genome file's (bare chunks, FileStats, None), or ([], FileStats, why it is skipped)."""
+    """One genome file's (bare chunks, FileStats, None, False), or ([], FileStats, why it is skipped, whether that
+    may pass: an I/O error such as EIO or EACCES, not the file's content)."""
     stats = FileStats()
     try:
         found = list(chunk_file(path, species, label, cfg, wanted=set(), stats=stats))
         check_looks_like_dna(path, stats)
     except DataError as e:
-        return [], stats, str(e)
-    return found, stats, None
+        transient = isinstance(e.__cause__, OSError) and e.__cause__.errno is not None
+        return [], stats, str(e), transient
+    return found, stats, None, False
 
 
 def file_cache_key(path, species, label, cfg, fields, code):
-    """Everything a cached result of the file depends on: the file as it is now, the Config fields and the code."""
+    """Everything a cached result of the file depends on: the file as it is now (a copy that keeps the size and
+    mtime, as rsync -a and cp -p make, still has a new inode and ctime), the Config fields and the code."""
     stat = os.stat(path)
     return {"path": os.path.realpath(path), "species": species, "label": label, "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns, "settings": {name: getattr(cfg, name) for name in fields}, "code": code}
+            "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "ctime_ns": stat.st_ctime_ns,
+            "settings": {name: getattr(cfg, name) for name in fields}, "code": code}
 
 
 def cached_scan_file(path, species, label, cfg, cache_dir, warn):
     """scan_file, answered from the file's entry in cache_dir while its key holds."""
     def scanned():
-        found, stats, error = scan_file(path, species, label, cfg)
+        found, stats, error, transient = scan_file(path, species, label, cfg)
         return {"chunks": [{f.name: getattr(c, f.name) for f in dataclasses.fields(Chunk)} for c in found],
-                "stats": dataclasses.asdict(stats), "error": error}
-    entry = cached(os.path.join(cache_dir, label.replace(os.sep, "__") + ".pt"),
-                   file_cache_key(path, species, label, cfg, SCAN_FIELDS, SCAN_CODE), scanned, warn)
+                "stats": dataclasses.asdict(stats), "error": error, "transient": transient}
+    # the entry's name: the label made flat, and a hash of it, since "a__b/g.fa" and "a/b__g.fa" flatten alike
+    name = f"{label.replace(os.sep, '__')}.{hashlib.blake2b(label.encode(), digest_size=4).hexdigest()}.pt"
+    entry = cached(os.path.join(cache_dir, name), file_cache_key(path, species, label, cfg, SCAN_FIELDS, SCAN_CODE),
+                   scanned, warn, keep=lambda entry: not entry["transient"])  # an I/O error is read again next time
     return [Chunk(**fields) for fields in entry["chunks"]], FileStats(**entry["stats"]), entry["error"]
 
 
@@ -705,7 +728,7 @@ def scan_genomes(cfg, warn=print, progress=True, cache_dir=None):
         for path in genomes[name]:
             label = os.path.relpath(path, cfg.data_dir)
             if cache_dir is None:
-                found, file_stats, error = scan_file(path, name, label, cfg)
+                found, file_stats, error, _ = scan_file(path, name, label, cfg)
             else:
                 found, file_stats, error = cached_scan_file(path, name, label, cfg, cache_dir, warn)
             bar.update(os.path.getsize(path))
@@ -954,9 +977,10 @@ def load_validation(index, cfg):
 
 
 VALIDATION_FIELDS = SCAN_FIELDS + ("overlap_ratio", "eval_windows", "global_memory")  # what load_validation reads
-VALIDATION_CODE = hashlib.blake2b((SCAN_CODE + "".join(inspect.getsource(code) for code in (
-    load_validation, windows_per_chunk, window_reads, window_tokens, window_repeats, shift_tokens,
-    reverse_complement_tokens, tokenize, soft_mask_bits))).encode(), digest_size=8).hexdigest()
+VALIDATION_CODE = code_digest(SCAN_CODE, load_validation, windows_per_chunk, window_reads, window_tokens,
+                              window_repeats, shift_tokens, reverse_complement_tokens, tokenize, soft_mask_bits,
+                              IS_REPEAT.tolist(), RETRIEVAL_CONTEXT_TOKENS, Config.window_stride.fget,
+                              Config.prefix_tokens.fget, Config.window_bases.fget)
 
 
 def cached_validation(index, cfg, cache_dir, warn=print):
@@ -1532,6 +1556,8 @@ def resume(run):
     check_compatible(ckpt["config"], cfg, ckpt["species"], run.index.species, path, warn=run.log.info)
     learner.model.load_state_dict(ckpt["model_state_dict"])
     learner.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+    for group in learner.optimizer.param_groups:  # a graphed run saved True, which AdamW on a CPU refuses;
+        group["capturable"] = False                # StepGraph.capture sets it again where it captures
     learner.scaler.load_state_dict(ckpt["scaler_state_dict"])
     run.step, run.best_val, run.resumed_from = ckpt["step"], ckpt["best_val_loss"], path
     saved_workers = ckpt["config"].get("num_workers")
@@ -1708,14 +1734,16 @@ class StepGraph:
     writes its StepResult into the same tensors, which are handed back as copies. The first WARMUP_STEPS steps run
     step_on_device eagerly, on a side stream as capture requires: they compile, create the optimizer state and the
     loss scale, which must all exist before capture. A replay then does what an eager step does, dropout included
-    (torch.cuda.graph registers the default generator, whose offset advances on every replay). On the CPU nothing
-    is captured and every step runs eagerly from the buffers.
+    (torch.cuda.graph registers the default generator, whose offset advances on every replay). build_learner makes
+    one only for a single CUDA process; on the CPU (where a test runs it) nothing is captured and every step runs
+    eagerly from the buffers.
     """
 
     WARMUP_STEPS = 2
 
     def __init__(self, learner):
         self.learner, self.inputs, self.graph, self.outputs, self.eager_steps = learner, None, None, None, 0
+        self.side = torch.cuda.Stream() if learner.rt.device.type == "cuda" else None
 
     def step(self, batch):
         device = self.learner.rt.device
@@ -1737,16 +1765,17 @@ class StepGraph:
     def eager_step(self):
         if self.learner.rt.device.type != "cuda":
             return step_on_device(self.learner, *self.inputs)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
             result = step_on_device(self.learner, *self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.side)
         return result
 
     def capture(self):
         for group in self.learner.optimizer.param_groups:
             group["capturable"] = True  # fused AdamW computes the same either way; the flag only admits capture
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the warm-up's cached blocks: the graph allocates from a pool of its own
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the DataLoader's pin-memory thread goes on calling CUDA while this thread captures
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):

@@ -34,8 +34,8 @@ def main():
     for _ in range(args.steps):
         starts = torch.randint(0, len(genome) - width, (cfg.accumulation_steps * cfg.batch_size,), generator=g)
         tokens = torch.stack([genome[s:s + width] for s in starts]).view(cfg.accumulation_steps, cfg.batch_size, width)
-        batches.append((tokens.to(torch.int16), torch.randint(0, 3, (cfg.accumulation_steps, cfg.batch_size),
-                                                               generator=g), torch.zeros(tokens.shape, dtype=torch.bool)))
+        species = torch.randint(0, 3, (cfg.accumulation_steps, cfg.batch_size), generator=g)
+        batches.append((tokens.to(torch.int16), species, torch.zeros(tokens.shape, dtype=torch.bool)))
     memory_index = None
     if cfg.global_memory == "retrieval":
         bases = torch.from_numpy(plm.token_bases(genome.numpy())).to(rt.device)
@@ -51,7 +51,8 @@ def main():
         losses = [plm.train_step(learner, *batch, plm.lr_at(step, cfg, args.steps)).loss
                   for step, batch in enumerate(batches)]
         torch.cuda.synchronize()
-        runs[label] = {"params": {k: v.detach().clone() for k, v in learner.model.named_parameters()},
+        runs[label] = {"params": {k: v.detach().clone().float() for k, v in learner.model.state_dict().items()
+                                  if v.is_floating_point()},  # parameters and buffers (the bucket memory)
                        "losses": [x.item() for x in losses], "seconds": time.time() - t0,
                        "captured": learner.graph is not None and learner.graph.graph is not None}
 
@@ -73,6 +74,10 @@ def main():
     print("losses graphed", " ".join(f"{x:.6f}" for x in runs["graphed"]["losses"][-5:]))
     if not runs["graphed"]["captured"]:
         raise SystemExit("the graphed learner never captured its step")
+    floor = max(result["plain_vs_plain"]["max_relative_difference"], 1e-7)
+    if result["graphed_vs_plain"]["max_relative_difference"] > 10 * floor:
+        raise SystemExit(f"the graphed step differs from the plain one by more than 10x the plain step's own "
+                         f"run-to-run difference ({floor:.2g})")
 
 
 if __name__ == "__main__":

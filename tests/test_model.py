@@ -446,9 +446,10 @@ def tiny_retrieval_index(tokens):
 @pytest.mark.parametrize("memory", ["buckets", "retrieval"])
 def test_the_step_graph_path_trains_exactly_like_plain_train_step(memory):
     """Config.cuda_graphs: StepGraph copies each batch into static buffers and runs step_on_device from them (on a
-    GPU it captures that once and replays it). Its steps, dropout on and the learning rate changing, must give
-    bit for bit the parameters, memory and results of plain train_steps; bench/graph_equivalence.py checks the
-    captured graph on a GPU the same way. On the CPU the learner itself holds no graph."""
+    GPU it captures that once and replays it; on the CPU nothing is captured, so this checks the buffers and the
+    step, not a replay). Its steps, dropout on and the learning rate changing, must give bit for bit the
+    parameters, memory and results of plain train_steps; bench/graph_equivalence.py checks the captured graph on a
+    GPU the same way. On the CPU the learner itself holds no graph."""
     cfg = tiny_config(n_layers=2, global_memory=memory, precision="fp32", dropout=0.1)
     g = torch.Generator().manual_seed(5)
     genome = torch.randint(0, 12, (4000,), generator=g)  # few distinct 6-mers: contexts recur, lookups hit
@@ -475,6 +476,36 @@ def test_the_step_graph_path_trains_exactly_like_plain_train_step(memory):
         assert torch.equal(plain[name], graphed[name]), name
     for a, b in zip(plain_results, graphed_results):
         assert all(torch.equal(x, y) for x, y in zip(vars(a).values(), vars(b).values()))
+
+
+def test_a_step_updates_every_tensor_it_keeps_in_place_so_a_captured_graph_stays_valid():
+    """A CUDA graph replays against the addresses it captured: a step that rebinds a parameter, a buffer (the bucket
+    memory), an optimizer state, the learning rate, the loss scale or the bad-step counters to a new tensor would
+    leave the replay writing into a dead one. On the CPU: their addresses after a few steps are those after one."""
+    cfg = tiny_config(n_layers=2, global_memory="buckets", precision="fp32", dropout=0.1)
+    learner = plm.build_learner(cfg, plm.Runtime(0, 0, 1, torch.device("cpu")), 3)
+    g = torch.Generator().manual_seed(3)
+    width = cfg.prefix_tokens + cfg.context_size + 1
+
+    def step(i):
+        return plm.train_step(learner, torch.randint(0, 4096, (2, 4, width), generator=g).to(torch.int16),
+                              torch.randint(0, 3, (2, 4), generator=g), torch.rand(2, 4, width, generator=g) < 0.3,
+                              1e-3 * (i + 1))
+
+    def addresses():
+        kept = {f"model.{name}": t for name, t in learner.model.state_dict(keep_vars=True).items()}
+        kept.update({f"optimizer.{i}.{key}": t for i, state in enumerate(learner.optimizer.state.values())
+                     for key, t in state.items() if torch.is_tensor(t)})
+        kept.update(lr=learner.lr, scale=learner.scaler._scale, consecutive_bad=learner.consecutive_bad,
+                    worst_streak=learner.worst_streak, skipped_steps=learner.skipped_steps)
+        return {name: t.data_ptr() for name, t in kept.items()}
+
+    step(0)
+    before = addresses()
+    for i in range(1, 4):
+        step(i)
+    assert addresses() == before
+    assert learner.model.bucket_weight.sum() > 0  # the memory was updated, in place
 
 
 def test_train_step_follows_the_repeat_weighted_loss_and_reports_the_plain_one():

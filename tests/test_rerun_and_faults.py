@@ -100,6 +100,21 @@ def test_rerun_with_only_runtime_fields_changed_continues(genome_dir, tmp_path):
     assert "note: runtime setting changed since" in again.stdout and "log_every: checkpoint 1 vs now 2" in again.stdout
 
 
+def test_a_checkpoint_of_a_graphed_gpu_run_resumes_on_the_cpu(genome_dir, tmp_path):
+    """StepGraph.capture marks the optimizer's groups capturable, and checkpoints keep the mark; AdamW on a CPU
+    refuses to step with it, so resume clears it (capture sets it again where there is a graph)."""
+    first = run_train(args(genome_dir, tmp_path, "--max_steps=2"), cwd=tmp_path)
+    assert first.returncode == 0, describe(first)
+    path = tmp_path / "ckpt" / "model_latest.pt"
+    ckpt = plm.load_checkpoint(str(path))
+    for group in ckpt["optimizer_state_dict"]["param_groups"]:
+        group["capturable"] = True  # as a graphed run on a GPU saves it
+    torch.save(ckpt, str(path))
+    resumed = run_train(args(genome_dir, tmp_path, "--max_steps=3", "--resume_with_new_settings=true"), cwd=tmp_path)
+    assert resumed.returncode == 0, describe(resumed)
+    assert "resumed from" in resumed.stdout and plm.load_checkpoint(str(path))["step"] == 3
+
+
 def test_the_first_step_after_a_resume_is_left_out_of_the_training_time(genome_dir, tmp_path):
     """It recompiles, like a run's very first step: max_minutes' clock (train_s) starts after it."""
     first = run_train(args(genome_dir, tmp_path, "--max_steps=2"), cwd=tmp_path)

@@ -2,7 +2,10 @@
 checkpoint_dir/data_cache): a warm start reads no FASTA and finds what a cold one finds, warnings included; a changed
 file, a changed setting or a damaged entry costs a rescan of what changed, never a stale result or a crash."""
 
+import errno
+import glob
 import os
+import re
 
 import pytest
 
@@ -163,7 +166,7 @@ def test_validation_windows_are_cached_and_follow_the_files_and_settings(genomes
 @pytest.mark.parametrize("damage", [b"", b"not a torch file", None])
 def test_a_damaged_entry_is_noted_and_rescanned_not_a_crash(genomes, tmp_path, files_read, damage):
     cold, _ = scan(genomes, tmp_path / "cache")
-    entry = os.path.join(tmp_path, "cache", "a__one.fa.pt")
+    (entry,) = glob.glob(os.path.join(tmp_path, "cache", "a__one.fa.*.pt"))
     if damage is None:  # a loadable file of the wrong shape
         plm.write_atomically(entry, {"something": "else"})
     else:
@@ -192,4 +195,45 @@ def test_training_keeps_the_scan_cache_in_checkpoint_dir(tmp_path):
     proc = run_train([*TINY_ARGS, f"--data_dir={data_dir}", "--max_steps=1", "--species_distribution={}",
                       f"--checkpoint_dir={ckpt}", f"--log_dir={tmp_path / 'logs'}"], cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
-    assert sorted(os.listdir(ckpt / "data_cache")) == ["s__g.fa.pt", "validation.pt"]
+    assert [re.sub(r"\.[0-9a-f]{8}\.pt$", ".pt", name) for name in sorted(os.listdir(ckpt / "data_cache"))] == [
+        "s__g.fa.pt", "validation.pt"]
+
+
+def test_an_io_error_is_not_cached_so_the_file_is_read_again_once_it_is_readable(genomes, tmp_path, monkeypatch):
+    """EIO on a network disk, or a permission fixed later, changes neither size nor mtime: the skip must not stick."""
+    real = plm.open_genome
+
+    def failing(path):
+        if path.endswith("b.fasta"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path)
+    monkeypatch.setattr(plm, "open_genome", failing)
+    first, warnings = scan(genomes, tmp_path / "cache")
+    assert first.species == ["a"] and any("b.fasta" in w and "file skipped" in w for w in warnings)
+    monkeypatch.setattr(plm, "open_genome", real)
+    again, _ = scan(genomes, tmp_path / "cache")
+    assert again.species == ["a", "b"]
+
+
+def test_a_copy_that_keeps_size_and_mtime_is_scanned_again(genomes, tmp_path, files_read):
+    """rsync -a and cp -p keep a file's size and mtime: a corrected assembly of the same length, copied over."""
+    scan(genomes, tmp_path / "cache")
+    path = os.path.join(genomes, "a", "one.fa")
+    before = os.stat(path)
+    replacement = tmp_path / "one.fa"
+    replacement.write_bytes(open(path, "rb").read().replace(b"N" * 20, b"A" * 20))
+    os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(replacement, path)
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    files_read.clear()
+    index, _ = scan(genomes, tmp_path / "cache")
+    assert files_read == ["one.fa"]
+    assert index == scan(genomes, None)[0]
+
+
+def test_files_whose_flattened_names_agree_keep_separate_entries(make_genomes, tmp_path, monkeypatch):
+    data_dir = make_genomes({"x__y": {"g.fa": [("r1", random_dna(3000, 1))]},
+                             "x": {"y__g.fa": [("r2", random_dna(3000, 2))]}})
+    cold, _ = scan(data_dir, tmp_path / "cache")
+    forbid_reading(monkeypatch)
+    assert scan(data_dir, tmp_path / "cache")[0] == cold
