@@ -1272,7 +1272,9 @@ def prefix_log_probs(logits, targets, target_bases):
     if tuple(target_bases) == (BASES_PER_TOKEN,):  # training: the whole 6-mer, through the fused cross-entropy
         return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")[..., None]
     # runs[i]: the unnormalized probabilities summed over the runs of 4^i ids, [B, T, 4^(6 - i)], each from the last
-    # in groups of 4; scaled by the largest logit's exp, which cancels in the ratio (one exp pass, no overflow)
+    # in groups of 4; scaled by the largest logit's exp, which cancels in the ratio (one exp pass, no overflow), in
+    # fp64 so that no 6-mer less likely than the largest by e^87 underflows to a log of -inf
+    logits = logits.double()
     runs = [(logits - logits.amax(-1, keepdim=True)).exp()]
     for _ in range(BASES_PER_TOKEN):
         runs.append(runs[-1].unflatten(-1, (-1, 4)).sum(-1))

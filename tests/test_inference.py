@@ -93,6 +93,13 @@ def test_per_base_log_likelihoods_multiply_to_each_6mer_and_marginalize_the_full
         assert log_probs[42:42 + j].sum() == pytest.approx(math.log(probabilities[begins].sum()), abs=1e-4)
 
 
+def test_a_6mer_far_below_the_most_likely_one_keeps_a_finite_log_probability():
+    logits = torch.zeros(1, 1, plm.VOCAB_SIZE)
+    logits[..., 5] = 150.0  # one 6-mer e^150 times likelier than each other
+    log_p = plm.prefix_log_probs(logits, torch.tensor([[7]]), plm.TARGET_PREFIXES)  # 7 shares 5 bases with 5
+    assert torch.isfinite(log_p).all() and log_p[0, 0, -1].item() == pytest.approx(-150.0)
+
+
 def test_eval_scores_every_run_of_seven_bases_and_its_track_sums_to_each_record(scoring_checkpoints, tmp_path):
     """Runs between Ns, short records and partial last 6-mers are scored with the context they have; the bedGraph
     track holds one line per scored base, at its place in the record, and sums to the record's log-likelihood."""
