@@ -2722,6 +2722,8 @@ def check_output_path(path):
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise DataError(f"{path}: cannot write here: {folder} " +
                         ("is not writable" if os.path.isdir(folder) else "does not exist"))
+    if os.path.isdir(path) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise DataError(f"{path}: cannot write here: " + ("a directory" if os.path.isdir(path) else "not writable"))
 
 
 def check_input_file(path, hint):
@@ -2913,17 +2915,19 @@ def score_contig_snvs(inference, codes, alleles, batch_size, bar):
             allele.note = f"REF {allele.ref} does not match the reference base {'ACGT'[base & 3]}"
         else:
             sites[at].append(allele)
-    pieces_of = {at: site_pieces(codes, at, inference.cfg) for at in sites}
-    for at in [at for at, pieces in pieces_of.items() if not pieces]:
-        for allele in sites.pop(at):
+    for at in [at for at in sites if np.diff(acgt_run(codes, at, inference.cfg))[0] <= BASES_PER_TOKEN]:
+        for allele in sites.pop(at):  # a run of 6 bases or fewer holds nothing to score (site_pieces is empty)
             allele.note = f"fewer than {BASES_PER_TOKEN + 1} A/C/G/T bases around the site"
     bar.update(len(alleles) - sum(map(len, sites.values())))
-    sums = {}  # (site, allele number: 0 = reference) -> per piece, the log-likelihood from the variant on
+    sums, strands = {}, {}  # (site, allele number: 0 = reference) -> per piece, the log-likelihood from the variant
+    # on; site -> per piece, on the reverse strand? (pieces are made as they are scored: memory is a batch's worth)
 
     def pieces():
         for at, site_alleles in sites.items():
             alts = [BYTE_CODES[ord(a.alt)] & 3 for a in site_alleles]
-            for number, (piece, variant, reverse) in enumerate(pieces_of[at]):
+            site = site_pieces(codes, at, inference.cfg)
+            strands[at] = np.array([reverse for _, _, reverse in site])
+            for number, (piece, variant, reverse) in enumerate(site):
                 yield (at, 0, number, variant), piece
                 for allele_number, base in enumerate(alts, 1):
                     changed = piece.copy()
@@ -2931,10 +2935,10 @@ def score_contig_snvs(inference, codes, alleles, batch_size, bar):
                     yield (at, allele_number, number, variant), changed
 
     for (at, allele_number, number, variant), _, log_probs in score_pieces(inference, pieces(), batch_size):
-        sums.setdefault((at, allele_number), np.zeros(len(pieces_of[at])))[number] = np.nansum(log_probs[variant:])
+        sums.setdefault((at, allele_number), np.zeros(len(strands[at])))[number] = np.nansum(log_probs[variant:])
         site_alleles = sites[at]
-        if allele_number == len(site_alleles) and number == len(pieces_of[at]) - 1:  # the site's last piece
-            reverse = np.array([r for _, _, r in pieces_of.pop(at)])
+        if allele_number == len(site_alleles) and number == len(strands[at]) - 1:  # the site's last piece
+            reverse = strands.pop(at)
             reference = sums.pop((at, 0))
             for n, allele in enumerate(site_alleles, 1):
                 difference = sums.pop((at, n)) - reference
@@ -2947,12 +2951,7 @@ def site_pieces(codes, at, cfg):
     """The pieces that score a SNV at `at`, each (base codes 0..3, the variant's index in it, on the reverse
     strand?): on each strand, read 5' to 3', every distinct window_placements region of at least 7 bases, the
     reverse strand's placed in its own frames (the run mirrored). Far from a gap, 6 per strand, one per frame."""
-    span = (cfg.context_size + 1) * BASES_PER_TOKEN  # no placement reaches further from the site
-    low = max(0, at - span)
-    gaps = np.flatnonzero(codes[low:at] >= 8)
-    run_start = low + int(gaps[-1]) + 1 if len(gaps) else low
-    gaps = np.flatnonzero(codes[at:at + span] >= 8)
-    run_end = at + (int(gaps[0]) if len(gaps) else len(codes[at:at + span]))
+    run_start, run_end = acgt_run(codes, at, cfg)
     mirror = run_start + run_end - 1  # x -> mirror - x maps the run onto itself, reversed
     pieces = []
     for reverse, site in ((False, at), (True, mirror - at)):
@@ -2962,6 +2961,16 @@ def site_pieces(codes, at, cfg):
             piece = 3 - (codes[mirror - end + 1:mirror - start + 1] & 3)[::-1] if reverse else codes[start:end] & 3
             pieces.append((piece, site - start, reverse))
     return pieces
+
+
+def acgt_run(codes, at, cfg):
+    """(start, end) of the run of A/C/G/T around `at`, as far as a placement can reach (a model window each way)."""
+    span = (cfg.context_size + 1) * BASES_PER_TOKEN
+    low = max(0, at - span)
+    gaps = np.flatnonzero(codes[low:at] >= 8)
+    run_start = low + int(gaps[-1]) + 1 if len(gaps) else low
+    gaps = np.flatnonzero(codes[at:at + span] >= 8)
+    return run_start, at + (int(gaps[0]) if len(gaps) else len(codes[at:at + span]))
 
 
 def window_placements(site, run_start, run_end, cfg):
@@ -3035,7 +3044,8 @@ def embed_main(argv):
                         ("no BED lines" if args.bed else "no FASTA records"))
     names, pooled, n_tokens, hidden, starts = zip(*(found[number] for number in sorted(found)))  # input order
     if not args.bed:  # FASTA records that share an id are told apart by their number, as eval does
-        names = [f"{name} (record {i + 1})" if names.count(name) > 1 else name for i, name in enumerate(names)]
+        counts = collections.Counter(names)
+        names = [f"{name} (record {i + 1})" if counts[name] > 1 else name for i, name in enumerate(names)]
     empty = [name for name, n in zip(names, n_tokens) if not n]
     if empty:
         print_to_stderr(f"warning: {len(empty)} region(s) hold no 6-mer of A/C/G/T ({', '.join(empty[:3])}"

@@ -376,6 +376,9 @@ def test_an_output_in_a_missing_folder_is_an_error_before_any_work(scoring_check
     err = capsys.readouterr().err
     assert f"error: {out}: cannot write here: {tmp_path / 'missing'} does not exist" in err
     assert "memory:" not in err and "model" not in err.lower()  # nothing was loaded
+    assert plm.main([subcommand, "--checkpoint", checkpoint, "--species", "s",
+                     *[str(tmp_path) if a == out else a for a in inputs]]) == 2
+    assert f"error: {tmp_path}: cannot write here: a directory" in capsys.readouterr().err
     assert plm.main([subcommand, "--checkpoint", checkpoint, "--species", "s", "--device", "gpu0",
                      *[str(tmp_path / "o") if a == out else a for a in inputs]]) == 2
     assert "error: --device gpu0: not a device" in capsys.readouterr().err
