@@ -521,8 +521,7 @@ def chunk_file(path, species, file_label, cfg, wanted=None, stats=None, min_base
         stats.acgt_bases += n_valid
         if n_valid < len(codes):
             stats.non_acgt += len(codes) - n_valid
-            letters = np.frombuffer(piece, dtype=np.uint8) & 0xDF
-            stats.other_letters += int(((letters >= 65) & (letters <= 90) & (codes == 8) & (letters != 78)).sum())
+            stats.other_letters += other_letters(piece, codes)
         if len(segments) == 0 or segments[0, 0] > 0:
             if in_segment and (chunk := emit()):
                 yield chunk
@@ -544,6 +543,12 @@ def chunk_file(path, species, file_label, cfg, wanted=None, stats=None, min_base
         position += len(codes)
     if in_segment and (chunk := emit()):
         yield chunk
+
+
+def other_letters(text, codes):
+    """How many characters of FASTA sequence text (with its BYTE_CODES) are letters other than A/C/G/T and N."""
+    letters = np.frombuffer(text, dtype=np.uint8) & 0xDF  # upper case
+    return int(((letters >= 65) & (letters <= 90) & (codes == 8) & (letters != 78)).sum())
 
 
 def check_looks_like_dna(path, stats):
@@ -2886,15 +2891,12 @@ def read_records(path, wanted):
 
 
 def record_codes(path, record_id, parts):
-    """The BYTE_CODES of a record's pieces; an error naming it when it looks like protein (check_looks_like_dna's
-    rule, per record)."""
-    text = np.frombuffer(b"".join(parts), dtype=np.uint8)
-    codes = BYTE_CODES[text]
-    letters = text & 0xDF
-    other = int(((letters >= 65) & (letters <= 90) & (codes == 8) & (letters != 78)).sum())
-    if other > 0.1 * len(text):
-        raise DataError(f"{path}: record {record_id}: {other / len(text):.0%} of the letters are neither A/C/G/T nor "
-                        f"N: this looks like protein, not DNA")
+    """The BYTE_CODES of a record's pieces; an error naming it when it looks like protein (check_looks_like_dna,
+    per record)."""
+    text = b"".join(parts)
+    codes = BYTE_CODES[np.frombuffer(text, dtype=np.uint8)]
+    check_looks_like_dna(f"{path}: record {record_id}",
+                         FileStats(bases=len(text), other_letters=other_letters(text, codes), records=1))
     return codes
 
 

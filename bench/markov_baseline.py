@@ -439,10 +439,15 @@ def main():
                                                "the same window", **rep},
         "runtime_s": runtime,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    write_result(args.out, result)
+
+
+def write_result(path, result):
+    """A baseline's figures as indented JSON, its folder made first (mixture_baseline.py writes with it too)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import plant_lm_train as plm  # noqa: E402
-from markov_baseline import holdout_keys, load_train_codes, tokens_to_codes  # noqa: E402  the same held-out chunks
+from markov_baseline import holdout_keys, load_train_codes, tokens_to_codes, write_result  # noqa: E402  same holdout
 
 BASES_PER_TOKEN = 6
 ORDERS = tuple(range(13)) + (14, 16, 18, 20, 22, 24, 28, 31)
@@ -525,10 +525,7 @@ def main():
         "runtime_s": runtime,
         "peak_rss_gb": peak_gb,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 if __name__ == "__main__":
     main()

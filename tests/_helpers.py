@@ -73,6 +73,14 @@ def motif_genome(n_bases, seed=0, period=97, mutation_rate=0.01):
     return seq.tobytes().decode()
 
 
+_COMPLEMENT = str.maketrans("ACGTacgt", "TGCAtgca")
+
+
+def reverse_complement(seq):
+    """The other strand, read 5' to 3'; a soft-masked (lowercase) base stays soft-masked."""
+    return seq.translate(_COMPLEMENT)[::-1]
+
+
 def write_fasta(path, records, line_width=60, newline="\n", blank_lines=False):
     """Write [(header, sequence), ...] as FASTA, creating the directory; gzip-compressed when the name ends in .gz.
 

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import plant_lm_train as plm
-from _helpers import DATA_SHAPE, parse_with_biopython, random_dna, tiny_config, write_fasta
+from _helpers import DATA_SHAPE, parse_with_biopython, random_dna, reverse_complement, tiny_config, write_fasta
 from plant_lm_train import BASES_PER_TOKEN
 
 TAIR10_BASES = 30_427_671
@@ -664,14 +664,6 @@ def test_genome_stream_resumes_at_the_exact_step(multi_species_index, num_worker
 
 
 # ----------------------------------------------------------------------------- augmentation: frames and strands
-
-CASE_COMPLEMENT = str.maketrans("ACGTacgt", "TGCAtgca")
-
-
-def reverse_complement(seq):
-    """The other strand, read 5' to 3'; a soft-masked (lowercase) base stays soft-masked."""
-    return seq.translate(CASE_COMPLEMENT)[::-1]
-
 
 def chunk_bases(chunk):
     """A chunk's bases as str, lowercase where soft-masked (from its tokens and soft_mask bits)."""

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import plant_lm_train as plm
-from _helpers import armed_checkpoint, assert_armed, random_dna, write_fasta
+from _helpers import (armed_checkpoint, assert_armed, parse_with_biopython, random_dna, reverse_complement,
+                      write_fasta)
 
 MEMORIES = (*plm.GLOBAL_MEMORIES, "dirichlet")  # conftest's scoring_checkpoints: "dirichlet" is retrieval mixed so
-COMPLEMENT = str.maketrans("ACGT", "TGCA")
 
 
 def inference(scoring_checkpoints, memory):
@@ -29,19 +29,7 @@ def inference(scoring_checkpoints, memory):
 
 def genome_record(scoring_checkpoints, name="chr1"):
     path = scoring_checkpoints["none"][1]
-    return next(seq for record_id, seq in read_fasta_text(path) if record_id == name)
-
-
-def read_fasta_text(path):
-    opener = gzip.open if str(path).endswith(".gz") else open
-    records = []
-    with opener(path, "rt") as f:
-        for line in f:
-            if line.startswith(">"):
-                records.append([line[1:].split()[0], ""])
-            else:
-                records[-1][1] += line.strip()
-    return [tuple(r) for r in records]
+    return next(seq for record_id, seq in parse_with_biopython(path) if record_id == name)
 
 
 def codes_of(seq):
@@ -163,10 +151,6 @@ def write_vcf(path, rows, contigs=("chr1", "chr2")):
 def read_table(path):
     header, *rows = [line.split("\t") for line in path.read_text().splitlines()]
     return [dict(zip(header, row)) for row in rows]
-
-
-def reverse_complement(seq):
-    return seq.translate(COMPLEMENT)[::-1]
 
 
 @pytest.mark.parametrize("memory", MEMORIES)
@@ -294,7 +278,7 @@ def test_vcf_edge_cases_each_get_their_stated_result(scoring_checkpoints, tmp_pa
     assert notes[("no_alt", ".")] == "no ALT allele"
     assert notes[("past_end", "C")] == "position 501 is outside chr2 (500 bases)"
     assert notes[("n_ref", "C")] == "the reference base is not A/C/G/T"
-    chr2_first = read_fasta_text(genome)[1][1][0]
+    chr2_first = parse_with_biopython(genome)[1][1][0]
     first = next(r for r in table if r["id"] == "first_base")
     expected_note = "." if chr2_first == "A" else f"REF A does not match the reference base {chr2_first}"
     assert first["note"] == expected_note

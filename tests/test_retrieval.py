@@ -12,14 +12,8 @@ import pytest
 import torch
 
 import plant_lm_train as plm
-from _helpers import TINY_ARGS, describe, random_dna, read_jsonl, run_train, tiny_config, write_fasta
-
-COMPLEMENT = str.maketrans("ACGT", "TGCA")
-
-
-def reverse_complement(seq):
-    return seq.translate(COMPLEMENT)[::-1]
-
+from _helpers import (TINY_ARGS, describe, random_dna, read_jsonl, reverse_complement, run_train, tiny_config,
+                      write_fasta)
 
 def retrieval_config(data_dir, tmp_path, **overrides):
     return tiny_config(data_dir=data_dir, global_memory="retrieval", checkpoint_dir=str(tmp_path / "ckpt"),
