@@ -14,7 +14,7 @@ import plant_lm_train as plm
 class GPT2Baseline(nn.Module):
     """transformers.GPT2LMHeadModel (vocab 4096, learned positions, no species input, no memory)."""
 
-    def __init__(self, cfg, n_species, attention_kernel=None):
+    def __init__(self, cfg, n_species):
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
         if cfg.global_memory != "none":

@@ -25,7 +25,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     args, overrides = parser.parse_known_args()
-    cfg = plm.Config(**{"precision": "fp32", **plm.parse_overrides(overrides)}).validate()
+    # dropout on (the default is off), so that the replays' masks are checked against the eager steps' too
+    cfg = plm.Config(**{"precision": "fp32", "dropout": 0.1, **plm.parse_overrides(overrides)}).validate()
     rt = plm.Runtime(0, 0, 1, torch.device("cuda"))
     g = torch.Generator().manual_seed(0)
     genome = torch.randint(0, 64, (1_000_000,), generator=g)  # 64 distinct 6-mers: contexts recur, lookups hit

@@ -3,8 +3,7 @@ loss, optimizer, memory and the rest, from torch.profiler.
 
     python bench/profile_step.py [--name=NAME] --batch_size=4096 --accumulation_steps=1 [--field=value ...]
         -> bench/results/NAME.json (default profile_bBATCH_MEMORY)
-    INDEX_ENTRIES=N: the synthetic retrieval index's size per context length; ATTENTION_KERNEL=sdpa|flex: the local
-    attention's kernel (the trainer picks flex when it compiles)
+    INDEX_ENTRIES=N: the synthetic retrieval index's size per context length
 Synthetic tokens (the data pipeline is measured separately, as data_wait in the throughput runs); the step is
 plant_lm_train.train_step itself: compiled forward/backward over the accumulation micro-batches, clip, fused AdamW,
 memory observations and update. It is timed twice, replaying its CUDA graph (Config.cuda_graphs) and run eagerly;
@@ -25,7 +24,10 @@ import plant_lm_train as plm  # noqa: E402
 # A kernel counts in the first group one of whose substrings its name holds. Inductor names a fused kernel after
 # every op in it: a LayerNorm fused with the dropout and residual around it counts as layer norm.
 GROUPS = [("retrieval lookup", ("searchsorted",)),
-          ("local attention", ("flash", "fmha", "flex", "attention", "sdpa", "triton_tem_fused")),
+          # Inductor's attention softmax is "fused__softmax"; the loss's is "fused__log_softmax". The attention's
+          # batched matmuls are cuBLAS kernels like the others: they count as matmuls.
+          ("local attention (softmax; its batched matmuls count as matmuls)",
+           ("flash", "fmha", "flex", "attention", "sdpa", "fused__softmax")),
           ("layer norm (+ fused dropout, residual, casts)", ("layer_norm",)),
           ("optimizer, gradient clipping", ("adam", "multi_tensor", "foreach", "lpnorm", "normtwo")),
           ("GELU (+ fused)", ("gelu",)),
@@ -39,9 +41,7 @@ def main():
     name = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--name=")), None)
     cfg = plm.Config(**plm.parse_overrides([a for a in sys.argv[1:] if not a.startswith("--name=")])).validate()
     rt = plm.Runtime(0, 0, 1, torch.device("cuda"))
-    kernel = os.environ.get("ATTENTION_KERNEL", "flex")
-    # the trainer's model, compiled forward, fused AdamW, scaler and step graph
-    learner = plm.build_learner(cfg, rt, 3, build_model=lambda *args, **kw: plm.PlantLM(*args, attention_kernel=kernel))
+    learner = plm.build_learner(cfg, rt, 3)  # the trainer's model, compiled forward, fused AdamW, scaler, step graph
     model = learner.model
     if cfg.global_memory == "retrieval":  # an index of the bundled genomes' size: what a lookup searches
         learner.memory_index = synthetic_index(int(os.environ.get("INDEX_ENTRIES", 200_000_000)), rt.device)
@@ -83,7 +83,7 @@ def main():
     timed = {"eager": eager, **({"graphed": graphed} if graphed else {})}
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "command": " ".join(sys.argv), "batch_size": cfg.batch_size, "global_memory": cfg.global_memory,
-              "accumulation_steps": cfg.accumulation_steps, "attention_kernel": kernel, "dropout": cfg.dropout,
+              "accumulation_steps": cfg.accumulation_steps, "dropout": cfg.dropout,
               "seconds_per_step_mean_of_20": timed,
               "tokens_per_s": {k: n_tokens / s for k, s in timed.items()},
               "mfu_989": {k: flops / s / 989e12 for k, s in timed.items()},

@@ -1,4 +1,4 @@
-"""Tests of the model section of plant_lm_train.py: local attention window, causality, the two attention kernels,
+"""Tests of the model section of plant_lm_train.py: local attention window, causality, the written-out attention,
 the bucket memory (update formula, observations, eval-time freezing, state dict, DDP agreement), the loss, the
 initialization, the parameter count and the FLOP count used for MFU.
 
@@ -23,8 +23,6 @@ from _helpers import TESTS, TWO_LAYERS, describe, random_dna, run_train, tiny_co
 
 VOCAB = plm.VOCAB_SIZE
 
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -41,11 +39,11 @@ def fill_memory(model, seed=1):
     return model
 
 
-def make_model(cfg=None, n_species=3, seed=0, memory=True, kernel="sdpa"):
+def make_model(cfg=None, n_species=3, seed=0, memory=True):
     """A tiny PlantLM in eval mode; with memory=True (and global_memory = buckets) its memory path is live."""
     cfg = cfg or tiny_config(**TWO_LAYERS)
     torch.manual_seed(seed)
-    model = plm.PlantLM(cfg, n_species, attention_kernel=kernel).eval()
+    model = plm.PlantLM(cfg, n_species).eval()
     if memory and cfg.global_memory == "buckets":
         fill_memory(model, seed + 1)
     return model
@@ -109,16 +107,15 @@ def test_local_window_mask_gives_query_i_keys_i_minus_w_plus_1_to_i(window):
     assert mask.sum(1).tolist() == [min(t + 1, window) for t in range(T)]
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
 @pytest.mark.parametrize("use_memory", [False, True], ids=["local-only", "with-memory"])
 @pytest.mark.parametrize("window", [1, 4, 16])
-def test_attention_output_at_t_depends_exactly_on_inputs_t_minus_w_plus_1_to_t(kernel, use_memory, window):
+def test_attention_output_at_t_depends_exactly_on_inputs_t_minus_w_plus_1_to_t(use_memory, window):
     """One BucketAttention layer: output t moves when input j changes iff t - (W - 1) <= j <= t."""
     cfg = tiny_config(**TWO_LAYERS, local_attn_window=window, global_memory="buckets" if use_memory else "none")
-    model = make_model(cfg, kernel=kernel)
+    model = make_model(cfg)
     attn, T = model.blocks[0].attn, cfg.context_size
     rotary = (model.rotary_cos[:T], model.rotary_sin[:T])
-    mask = model.local_mask(T, torch.device("cpu"))
+    window_bias = model.window_bias(T, torch.device("cpu"))
     memory = model.bucket_memory if use_memory else None
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, T, cfg.d_model, generator=g)
@@ -126,7 +123,7 @@ def test_attention_output_at_t_depends_exactly_on_inputs_t_minus_w_plus_1_to_t(k
 
     def run(inputs):
         with torch.no_grad():
-            return attn(inputs, rotary, mask, memory)
+            return attn(inputs, rotary, window_bias, memory)
 
     def perturb(inputs, j):
         out = inputs.clone()
@@ -138,10 +135,9 @@ def test_attention_output_at_t_depends_exactly_on_inputs_t_minus_w_plus_1_to_t(k
     assert torch.equal(dep, expected), f"output t <- input j (rows t):\n{dep.int()}\nexpected\n{expected.int()}"
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
-def test_logits_at_or_before_t_ignore_tokens_after_t_with_live_memory(kernel):
+def test_logits_at_or_before_t_ignore_tokens_after_t_with_live_memory():
     cfg = tiny_config(**TWO_LAYERS)
-    model = make_model(cfg, kernel=kernel)
+    model = make_model(cfg)
     assert model.bucket_memory.abs().sum() > 0 and all(b.attn.memory_gate.abs().min() > 0 for b in model.blocks)
     tokens, species = random_batch(cfg)
     tokens = tokens[:, :-1]
@@ -174,25 +170,26 @@ def test_whole_model_receptive_field_is_n_layers_times_window_minus_one():
     assert torch.equal(dep, expected), f"logits t <- token j:\n{dep.int()}"
 
 
-# ----------------------------------------------------------------------------- the two attention kernels
+# ----------------------------------------------------------------------------- the written-out local attention
 
-@pytest.mark.parametrize("use_memory", [False, True], ids=["local-only", "with-memory"])
+@pytest.mark.parametrize("window", [1, 5, 16])
 @pytest.mark.parametrize("length", [16, 11])
-def test_flex_and_sdpa_kernels_give_the_same_logits(use_memory, length):
-    cfg = tiny_config(**TWO_LAYERS, global_memory="buckets" if use_memory else "none")
-    sdpa = make_model(cfg, kernel="sdpa")
-    flex = plm.PlantLM(cfg, 3, attention_kernel="flex").eval()
-    flex.load_state_dict(sdpa.state_dict())
-    tokens, species = random_batch(cfg, batch=4, length=length)
-    with torch.no_grad():
-        a, hidden_a = sdpa(tokens[:, :-1], species)
-        b, hidden_b = flex(tokens[:, :-1], species)
-        loss_a, _ = sdpa(tokens[:, :-1], species, tokens[:, 1:])
-        loss_b, _ = flex(tokens[:, :-1], species, tokens[:, 1:])
-    assert a.shape == (4, length, VOCAB)
-    assert (a - b).abs().max().item() <= 1e-5
-    assert (hidden_a - hidden_b).abs().max().item() <= 1e-5
-    assert abs(loss_a.item() - loss_b.item()) <= 1e-5
+def test_local_attention_equals_sdpa_with_the_boolean_window_mask(window, length):
+    """local_attention (two matmuls and a softmax, what the model runs on every device) against PyTorch's own
+    scaled_dot_product_attention given the boolean window mask, in fp32 and under CPU bf16 autocast."""
+    cfg = tiny_config(**TWO_LAYERS, local_attn_window=window)
+    model = make_model(cfg)
+    g = torch.Generator().manual_seed(window)
+    q, k, v = (torch.randn(3, 4, length, 8, generator=g) for _ in range(3))
+    index = torch.arange(length)
+    mask = plm.local_window_mask(index[:, None], index[None, :], window)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    window_bias = model.window_bias(length, torch.device("cpu"))
+    assert (plm.local_attention(q, k, v, window_bias) - expected).abs().max().item() <= 1e-6
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = plm.local_attention(q, k, v, window_bias)
+    assert rounded.dtype == torch.bfloat16
+    assert (rounded.float() - expected).abs().max().item() <= 0.05
 
 
 # ----------------------------------------------------------------------------- bucket memory: update formula
@@ -615,8 +612,9 @@ def test_flops_per_step_matches_hand_count(use_memory):
 
 @pytest.mark.parametrize("use_memory", [False, True], ids=["local-only", "with-memory"])
 def test_flops_per_step_matmul_part_matches_flop_counter_of_a_training_step(use_memory):
-    """torch's FlopCounterMode counts the matmuls of a real forward + backward (not CPU SDPA): they must equal
-    flops_per_step minus its attention terms."""
+    """torch's FlopCounterMode counts the matmuls of a real forward + backward (not CPU SDPA, which the bucket
+    memory uses): they must equal flops_per_step with its attention terms, which count only the keys in the window,
+    replaced by what local_attention multiplies: all T keys of every query, the masked ones too."""
     cfg = tiny_config(**TWO_LAYERS, global_memory="buckets" if use_memory else "none")
     model = make_model(cfg).train()
     tokens, species = random_batch(cfg, batch=2)
@@ -630,7 +628,8 @@ def test_flops_per_step_matmul_part_matches_flop_counter_of_a_training_step(use_
     n_tokens = tokens[:, :-1].numel()
     d, L = cfg.d_model, cfg.n_layers
     attention = 3 * n_tokens * L * (4 * 3.625 * d + (4 * cfg.n_buckets * d if use_memory else 0))
-    assert model.flops_per_step(n_tokens, 1) - attention == pytest.approx(measured, rel=1e-9)
+    written_out = 3 * n_tokens * L * 4 * cfg.context_size * d
+    assert model.flops_per_step(n_tokens, 1) - attention + written_out == pytest.approx(measured, rel=1e-9)
 
 
 # ----------------------------------------------------------------------------- DDP (2 gloo processes)

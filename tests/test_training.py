@@ -30,7 +30,7 @@ from _helpers import (SCRIPT, TESTS, TINY_ARGS, describe, load, motif_genome, re
                       run_train, state_differences, tiny_config, train_env, write_fasta)
 
 SPECIES_ARG = "--species_distribution=arabidopsis:1,motif:1"
-LEARN = ["--learning_rate=3e-3"]
+LEARN = ["--learning_rate=3e-3", "--dropout=0.1"]  # dropout on (default off): resumes must replay its masks too
 E2E_STEPS = 36
 KEEP = os.path.join(TESTS, "_keep_checkpoints.py")
 
@@ -231,7 +231,7 @@ def _straight_then_resumed(data_dir, tmp_path, nproc, total, resume_at, extra=()
 
 
 def test_resume_mid_epoch_single_process_is_bitwise_exact(data_dir, tmp_path):
-    """1 process, default dropout 0.1, resume at step 4 of 8 (mid-epoch: the data stream fast-forwards).
+    """1 process, dropout 0.1, resume at step 4 of 8 (mid-epoch: the data stream fast-forwards).
 
     The dropout masks must go on exactly as in the straight run: iter(DataLoader) draws its base seed from the
     global torch RNG, so train() restores the checkpoint's RNG states only after that call (restored before it,
