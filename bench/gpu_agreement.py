@@ -22,7 +22,7 @@ def rel(a, b):
 
 def main():
     torch.manual_seed(0)
-    cfg = plm.Config(dropout=0.0)
+    cfg = plm.Config(dropout=0.0, global_memory="buckets")  # the memory path that attends on every device
     reference = plm.PlantLM(cfg, 3)
     tokens = torch.randint(0, plm.VOCAB_SIZE, (16, cfg.context_size + 1))
     species = torch.randint(0, 3, (16,))
