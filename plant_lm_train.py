@@ -1206,8 +1206,8 @@ def local_attention(q, k, v, window_bias):
     not), written out. At 64 tokens a whole window's scores are one small tile: two batched matmuls and one fused
     softmax take 9 ms of a batch-4096 step where FlexAttention's 128-row tiles took 17 (BENCHMARKS.md), and the CPU
     and the GPU run this one path. The scores are rounded to the autocast dtype before the fp32 softmax, as in any
-    unfused attention."""
-    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5 + window_bias
+    unfused attention; q is scaled first, so that an fp16 score overflows only where the scaled score does."""
+    scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float() + window_bias
     return scores.softmax(-1).type_as(v) @ v
 
 
@@ -1336,6 +1336,9 @@ class PlantLM(nn.Module):
 
     def window_bias(self, T, device):
         """local_attention's [T, T] bias, built once per (length, device) and shared by every layer."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one entry, as forward asks
+            device = torch.device("cuda", torch.cuda.current_device())
         key = (T, str(device))
         if key not in self._window_biases:
             index = torch.arange(T, device=device)

@@ -157,8 +157,9 @@ def scoring_checkpoints(tmp_path_factory):
         root = tmp_path_factory.mktemp(f"scoring_{name}")
         genome = write_fasta(root / "data" / "s" / "g.fa", [("chr1", motif_genome(3000, seed=3)),
                                                              ("chr2", random_dna(1000, seed=5))])
+        # dropout on (the default is off): a scorer that forgot eval() would then score at random and fail the tests
         cfg = tiny_config(global_memory=memory, retrieval_mixing=mixing, data_dir=root / "data",
-                          species_distribution={"s": 1}, val_fraction=0.2)
+                          species_distribution={"s": 1}, val_fraction=0.2, dropout=0.1)
         torch.manual_seed(0)
         model = plm.PlantLM(cfg, 2)
         with torch.no_grad():

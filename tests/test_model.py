@@ -192,6 +192,20 @@ def test_local_attention_equals_sdpa_with_the_boolean_window_mask(window, length
     assert (rounded.float() - expected).abs().max().item() <= 0.05
 
 
+def test_local_attention_in_fp16_survives_raw_scores_beyond_the_fp16_range():
+    """A raw q.k of 80,000 is past fp16's 65,504, its scaled score (28,284) is not: scaling q first keeps the row
+    finite, as SDPA does (an inf score plus the -inf bias would make the whole row NaN)."""
+    q = k = torch.full((1, 1, 4, 8), 100.0)
+    v = torch.arange(32, dtype=torch.float32).view(1, 1, 4, 8)
+    window_bias = make_model().window_bias(4, torch.device("cpu"))
+    got = plm.local_attention(q.half(), k.half(), v.half(), window_bias)
+    index = torch.arange(4)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=plm.local_window_mask(index[:, None], index[None, :],
+                                                                                          tiny_config().local_attn_window))
+    assert torch.isfinite(got).all()
+    assert (got.float() - expected).abs().max().item() <= 0.05
+
+
 # ----------------------------------------------------------------------------- bucket memory: update formula
 
 def test_memory_row_is_the_first_observation_then_decays_to_1_over_e_after_global_context_tokens():
