@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import plant_lm_train as plm  # noqa: E402
+from _results import RESULTS, gpu_header, write_result  # noqa: E402
 
 
 def main():
@@ -62,14 +63,11 @@ def main():
         return {"max_relative_difference": max(rel.values()), "worst_tensor": max(rel, key=rel.get),
                 "bitwise_equal_tensors": sum(torch.equal(a[k], b[k]) for k in b), "tensors": len(b)}
 
-    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join(sys.argv), "steps": args.steps, "config": dataclasses.asdict(cfg),
+    result = {**gpu_header(), "steps": args.steps, "config": dataclasses.asdict(cfg),
               "graphed_vs_plain": compare(runs["graphed"]["params"], runs["plain"]["params"]),
               "plain_vs_plain": compare(runs["plain_again"]["params"], runs["plain"]["params"]),
               "runs": {k: {kk: vv for kk, vv in v.items() if kk != "params"} for k, v in runs.items()}}
-    os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "graph_equivalence.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(os.path.join(RESULTS, "graph_equivalence.json"), result)
     print(json.dumps({k: result[k] for k in ("graphed_vs_plain", "plain_vs_plain")}, indent=1))
     print("losses plain  ", " ".join(f"{x:.6f}" for x in runs["plain"]["losses"][-5:]))
     print("losses graphed", " ".join(f"{x:.6f}" for x in runs["graphed"]["losses"][-5:]))

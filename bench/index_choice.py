@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import plant_lm_train as plm  # noqa: E402
+from _results import write_result  # noqa: E402
 
 LENGTHS = plm.INDEX_KEY_BASES  # 18, 24, 30 bases: each context length with its next 6-mer
 MAXLEN = max(LENGTHS)
@@ -355,7 +356,7 @@ def main():
         return child_build(args)
     if args.summarize_only:
         with open(args.out) as f:
-            return json_dump(summarize(json.load(f)), args.out)
+            return write_result(args.out, summarize(json.load(f)), default=float)
     for extra in reversed([x for x in args.extra_path.split(":") if x]):
         sys.path.insert(1, extra)
 
@@ -421,7 +422,7 @@ def main():
     report["extrapolated_full_data"] = {"scale_training_bases": scale, "read_phase_s": read_full_s, "builders": extrap,
                                         "note": "linear in training bases, nlogn for the sorts; the table sizes "
                                                 "grow slower than linearly (repeats are shared across genomes)"}
-    json_dump(report, args.out)
+    write_result(args.out, report, default=float)
 
     # queries: the sorted tables with torch.searchsorted (the model's own RetrievalIndex.counts)
     torch.set_num_threads(2)
@@ -431,7 +432,7 @@ def main():
     report["queries"] = {"targets": int(windows.shape[0] * 64), "lookups": "3 context lengths x (context count, "
                          "context+target count)", "table_torch_searchsorted_cpu": {"median_s": median_s, "runs_s": all_s}}
     print("table queries", median_s, flush=True)
-    json_dump(report, args.out)
+    write_result(args.out, report, default=float)
 
     try:
         dss = bench_pydivsufsort(bases, lengths, windows, table_counts)
@@ -439,7 +440,7 @@ def main():
         dss = {"package": "pydivsufsort", "error": str(e)}
     report["queries"]["pydivsufsort_numpy_binary_search"] = dss
     print("pydivsufsort", dss, flush=True)
-    json_dump(report, args.out)
+    write_result(args.out, report, default=float)
 
     if not args.skip_infinigram:
         try:
@@ -448,7 +449,7 @@ def main():
             ig = {"package": "infini-gram", "error": f"{type(e).__name__}: {e}"}
         report["queries"]["infinigram"] = ig
         print("infini-gram", ig, flush=True)
-        json_dump(report, args.out)
+        write_result(args.out, report, default=float)
 
     if args.full_best:
         print("full data:", args.full_builders, flush=True)
@@ -461,8 +462,8 @@ def main():
         report["full_data_best"] = {"read_phase": fphases}
         for name in args.full_builders.split(","):
             report["full_data_best"][name] = run_child(name, full_file)
-            json_dump(report, args.out)
-    json_dump(summarize(report), args.out)
+            write_result(args.out, report, default=float)
+    write_result(args.out, summarize(report), default=float)
 
 
 def summarize(report):
@@ -508,12 +509,6 @@ def summarize(report):
         del out[key]  # builders since removed: a report made before keeps their figures (--summarize-only)
     report["summary"] = out
     return report
-
-
-def json_dump(report, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1, default=float)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ mixer weights); it replaces order-12 Kneser-Ney as the floor.
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -43,6 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import plant_lm_train as plm  # noqa: E402
+from _results import write_result  # noqa: E402
 
 METHODS = ("wb", "mad", "mkn")
 HOLDOUT_FRACTION = 0.05
@@ -439,15 +439,7 @@ def main():
                                                "the same window", **rep},
         "runtime_s": runtime,
     }
-    write_result(args.out, result)
-
-
-def write_result(path, result):
-    """A baseline's figures as indented JSON, its folder made first (mixture_baseline.py writes with it too)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path}")
+    write_result(args.out, result, announce=True)
 
 
 if __name__ == "__main__":

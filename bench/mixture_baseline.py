@@ -60,7 +60,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import plant_lm_train as plm  # noqa: E402
-from markov_baseline import holdout_keys, load_train_codes, tokens_to_codes, write_result  # noqa: E402  same holdout
+from _results import write_result  # noqa: E402
+from markov_baseline import holdout_keys, load_train_codes, tokens_to_codes  # noqa: E402  same holdout
 
 BASES_PER_TOKEN = 6
 ORDERS = tuple(range(13)) + (14, 16, 18, 20, 22, 24, 28, 31)
@@ -525,7 +526,7 @@ def main():
         "runtime_s": runtime,
         "peak_rss_gb": peak_gb,
     }
-    write_result(args.out, result)
+    write_result(args.out, result, announce=True)
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import plant_lm_train as plm  # noqa: E402
+from _results import RESULTS, gpu_header, write_result  # noqa: E402
 
 # A kernel counts in the first group one of whose substrings its name holds. Inductor names a fused kernel after
 # every op in it: a LayerNorm fused with the dropout and residual around it counts as layer norm.
@@ -81,8 +82,7 @@ def main():
     n_tokens = cfg.batch_size * cfg.accumulation_steps * cfg.context_size
     flops = model.flops_per_step(n_tokens, cfg.accumulation_steps)
     timed = {"eager": eager, **({"graphed": graphed} if graphed else {})}
-    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join(sys.argv), "batch_size": cfg.batch_size, "global_memory": cfg.global_memory,
+    result = {**gpu_header(), "batch_size": cfg.batch_size, "global_memory": cfg.global_memory,
               "accumulation_steps": cfg.accumulation_steps, "dropout": cfg.dropout,
               "seconds_per_step_mean_of_20": timed,
               "tokens_per_s": {k: n_tokens / s for k, s in timed.items()},
@@ -90,10 +90,8 @@ def main():
               "gpu_kernel_ms_per_step": kernel_total / 1000,
               "share": {k: v / kernel_total for k, v in totals.items()},
               "top_kernels_ms": [(k, us / 1000) for k, us in sorted(kernels, key=lambda x: -x[1])[:25]]}
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     name = name or f"profile_b{cfg.batch_size}_{cfg.global_memory}"
-    with open(os.path.join(os.path.dirname(__file__), "results", f"{name}.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(os.path.join(RESULTS, f"{name}.json"), result)
     print(json.dumps({k: v for k, v in result.items() if k != "top_kernels_ms"}, indent=1))
     for k, ms in result["top_kernels_ms"][:15]:
         print(f"{ms:8.3f} ms  {k[:110]}")

@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 import plant_lm_train as plm  # noqa: E402
+from _results import write_result  # noqa: E402
 
 SPECIES = "arabidopsis"
 ANNOTATION = "AthaTAIR10_chr1.gff.gz"
@@ -92,13 +93,13 @@ def main():
         plm.score_alleles(load(), fasta, alleles, args.batch_size)
         llrs = np.array([a.llr for a in alleles])
         results["models"][label] = summary(llrs, variants, time.time() - t_start)
-        write_results(args.out, results)
+        write_result(args.out, results)
         print(label, json.dumps(results["models"][label]), flush=True)
     if args.markov:
         t_start = time.time()
         llrs = markov_llrs(index, cfg, codes, variants)
         results["models"]["markov"] = summary(llrs, variants, time.time() - t_start)
-        write_results(args.out, results)
+        write_result(args.out, results)
         print("markov", json.dumps(results["models"]["markov"]), flush=True)
     print(markdown_table(results))
 
@@ -270,12 +271,6 @@ def auroc(lower, higher):
     ranks = (np.bincount(inverse, weights=ranks) / counts)[inverse]  # tied scores share their mean rank
     u = ranks[len(lower):].sum() - len(higher) * (len(higher) + 1) / 2
     return float(u / (len(lower) * len(higher)))
-
-
-def write_results(path, results):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
 
 
 def markdown_table(results):
