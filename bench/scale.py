@@ -41,6 +41,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 import plant_lm_train as plm  # noqa: E402
+from _results import write_result  # noqa: E402
 from soak import child_pids, memory_mb  # noqa: E402
 
 # The spec's crops at their assembly sizes (Gbp) and chromosome counts; generated sizes are --gbp in these shares.
@@ -383,10 +384,7 @@ def main():
     def save(stage, value):
         results[stage] = value
         print(f"{stage}: {json.dumps(value)}", flush=True)
-        os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-        with open(args.results + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(args.results + ".tmp", args.results)
+        write_result(args.results, results, atomic=True)  # rewritten after every stage: never left half-written
 
     global SOURCES
     SOURCES = load_sources(os.path.join(REPO, "data"))
