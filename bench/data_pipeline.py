@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import plant_lm_train as plm  # noqa: E402
+from _results import RESULTS, write_result  # noqa: E402
 
 
 def write_genome(path, n_bases, seed=0):
@@ -83,9 +84,7 @@ def main():
               "numpy": np.__version__, "tokenize_bases_per_s": tokenize_rate,
               "stream_bases_per_s": measured["bases"] / measured["seconds"], "stream": measured,
               "gzip_file_mb": size / 2**20, "generation_s": written}
-    os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "data_pipeline.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(os.path.join(RESULTS, "data_pipeline.json"), result)
     print(f"tokenize alone, one core:                     {tokenize_rate / 1e6:8.1f} Mbases/s")
     print(f"gunzip+parse+split+chunk+tokenize, one core:  {result['stream_bases_per_s'] / 1e6:8.1f} Mbases/s "
           f"({measured['bases'] / 1e6:.0f} Mbp in {measured['seconds']:.1f} s)")

@@ -5,7 +5,6 @@ Same weights, same non-zero bucket memory and open memory gates; logits and grad
 relative L2 error ||a - b|| / ||b||.
 """
 
-import json
 import os
 import sys
 import time
@@ -14,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import plant_lm_train as plm  # noqa: E402
+from _results import RESULTS, write_result  # noqa: E402
 
 
 def rel(a, b):
@@ -53,9 +53,7 @@ def main():
         logits, grads = loss_and_grads(plm.PlantLM(cfg, 3), cuda, dtype, compiled)
         results[label] = {"logits_rel_err": rel(logits, cpu_logits), "grads_rel_err": rel(grads, cpu_grads)}
         print(label, results[label], flush=True)
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "gpu_agreement.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_result(os.path.join(RESULTS, "gpu_agreement.json"), results)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 import plant_lm_train as plm  # noqa: E402
+from _results import RESULTS, write_result  # noqa: E402
 from soak import child_pids, memory_mb  # noqa: E402
 
 
@@ -47,9 +48,7 @@ def main():
             break
     meta = {"device": "cpu", "cpus": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "command": " ".join(sys.argv), "statistic": f"one run, sampled every {args.sample_s:g} s"}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", f"{args.name}.json"), "w") as f:
-        json.dump({"meta": meta, "samples": samples}, f, indent=1)
+    write_result(os.path.join(RESULTS, f"{args.name}.json"), {"meta": meta, "samples": samples})
     first, last_sample = samples[0], samples[-1]
     print(f"workers' private memory: {first['workers_private_mb']:,.0f} MB at epoch {first['epoch']:.1f}, "
           f"{last_sample['workers_private_mb']:,.0f} MB at epoch {last_sample['epoch']:.1f}")

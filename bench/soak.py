@@ -18,6 +18,8 @@ import tempfile
 import threading
 import time
 
+from _results import RESULTS, write_result
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -127,10 +129,9 @@ def main():
                               "gpu_used_mb")},
                **{key: {when: r.get(key) for when, r in pick(train[2:]).items()}
                   for key in ("gpu_mem_alloc_gb", "gpu_mem_peak_gb")}}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", f"{args.name}.json"), "w") as f:
-        json.dump({"meta": meta, "summary": summary, "recompiles": recompiles, "samples": samples,
-                   "train_records": train, "stderr_tail": [line for _, line in stderr_lines[-40:]]}, f, indent=1)
+    write_result(os.path.join(RESULTS, f"{args.name}.json"),
+                 {"meta": meta, "summary": summary, "recompiles": recompiles, "samples": samples,
+                  "train_records": train, "stderr_tail": [line for _, line in stderr_lines[-40:]]})
     try:
         import matplotlib
         matplotlib.use("Agg")

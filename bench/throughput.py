@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+from _results import RESULTS, write_result
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -80,9 +82,8 @@ def main():
         result = run_variant(label, arglist.split(), args.steps, args.log_every, {}, checkpoint_dir)
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "tokens_per_s_windows"}), flush=True)
-        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-        with open(os.path.join(HERE, "results", f"{args.name}.json"), "w") as f:  # after each: a cut run keeps some
-            json.dump({"meta": meta, "results": results}, f, indent=1)
+        # after each: a cut run keeps some
+        write_result(os.path.join(RESULTS, f"{args.name}.json"), {"meta": meta, "results": results})
     print(f"\n{'variant':28s} {'tokens/s':>12s} {'MFU':>7s} {'peak GB':>8s} {'data wait':>9s} {'recompiles':>10s}")
     for r in results:
         if "error" in r:

@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 
+from _results import RESULTS, write_result
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -73,9 +75,8 @@ def main():
     meta = {"device": torch.cuda.get_device_name(0) if n_gpus else "cpu", "gpus_used": n_gpus,
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
             "statistic": f"one run per variant; {at_once} at a time on {max(n_gpus, 1)} device(s)"}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", f"{args.name}.json"), "w") as f:
-        json.dump({"meta": meta, "markov_bits_per_base": markov, "results": results}, f, indent=1)
+    write_result(os.path.join(RESULTS, f"{args.name}.json"), {"meta": meta, "markov_bits_per_base": markov,
+                                                             "results": results})
     try:
         import matplotlib
         matplotlib.use("Agg")
