@@ -782,9 +782,19 @@ def owned_chunks(files, owned, cfg):
     """
     name = next(iter(owned))[0]
     for path, label in files:
+        if not any(key[1] == label for key in owned):  # no owned chunk in this file: not read at all
+            continue
         for chunk in chunk_file(path, name, label, cfg, wanted=owned):
             if chunk.tokens is not None:
                 yield chunk
+
+
+def tokenized_chunks(index, cfg, chunks):
+    """The given chunks of a scan, read again with their tokens, in file order."""
+    for name in index.species:
+        wanted = {c.key for c in chunks if c.key[0] == name}
+        if wanted:
+            yield from owned_chunks(index.files.get(name, []), wanted, cfg)
 
 
 @dataclass
@@ -962,15 +972,10 @@ def load_validation(index, cfg):
         if len(mine):
             wanted[chunk.key] = mine * stride
     windows, species, repeats = {}, {}, {}
-    for name in index.species:
-        for path, label in index.files.get(name, []):
-            if not any(k[1] == label and k[0] == name for k in wanted):
-                continue
-            for chunk in chunk_file(path, name, label, cfg, wanted=set(wanted)):
-                if chunk.tokens is not None:
-                    windows[chunk.key] = window_tokens(chunk.tokens, wanted[chunk.key], cfg)
-                    repeats[chunk.key] = window_repeats(chunk.soft_mask, wanted[chunk.key], cfg)
-                    species[chunk.key] = index.species.index(name)
+    for chunk in tokenized_chunks(index, cfg, [c for c in index.val if c.key in wanted]):
+        windows[chunk.key] = window_tokens(chunk.tokens, wanted[chunk.key], cfg)
+        repeats[chunk.key] = window_repeats(chunk.soft_mask, wanted[chunk.key], cfg)
+        species[chunk.key] = index.species.index(chunk.key[0])
     keys = [c.key for c in index.val if c.key in windows]
     width = cfg.prefix_tokens + cfg.context_size + 1
     if not keys:
@@ -982,9 +987,9 @@ def load_validation(index, cfg):
 
 
 VALIDATION_FIELDS = SCAN_FIELDS + ("overlap_ratio", "eval_windows", "global_memory")  # what load_validation reads
-VALIDATION_CODE = code_digest(SCAN_CODE, load_validation, windows_per_chunk, window_reads, window_tokens,
-                              window_repeats, shift_tokens, reverse_complement_tokens, tokenize, soft_mask_bits,
-                              IS_REPEAT.tolist(), RETRIEVAL_CONTEXT_TOKENS, Config.window_stride.fget,
+VALIDATION_CODE = code_digest(SCAN_CODE, load_validation, tokenized_chunks, owned_chunks, windows_per_chunk,
+                              window_reads, window_tokens, window_repeats, shift_tokens, reverse_complement_tokens,
+                              tokenize, soft_mask_bits, IS_REPEAT.tolist(), RETRIEVAL_CONTEXT_TOKENS, Config.window_stride.fget,
                               Config.prefix_tokens.fget, Config.window_bases.fget)
 
 
@@ -1040,13 +1045,13 @@ class RetrievalIndex:
             key = torch.zeros(B, T, dtype=torch.int64, device=windows.device)
             for i in range(k + 1):
                 key = (key << 12) | grams[..., i]
-            found = []
+            bounds = []  # per j, the range of keys that begin with the context and the target's first j bases
             for j in target_bases:
                 free = 2 * (BASES_PER_TOKEN - j)  # the bits of the target's bases past the first j
                 low = (key >> free) << free
-                found.append(cumulative[torch.searchsorted(keys, low + (1 << free))] -
-                             cumulative[torch.searchsorted(keys, low)])
-            found = torch.stack(found, -1)
+                bounds += [low, low + (1 << free)]
+            at = cumulative[torch.searchsorted(keys, torch.stack(bounds, -1))]  # one search for every bound
+            found = at[..., 1::2] - at[..., 0::2]
             if exclude_self:  # a palindrome: its tokens are their own reverse-complemented tokens, reversed
                 own = 1 + (self.reverse_complement[grams.flip(-1)] == grams).all(-1).long()
                 found = (found - own[..., None]).clamp_min(0)
@@ -1058,7 +1063,7 @@ def retrieval_index(index, cfg, rt, warn=print):
     """The RetrievalIndex of this data set's training chunks, on rt.device: loaded from checkpoint_dir when an index
     of the same training chunks is cached there, else built by rank 0 (on its device) and cached."""
     digest = training_chunks_digest(index)
-    path = os.path.join(cfg.checkpoint_dir, f"retrieval_index_{digest}.pt")
+    path = retrieval_index_path(cfg.checkpoint_dir, digest)
     if rt.is_main and not os.path.exists(path):
         t_start = time.time()
         built = build_retrieval_index(index, cfg, rt.device, digest)
@@ -1130,16 +1135,6 @@ def key_tables(packed):
     return keys, cumulative
 
 
-def tokenized_chunks(index, cfg, chunks):
-    """The given chunks of a scan, read again with their tokens, in file order."""
-    for name in index.species:
-        wanted = {c.key for c in chunks if c.key[0] == name}
-        for path, label in index.files.get(name, []) if wanted else []:
-            for chunk in chunk_file(path, name, label, cfg, wanted=wanted):
-                if chunk.tokens is not None:
-                    yield chunk
-
-
 def token_bases(tokens):
     """6-mer ids -> their bases as 2-bit codes (uint8 0..3), in order."""
     shifts = 2 * np.arange(BASES_PER_TOKEN - 1, -1, -1)
@@ -1166,6 +1161,11 @@ def longest_keys(bases, lengths, n_bases):
     key <<= 2
     key |= fits
     return key[fits > 0]
+
+
+def retrieval_index_path(folder, digest):
+    """Where the index of the training chunks with this digest is cached: beside the checkpoints trained with it."""
+    return os.path.join(folder, f"retrieval_index_{digest}.pt")
 
 
 def save_retrieval_index(memory_index, path):
@@ -2098,14 +2098,15 @@ def save_checkpoint(path, payload):
     write_atomically(path, payload)
 
 
-def write_atomically(path, payload):
-    """torch.save to a temporary file in the same directory, fsync, rename: the file exists only when whole."""
+def write_atomically(path, payload, save=None, what="checkpoint"):
+    """save(payload, file) (torch.save by default) to a temporary file in the same directory, fsync, rename: the
+    file exists only when whole."""
     folder = os.path.dirname(path) or "."
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            (save or torch.save)(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -2117,8 +2118,7 @@ def write_atomically(path, payload):
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise OSError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint is "
-                               f"kept") from e
+        raise OSError(e.errno, f"cannot write {what} {path}: {e.strerror or e}; the previous {what} is kept") from e
 
 
 def load_checkpoint(path):
@@ -2486,7 +2486,7 @@ def load_for_inference(checkpoint, species, device="auto", warn=print, scoring=T
                           f"{', '.join(names)} (or 'average' for the mean species embedding)")
     memory_index = None
     if cfg.global_memory == "retrieval" and scoring:
-        path = os.path.join(os.path.dirname(checkpoint) or ".", f"retrieval_index_{ckpt['retrieval_index']}.pt")
+        path = retrieval_index_path(os.path.dirname(checkpoint) or ".", ckpt["retrieval_index"])
         if not os.path.exists(path):
             raise ConfigError(f"{checkpoint} reads the retrieval index {path}, which is missing; it is rebuilt "
                               f"by a training run on the same data with --checkpoint_dir set to that folder")
@@ -2635,13 +2635,18 @@ def evaluate_fasta(inference, paths, batch_size=64, progress=True, per_base=None
             bar.update(len(codes))
         bar.close()
         check_looks_like_dna(path, stats)
-        ids = [record_id for _, record_id in totals]
-        names = {key: key[1] if ids.count(key[1]) == 1 else f"{key[1]} (record {key[0] + 1})" for key in totals}
-        results.append({"file": path, "records": {names[key]: likelihood_summary(ll, n)
-                                                   for key, (ll, n) in totals.items()},
+        results.append({"file": path, "records": {name: likelihood_summary(ll, n) for name, (ll, n) in
+                                                   zip(distinct_names(totals), totals.values())},
                         **likelihood_summary(sum(ll for ll, _ in totals.values()), sum(n for _, n in totals.values())),
                         "bases_read": stats.bases, "non_acgt_removed": stats.non_acgt})
     return results
+
+
+def distinct_names(records):
+    """The names a table gives (0-based record number, record id) pairs: the id, or "id (record N)" where several
+    records share it."""
+    counts = collections.Counter(record_id for _, record_id in records)
+    return [f"{record_id} (record {number + 1})" if counts[record_id] > 1 else record_id for number, record_id in records]
 
 
 def likelihood_summary(log_likelihood, bases):
@@ -3000,12 +3005,13 @@ def write_variant_table(path, alleles):
 
 @dataclass
 class Region:
+    """One BED line's region of the reference."""
     name: str
-    chrom: str = None  # BED regions: where in the reference; FASTA records are whole regions
-    start: int = 0
-    end: int = 0
-    reverse: bool = False
-    line: int = 0  # the BED line, for error messages
+    chrom: str
+    start: int
+    end: int
+    reverse: bool
+    line: int  # the BED line, for error messages
 
 
 def embed_main(argv):
@@ -3043,8 +3049,7 @@ def embed_main(argv):
                         ("no BED lines" if args.bed else "no FASTA records"))
     names, pooled, n_tokens, hidden, starts = zip(*(found[number] for number in sorted(found)))  # input order
     if not args.bed:  # FASTA records that share an id are told apart by their number, as eval does
-        counts = collections.Counter(names)
-        names = [f"{name} (record {i + 1})" if counts[name] > 1 else name for i, name in enumerate(names)]
+        names = distinct_names(list(enumerate(names)))
     empty = [name for name, n in zip(names, n_tokens) if not n]
     if empty:
         print_to_stderr(f"warning: {len(empty)} region(s) hold no 6-mer of A/C/G/T ({', '.join(empty[:3])}"
@@ -3055,7 +3060,7 @@ def embed_main(argv):
         arrays["token_embeddings"] = np.concatenate(hidden)
         arrays["token_offsets"] = np.concatenate([[0], np.cumsum(arrays["n_tokens"])])
         arrays["token_starts"] = np.concatenate(starts)
-    write_atomically_npz(args.out, arrays)
+    write_atomically(args.out, arrays, save=lambda arrays, f: np.savez(f, **arrays), what="embeddings file")
     print_to_stderr(f"{len(names):,} region embeddings ({inference.cfg.d_model} values each) in {args.out}")
     return arrays
 
@@ -3158,12 +3163,6 @@ def reverse_complement_codes(codes):
     """BYTE_CODES of the reverse strand: reversed, each base complemented (3 - base, soft-masking kept)."""
     reverse = codes[::-1]
     return np.where(reverse < 8, (reverse & 4) | (3 - (reverse & 3)), reverse).astype(np.uint8)
-
-
-def write_atomically_npz(path, arrays):
-    temporary = f"{path}.tmp.npz"
-    np.savez(temporary, **arrays)
-    os.replace(temporary, path)
 
 
 # ----------------------------------------------------------------------------- entry point

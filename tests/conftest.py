@@ -170,7 +170,7 @@ def scoring_checkpoints(tmp_path_factory):
             index = plm.scan_genomes(cfg, progress=False)
             digest = plm.training_chunks_digest(index)
             plm.save_retrieval_index(plm.build_retrieval_index(index, cfg, torch.device("cpu"), digest),
-                                     str(root / f"retrieval_index_{digest}.pt"))
+                                     plm.retrieval_index_path(str(root), digest))
         torch.save({"config": dataclasses.asdict(cfg), "species": ["s", "t"], "model_state_dict": model.state_dict(),
                     "retrieval_index": digest}, str(root / "model.pt"))
         made[name] = (str(root / "model.pt"), genome)
