@@ -2,8 +2,9 @@
 
     python bench/markov_baseline.py [--data_dir data] [--max_order 12] [--out bench/results/markov_baseline.json]
 
-Same data as the trainer: plm.Config() with only data_dir overridden, so the train/validation split and the fixed
-validation windows (plm.load_validation) are exactly those the language model is scored on.
+Same data as the trainer: plm.Config() with data_dir and global_memory=none overridden, so the train/validation
+split and the fixed validation windows (plm.load_validation) are exactly those the language model is scored on
+(global_memory changes neither; with `none` the windows carry no retrieval prefix tokens in front).
 
 Scoring mirrors the LM: in each window of context_size + 1 = 65 tokens the LM predicts tokens 1..64, so here the
 64 * 6 = 384 bases of those tokens are scored, base by base, each given up to k preceding bases taken from the window
@@ -278,7 +279,7 @@ def main():
         raise SystemExit("--max_order must be in 2..13 (order 13 needs ~2 GB per count set)")
     K = args.max_order
     t0 = time.time()
-    cfg = plm.Config(data_dir=args.data_dir).validate()
+    cfg = plm.Config(data_dir=args.data_dir, global_memory="none").validate()  # windows without prefix tokens
     first, per_window = plm.BASES_PER_TOKEN, cfg.context_size * plm.BASES_PER_TOKEN
 
     index = plm.scan_genomes(cfg, progress=False)

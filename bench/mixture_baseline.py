@@ -4,7 +4,7 @@
 
 About 9 minutes and 12 GB peak RSS on a 2-core CPU for the bundled ~117 Mbp (--one_strand: about 5 minutes).
 
-Windows and scoring are those of bench/markov_baseline.py: plm.Config() with only data_dir overridden, the
+Windows and scoring are those of bench/markov_baseline.py: plm.Config() with data_dir and global_memory=none, the
 trainer's 4,096 fixed validation windows (plm.load_validation), and in each 65-token window the 64 * 6 = 384 bases
 of tokens 1..64 scored, each base given ONLY the bases of its own window before it (the first scored base has 6
 bases of context; order k is unavailable for a base with fewer than k bases before it in the window). Nothing
@@ -349,7 +349,7 @@ def main():
     ap.add_argument("--dev_subsample", type=int, default=1, help="development only: count every n-th fit chunk")
     args = ap.parse_args()
     both = not args.one_strand
-    cfg = plm.Config(data_dir=args.data_dir).validate()
+    cfg = plm.Config(data_dir=args.data_dir, global_memory="none").validate()  # windows without prefix tokens
     first = BASES_PER_TOKEN
     n_cols = cfg.context_size * BASES_PER_TOKEN
 
