@@ -453,6 +453,12 @@ class Chunk:
         return None if self.soft_mask is None else IS_REPEAT[self.soft_mask]
 
 
+def chunk_start(key, cfg):
+    """A chunk's first base in its record (0-based), from its key: its A/C/G/T segment's start plus the chunks
+    before it in that segment."""
+    return key[3] + key[4] * cfg.chunk_size
+
+
 @dataclass
 class FileStats:
     bases: int = 0  # every sequence character read
@@ -2630,8 +2636,8 @@ def evaluate_fasta(inference, paths, batch_size=64, progress=True, per_base=None
             entry = totals.setdefault((key[2], record_id), [0.0, 0])
             entry[0] += float(log_probs[scored].sum())
             entry[1] += int(scored.sum())
-            if per_base is not None:  # the chunk's offset in its record: segment start + chunk index * chunk_size
-                write_bedgraph(per_base, record_id, key[3] + key[4] * cfg.chunk_size, log_probs)
+            if per_base is not None:
+                write_bedgraph(per_base, record_id, chunk_start(key, cfg), log_probs)
             bar.update(len(codes))
         bar.close()
         check_looks_like_dna(path, stats)

@@ -106,8 +106,7 @@ def main():
 
 def held_out_intervals(index, cfg):
     """[start, end) in the chromosome of each validation chunk of the species (a chunk is one A/C/G/T run)."""
-    return sorted((c.key[3] + c.key[4] * cfg.chunk_size,
-                   c.key[3] + c.key[4] * cfg.chunk_size + c.n_tokens * plm.BASES_PER_TOKEN)
+    return sorted((plm.chunk_start(c.key, cfg), plm.chunk_start(c.key, cfg) + c.n_tokens * plm.BASES_PER_TOKEN)
                   for c in index.val if c.key[0] == SPECIES)
 
 
