@@ -4,7 +4,6 @@ One module, read top-down: Config -> data -> model -> training -> evaluation -> 
 Launch with `bash run.sh` (torchrun); `python plant_lm_train.py --help` lists the subcommands.
 """
 
-import collections
 import contextlib
 import dataclasses
 import datetime
@@ -123,7 +122,7 @@ class Config:
     def window_bases(self):
         return (self.context_size + 1) * BASES_PER_TOKEN
 
-    def validate(self):
+    def check(self):
         """Fail before any heavy work, naming the field."""
         checks = [
             (self.chunk_size % BASES_PER_TOKEN == 0, "chunk_size", f"must be a multiple of {BASES_PER_TOKEN}"),
@@ -241,13 +240,6 @@ def tokenize(codes):
     for i in range(1, BASES_PER_TOKEN):
         tokens |= kmers[:, i] << (2 * (BASES_PER_TOKEN - 1 - i))
     return tokens
-
-
-def detokenize(tokens):
-    """6-mer ids -> the bases they spell, as a str."""
-    tokens = np.asarray(tokens, dtype=np.int64)
-    digits = (tokens[:, None] >> (2 * np.arange(BASES_PER_TOKEN - 1, -1, -1))) & 3
-    return np.frombuffer(b"ACGT", dtype=np.uint8)[digits].tobytes().decode()
 
 
 def soft_mask_bits(codes):
@@ -447,11 +439,6 @@ class Chunk:
     soft_mask: np.ndarray = None  # uint8 soft_mask_bits per token: which of its bases are lowercase
     tail: np.ndarray = None  # the < 6 bases (codes 0..3) after the last token, which inference scores base by base
 
-    @property
-    def repeat(self):
-        """bool per token: at least 3 of its 6 bases soft-masked (lowercase)."""
-        return None if self.soft_mask is None else IS_REPEAT[self.soft_mask]
-
 
 def chunk_start(key, cfg):
     """A chunk's first base in its record (0-based), from its key: its A/C/G/T segment's start plus the chunks
@@ -605,13 +592,13 @@ def discover_genomes(cfg, warn=print):
 
 
 @dataclass
-class GenomeIndex:
+class GenomeCatalog:
     """What one scan of the data found: the chunks of each split and what was counted on the way."""
     species: list  # sorted names; the position is the species id
     weights: list  # sampling weight of each species
     files: dict  # species -> [(path, label)]
-    train: list  # Chunk (no tokens) per training chunk
-    val: list
+    train_chunks: list  # Chunk (no tokens) per training chunk
+    val_chunks: list
     stats: dict  # species -> FileStats
     skipped: list  # (path, reason)
 
@@ -621,7 +608,7 @@ class GenomeIndex:
 
 def split_chunks(chunks, val_fraction):
     """Deterministic split by a hash of each chunk's identity; a species with >= 2 chunks gets >= 1 of each."""
-    train, val = [], []
+    train_chunks, val_chunks = [], []
     by_species = {}
     for chunk in chunks:
         by_species.setdefault(chunk.key[0], []).append(chunk)
@@ -632,8 +619,8 @@ def split_chunks(chunks, val_fraction):
             n_val = min(max(n_val, 1), len(scored) - 1)
         held = set(id(c) for c in scored[:n_val])
         for chunk in species_chunks:
-            (val if id(chunk) in held else train).append(chunk)
-    return train, val
+            (val_chunks if id(chunk) in held else train_chunks).append(chunk)
+    return train_chunks, val_chunks
 
 
 # The data cache. A scan streams every genome once (minutes at crop scale), and so does reading the validation
@@ -643,27 +630,28 @@ def split_chunks(chunks, val_fraction):
 # every run, already holds the retrieval index built from the same scan, and is reused when run.sh restarts or
 # resumes. An entry is used only when all of its key still holds: the file (real path, species, label, size,
 # mtime_ns: an assembly polished in place keeps its size, not its mtime), the Config fields the code reads
-# (SCAN_FIELDS, VALIDATION_FIELDS) and that code's source (SCAN_CODE, VALIDATION_CODE). Anything else recomputes
+# (SCAN_FIELDS, VALIDATION_FIELDS) and this module's source (CODE_DIGEST). Anything else recomputes
 # and rewrites the entry, so an entry can be wrong only if a file changes and keeps its size and mtime_ns.
 SCAN_FIELDS = ("chunk_size", "context_size")  # every Config field chunk_file reads (window_bases is context_size's)
 
 
-def code_digest(*parts):
-    """A hash of the code (and constants) whose output a cache entry holds: any edit to it (a new Chunk field, another
-    split rule) invalidates every entry. Without the source (a build that ships bytecode only) a function's repr
-    stands in: it differs in every process, so such a build never reuses an entry, which is the safe side."""
-    h = hashlib.blake2b(digest_size=8)
-    for part in parts:
-        try:
-            h.update(inspect.getsource(part).encode() if callable(part) else repr(part).encode())
-        except (OSError, TypeError):
-            h.update(repr(part).encode())
-    return h.hexdigest()
+def source_digest(path=__file__):
+    """A hash of this module's source, its Config class's fields left out: an edit to any function, class or constant whose
+    output a cache entry holds invalidates every entry, with no hand-kept list of them to go stale. Config is left
+    out because users edit its defaults, and the fields an entry depends on are in its key by value
+    (SCAN_FIELDS, VALIDATION_FIELDS); its derived properties (window_stride, ...) stay in. Without the source (a build that ships bytecode only) a random value stands
+    in: such a build never reuses an entry, which is the safe side."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        derived = [inspect.getsource(v.fget) for v in vars(Config).values() if isinstance(v, property)]
+        source = source.replace(inspect.getsource(Config), "".join(derived))
+    except (OSError, TypeError):
+        return os.urandom(8).hex()
+    return hashlib.blake2b(source.encode(), digest_size=8).hexdigest()
 
 
-# The code whose output an entry holds.
-SCAN_CODE = code_digest(_byte_table, acgt_segments, open_genome, read_fasta, Chunk, FileStats, chunk_file,
-                        check_looks_like_dna, BASES_PER_TOKEN)
+CODE_DIGEST = source_digest()  # what the data cache's entries are keyed on besides the file and the fields
 
 
 def cached(path, key, compute, warn, keep=lambda value: True):
@@ -717,7 +705,7 @@ def cached_scan_file(path, species, label, cfg, cache_dir, warn):
                 "stats": dataclasses.asdict(stats), "error": error, "transient": transient}
     # the entry's name: the label made flat, and a hash of it, since "a__b/g.fa" and "a/b__g.fa" flatten alike
     name = f"{label.replace(os.sep, '__')}.{hashlib.blake2b(label.encode(), digest_size=4).hexdigest()}.pt"
-    entry = cached(os.path.join(cache_dir, name), file_cache_key(path, species, label, cfg, SCAN_FIELDS, SCAN_CODE),
+    entry = cached(os.path.join(cache_dir, name), file_cache_key(path, species, label, cfg, SCAN_FIELDS, CODE_DIGEST),
                    scanned, warn, keep=lambda entry: not entry["transient"])  # an I/O error is read again next time
     return [Chunk(**fields) for fields in entry["chunks"]], FileStats(**entry["stats"]), entry["error"]
 
@@ -762,8 +750,8 @@ def scan_genomes(cfg, warn=print, progress=True, cache_dir=None):
         warn(f"warning: species {name!r} has no usable sequence and is dropped")
     if not present:
         raise DataError(f"{cfg.data_dir}: no usable sequence in any genome (see the warnings above)")
-    train, val = split_chunks(chunks, cfg.val_fraction)
-    return GenomeIndex(species=present, weights=[weights[s] for s in present], files=files, train=train, val=val,
+    train_chunks, val_chunks = split_chunks(chunks, cfg.val_fraction)
+    return GenomeCatalog(species=present, weights=[weights[s] for s in present], files=files, train_chunks=train_chunks, val_chunks=val_chunks,
                        stats={s: stats[s] for s in present}, skipped=skipped)
 
 
@@ -795,12 +783,12 @@ def owned_chunks(files, owned, cfg):
                 yield chunk
 
 
-def tokenized_chunks(index, cfg, chunks):
+def tokenized_chunks(catalog, cfg, chunks):
     """The given chunks of a scan, read again with their tokens, in file order."""
-    for name in index.species:
+    for name in catalog.species:
         wanted = {c.key for c in chunks if c.key[0] == name}
         if wanted:
-            yield from owned_chunks(index.files.get(name, []), wanted, cfg)
+            yield from owned_chunks(catalog.files.get(name, []), wanted, cfg)
 
 
 @dataclass
@@ -891,20 +879,20 @@ def draw_augmentations(starts, n_tokens, cfg, rng):
 class EpochSampler:
     """One shard's species-weighted stream of batches for one epoch."""
 
-    def __init__(self, index, cfg, epoch, shard, n_shards):
+    def __init__(self, catalog, cfg, epoch, shard, n_shards):
         self.epoch, self.cfg = epoch, cfg
         self.rng = np.random.default_rng([cfg.seed, epoch, shard, 1])
-        weights = np.asarray(index.weights, dtype=np.float64)
+        weights = np.asarray(catalog.weights, dtype=np.float64)
         self.probs = weights / weights.sum()
         self.streams = []
-        for species_id, name in enumerate(index.species):
-            chunks = [c for c in index.train if c.key[0] == name]
+        for species_id, name in enumerate(catalog.species):
+            chunks = [c for c in catalog.train_chunks if c.key[0] == name]
             if not chunks:
                 self.probs[species_id] = 0
                 self.streams.append(None)
                 continue
             mine = assign_chunks(len(chunks), shard, n_shards, epoch, cfg.seed, species_id)
-            self.streams.append(SpeciesStream([chunks[i] for i in mine], index.files[name], cfg,
+            self.streams.append(SpeciesStream([chunks[i] for i in mine], catalog.files[name], cfg,
                                               np.random.default_rng([cfg.seed, epoch, shard, 2, species_id])))
         if self.probs.sum() == 0:
             raise DataError(f"{cfg.data_dir}: no training chunks (every chunk went to validation)")
@@ -937,8 +925,8 @@ class GenomeStream(IterableDataset):
     the same whatever step it starts at.
     """
 
-    def __init__(self, index, cfg, rank, world_size, steps_per_epoch, start_step=0):
-        self.index, self.cfg, self.rank, self.world_size = index, cfg, rank, world_size
+    def __init__(self, catalog, cfg, rank, world_size, steps_per_epoch, start_step=0):
+        self.catalog, self.cfg, self.rank, self.world_size = catalog, cfg, rank, world_size
         self.per_epoch, self.start = steps_per_epoch, start_step
 
     def __iter__(self):
@@ -951,7 +939,7 @@ class GenomeStream(IterableDataset):
         while True:
             epoch = step // self.per_epoch
             if sampler is None or sampler.epoch != epoch:
-                sampler = EpochSampler(self.index, self.cfg, epoch, shard, n_shards)
+                sampler = EpochSampler(self.catalog, self.cfg, epoch, shard, n_shards)
                 first = epoch * self.per_epoch + (role - epoch * self.per_epoch) % n_workers
                 for _ in range((step - first) // n_workers):  # fast-forward to resume mid-epoch
                     sampler.next_batch(micro * batch_size)
@@ -962,27 +950,27 @@ class GenomeStream(IterableDataset):
             step += n_workers
 
 
-def load_validation(index, cfg):
+def load_validation(catalog, cfg):
     """The fixed validation windows: evenly spaced over the validation chunks, in file order, never shuffled, in frame
     0 of the forward strand whatever the training augmentation. (tokens [N, prefix + context + 1] int64, species ids
     [N], the tokens' repeat flags [N, prefix + context + 1] bool)."""
     stride = cfg.window_stride
-    counts = [windows_per_chunk(c.n_tokens, cfg.context_size, stride) for c in index.val]
+    counts = [windows_per_chunk(c.n_tokens, cfg.context_size, stride) for c in catalog.val_chunks]
     total = sum(counts)
     picks = np.arange(total) if not cfg.eval_windows or total <= cfg.eval_windows else \
         np.unique(np.linspace(0, total - 1, cfg.eval_windows).round().astype(np.int64))
     bounds = np.cumsum([0] + counts)
     wanted = {}
-    for i, chunk in enumerate(index.val):
+    for i, chunk in enumerate(catalog.val_chunks):
         mine = picks[(picks >= bounds[i]) & (picks < bounds[i + 1])] - bounds[i]
         if len(mine):
             wanted[chunk.key] = mine * stride
     windows, species, repeats = {}, {}, {}
-    for chunk in tokenized_chunks(index, cfg, [c for c in index.val if c.key in wanted]):
+    for chunk in tokenized_chunks(catalog, cfg, [c for c in catalog.val_chunks if c.key in wanted]):
         windows[chunk.key] = window_tokens(chunk.tokens, wanted[chunk.key], cfg)
         repeats[chunk.key] = window_repeats(chunk.soft_mask, wanted[chunk.key], cfg)
-        species[chunk.key] = index.species.index(chunk.key[0])
-    keys = [c.key for c in index.val if c.key in windows]
+        species[chunk.key] = catalog.species.index(chunk.key[0])
+    keys = [c.key for c in catalog.val_chunks if c.key in windows]
     width = cfg.prefix_tokens + cfg.context_size + 1
     if not keys:
         return (torch.zeros(0, width, dtype=torch.long), torch.zeros(0, dtype=torch.long),
@@ -993,19 +981,15 @@ def load_validation(index, cfg):
 
 
 VALIDATION_FIELDS = SCAN_FIELDS + ("overlap_ratio", "eval_windows", "global_memory")  # what load_validation reads
-VALIDATION_CODE = code_digest(SCAN_CODE, load_validation, tokenized_chunks, owned_chunks, windows_per_chunk,
-                              window_reads, window_tokens, window_repeats, shift_tokens, reverse_complement_tokens,
-                              tokenize, soft_mask_bits, IS_REPEAT.tolist(), RETRIEVAL_CONTEXT_TOKENS, Config.window_stride.fget,
-                              Config.prefix_tokens.fget, Config.window_bases.fget)
 
 
-def cached_validation(index, cfg, cache_dir, warn=print):
+def cached_validation(catalog, cfg, cache_dir, warn=print):
     """load_validation, answered from cache_dir while the validation chunks, every genome file (see the data cache)
     and the settings are the same: else it streams every file that holds a validation chunk, as long as a scan."""
-    key = {"chunks": [(c.key, c.n_tokens) for c in index.val], "files": [
-        file_cache_key(path, name, label, cfg, VALIDATION_FIELDS, VALIDATION_CODE)
-        for name in index.species for path, label in index.files[name]]}
-    return cached(os.path.join(cache_dir, "validation.pt"), key, lambda: load_validation(index, cfg), warn)
+    key = {"chunks": [(c.key, c.n_tokens) for c in catalog.val_chunks], "files": [
+        file_cache_key(path, name, label, cfg, VALIDATION_FIELDS, CODE_DIGEST)
+        for name in catalog.species for path, label in catalog.files[name]]}
+    return cached(os.path.join(cache_dir, "validation.pt"), key, lambda: load_validation(catalog, cfg), warn)
 
 
 # ----------------------------------------------------------------------------- retrieval memory
@@ -1065,14 +1049,14 @@ class RetrievalIndex:
         return torch.stack(per_length, 2).float()
 
 
-def retrieval_index(index, cfg, rt, warn=print):
+def load_or_build_retrieval_index(catalog, cfg, rt, warn=print):
     """The RetrievalIndex of this data set's training chunks, on rt.device: loaded from checkpoint_dir when an index
     of the same training chunks is cached there, else built by rank 0 (on its device) and cached."""
-    digest = training_chunks_digest(index)
+    digest = training_chunks_digest(catalog)
     path = retrieval_index_path(cfg.checkpoint_dir, digest)
     if rt.is_main and not os.path.exists(path):
         t_start = time.time()
-        built = build_retrieval_index(index, cfg, rt.device, digest)
+        built = build_retrieval_index(catalog, cfg, rt.device, digest)
         save_retrieval_index(built, path)
         entries = sum(len(k) for k in built.keys)
         warn(f"retrieval index: {entries:,} (context, next 6-mer) entries over {len(RETRIEVAL_CONTEXT_TOKENS)} context "
@@ -1085,28 +1069,28 @@ def retrieval_index(index, cfg, rt, warn=print):
     return load_retrieval_index(path, rt.device)
 
 
-def training_chunks_digest(index):
+def training_chunks_digest(catalog):
     """A hash of what the index is built from: every training chunk's identity and length, and each file's size and
     modification time (copying the genomes elsewhere therefore builds the index again, which is the safe side)."""
     h = hashlib.blake2b(digest_size=8)
     h.update(repr((RETRIEVAL_CONTEXT_TOKENS, BASES_PER_TOKEN, RETRIEVAL_INDEX_FORMAT)).encode())
-    for chunk in sorted(index.train, key=lambda c: c.key):
+    for chunk in sorted(catalog.train_chunks, key=lambda c: c.key):
         h.update(repr((chunk.key, chunk.n_tokens)).encode())
-    for species in sorted(index.files):
-        for path, label in index.files[species]:
+    for species in sorted(catalog.files):
+        for path, label in catalog.files[species]:
             stat = os.stat(path)  # a file edited in place (a polished assembly, same length) has a new mtime
             h.update(repr((label, stat.st_size, stat.st_mtime_ns)).encode())
     return h.hexdigest()
 
 
-def build_retrieval_index(index, cfg, device, digest):
+def build_retrieval_index(catalog, cfg, device, digest):
     """Read the training chunks once and count their (context, next 6-mer) strings on both strands.
 
     One sort serves every context length: each position's longest key is sorted once (see longest_keys); a shorter
     key is its top bits, so that order sorts the shorter keys too, and each length's unique keys and cumulative
     counts are a filter, a shift and the starts of the runs of equal keys.
     """
-    bases = [token_bases(chunk.tokens) for chunk in tokenized_chunks(index, cfg, index.train)]
+    bases = [token_bases(chunk.tokens) for chunk in tokenized_chunks(catalog, cfg, catalog.train_chunks)]
     lengths = [len(b) for b in bases]
     forward = torch.from_numpy(np.concatenate(bases)).to(device)
     reverse = 3 - forward.flip(0)  # the other strand, read 5' to 3': the chunks in reverse order
@@ -1174,9 +1158,9 @@ def retrieval_index_path(folder, digest):
     return os.path.join(folder, f"retrieval_index_{digest}.pt")
 
 
-def save_retrieval_index(memory_index, path):
-    write_atomically(path, {"keys": memory_index.keys, "cumulative": memory_index.cumulative,
-                            "digest": memory_index.digest, "context_tokens": list(RETRIEVAL_CONTEXT_TOKENS)})
+def save_retrieval_index(retrieval_index, path):
+    write_atomically(path, {"keys": retrieval_index.keys, "cumulative": retrieval_index.cumulative,
+                            "digest": retrieval_index.digest, "context_tokens": list(RETRIEVAL_CONTEXT_TOKENS)})
 
 
 def load_retrieval_index(path, device):
@@ -1347,8 +1331,8 @@ class PlantLM(nn.Module):
             device = torch.device("cuda", torch.cuda.current_device())
         key = (T, str(device))
         if key not in self._window_biases:
-            index = torch.arange(T, device=device)
-            seen = local_window_mask(index[:, None], index[None, :], self.cfg.local_attn_window)
+            positions = torch.arange(T, device=device)
+            seen = local_window_mask(positions[:, None], positions[None, :], self.cfg.local_attn_window)
             self._window_biases[key] = torch.zeros(T, T, device=device).masked_fill(~seen, -math.inf)
         return self._window_biases[key]
 
@@ -1455,7 +1439,7 @@ NATS_PER_TOKEN_TO_BITS_PER_BASE = 1 / (BASES_PER_TOKEN * math.log(2))  # a loss 
 
 def train(cfg, build_model=None):
     """Train on cfg.data_dir under torchrun (or as one plain process); returns the last validation loss."""
-    cfg.validate()
+    cfg.check()
     rt = setup_distributed()
     log = RunLog(cfg, rt)
     try:
@@ -1482,7 +1466,7 @@ def train(cfg, build_model=None):
                 meter = LogMeter(run)
             epoch_done = run.step % run.per_epoch == 0
             if run.step % cfg.eval_every == 0 or epoch_done or run.step == run.total_steps:
-                validate(run)
+                score_validation(run)
             if epoch_done:
                 save_epoch_checkpoint(run)
             elif (cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0) or run.step == run.total_steps:
@@ -1505,7 +1489,7 @@ class Run:
     cfg: Config
     rt: "Runtime"
     log: "RunLog"
-    index: GenomeIndex
+    catalog: GenomeCatalog
     learner: "Learner"
     val_tokens: torch.Tensor
     val_species: torch.Tensor
@@ -1533,25 +1517,25 @@ def start_run(cfg, rt, log, build_model):
         warn(f"no GPU found: training on the CPU with {rt.world_size} process(es) (gloo). This is slow; the progress "
              f"bar's ETA is the real estimate. Use a smaller model (--d_model=128 --n_layers=2) to try things out.")
     cache_dir = os.path.join(cfg.checkpoint_dir, "data_cache")
-    index = scan_genomes(cfg, warn=warn, progress=log.progress, cache_dir=cache_dir)
-    val_tokens, val_species, val_repeat = cached_validation(index, cfg, cache_dir, warn)
+    catalog = scan_genomes(cfg, warn=warn, progress=log.progress, cache_dir=cache_dir)
+    val_tokens, val_species, val_repeat = cached_validation(catalog, cfg, cache_dir, warn)
     if not len(val_tokens):
         warn(f"warning: no validation windows: a species whose sequence fits in one chunk (chunk_size = "
              f"{cfg.chunk_size:,} bases) keeps that chunk for training. Validation and model_best.pt are skipped; "
              f"a smaller --chunk_size holds some sequence out.")
-    per_epoch = steps_per_epoch(index, cfg, rt.world_size)
+    per_epoch = steps_per_epoch(catalog, cfg, rt.world_size)
     total_steps = per_epoch * cfg.n_epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.n_epochs)
-    run = Run(cfg, rt, log, index, build_learner(cfg, rt, len(index.species), build_model), val_tokens, val_species,
+    run = Run(cfg, rt, log, catalog, build_learner(cfg, rt, len(catalog.species), build_model), val_tokens, val_species,
               val_repeat, per_epoch, total_steps)
     if cfg.global_memory == "retrieval":
-        run.learner.memory_index = retrieval_index(index, cfg, rt, warn)
+        run.learner.retrieval_index = load_or_build_retrieval_index(catalog, cfg, rt, warn)
     if rt.is_main:
         for leftover in remove_stale_temporaries(cfg.checkpoint_dir):
             warn(f"removed {leftover}: the temporary file of a save that was interrupted")
     resume(run)
     report_start(run)
     log.start_wandb(cfg)
-    stream = GenomeStream(index, cfg, rt.rank, rt.world_size, per_epoch, start_step=run.step)
+    stream = GenomeStream(catalog, cfg, rt.rank, rt.world_size, per_epoch, start_step=run.step)
     run.loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                             pin_memory=rt.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
                             prefetch_factor=4 if cfg.num_workers else None)
@@ -1565,7 +1549,7 @@ def resume(run):
     if not path:
         return
     ckpt = load_checkpoint(path)
-    check_compatible(ckpt["config"], cfg, ckpt["species"], run.index.species, path, warn=run.log.info)
+    check_compatible(ckpt["config"], cfg, ckpt["species"], run.catalog.species, path, warn=run.log.info)
     learner.model.load_state_dict(ckpt["model_state_dict"])
     learner.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
     for group in learner.optimizer.param_groups:  # a graphed run saved True, which AdamW on a CPU refuses;
@@ -1582,7 +1566,7 @@ def resume(run):
     elif rt.rank < len(ckpt["rng_states"]):
         run.saved_rng = ckpt["rng_states"][rt.rank]
     run.log.info(f"resumed from {path} at step {run.step}")
-    saved_index, index_now = ckpt.get("retrieval_index"), learner.memory_index and learner.memory_index.digest
+    saved_index, index_now = ckpt.get("retrieval_index"), learner.retrieval_index and learner.retrieval_index.digest
     if saved_index and saved_index != index_now:
         run.log.info(f"warning: {path} was trained with retrieval index {saved_index}; the training chunks or genome "
                      f"files have changed since, and training goes on with index {index_now}")
@@ -1599,7 +1583,7 @@ def report_start(run):
     effective = cfg.batch_size * cfg.accumulation_steps * rt.world_size
     info(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     info(f"versions: {json.dumps(versions(rt.device))}")
-    info(data_summary(run.index, cfg))
+    info(data_summary(run.catalog, cfg))
     info(f"model: {n_params:,} parameters ({n_params / 1e6:.1f}M), precision "
          f"{run.learner.autocast_dtype or torch.float32}{', compiled' if run.learner.compiled is not run.learner.model else ''}")
     info(f"effective batch: {cfg.batch_size} x {cfg.accumulation_steps} accumulation x {rt.world_size} rank(s) = "
@@ -1629,7 +1613,7 @@ class Learner:
     scaler: torch.amp.GradScaler
     autocast_dtype: torch.dtype
     fixed_scale: float  # None with fp16 (the loss scale moves); 1.0 otherwise
-    memory_index: "RetrievalIndex" = None  # with global_memory = retrieval
+    retrieval_index: "RetrievalIndex" = None  # with global_memory = retrieval
     lr: torch.Tensor = None  # the learning rate on the device: every step reads it, so a captured step can too
     graph: "StepGraph" = None  # with Config.cuda_graphs on one CUDA process: what train_step replays
     # Bad-step accounting on the device, so that no step waits for the host: the current and the longest run of
@@ -1703,8 +1687,8 @@ def step_on_device(learner, step_tokens, step_species, step_repeat):
         windows = step_tokens[micro]
         inputs, targets = windows[:, cfg.prefix_tokens:-1], windows[:, cfg.prefix_tokens + 1:]
         weights = step_weights[micro, :, cfg.prefix_tokens + 1:]
-        memory = {} if learner.memory_index is None else {  # leave-one-out: a window never retrieves itself
-            "retrieval": learner.memory_index.counts(windows, cfg.prefix_tokens, exclude_self=True)}
+        memory = {} if learner.retrieval_index is None else {  # leave-one-out: a window never retrieves itself
+            "retrieval": learner.retrieval_index.counts(windows, cfg.prefix_tokens, exclude_self=True)}
         syncs_gradients = micro == cfg.accumulation_steps - 1
         # gradients are all-reduced only on the last micro-batch; no_sync must wrap the forward too
         with learner.wrapped.no_sync() if rt.distributed and not syncs_gradients else contextlib.nullcontext():
@@ -1860,20 +1844,20 @@ def write_log_line(run, meter, result):
     return record
 
 
-def validate(run):
+def score_validation(run):
     """Score the fixed validation windows, log them, and save model_best.pt at a new low."""
     if not len(run.val_tokens):
         return
     learner = run.learner
-    run.val_loss, by_species, by_repeat = evaluate(learner.compiled, run.val_tokens, run.val_species, run.val_repeat,
-                                                   run.cfg, run.rt, learner.autocast_dtype, learner.memory_index)
+    run.val_loss, by_species, by_repeat = validation_loss(learner.compiled, run.val_tokens, run.val_species, run.val_repeat,
+                                                   run.cfg, run.rt, learner.autocast_dtype, learner.retrieval_index)
     improved = run.val_loss < run.best_val  # the same on every rank: the loss is all-reduced
     run.best_val = min(run.best_val, run.val_loss)
     to_bits = NATS_PER_TOKEN_TO_BITS_PER_BASE
     run.log.metrics({"step": run.step, "epoch": run.step / run.per_epoch, "val_loss": run.val_loss,
                      "val_bits_per_base": run.val_loss * to_bits, "best_val_loss": run.best_val,
                      "val_bits_per_base_by_species": {name: loss * to_bits for name, loss in
-                                                      zip(run.index.species, by_species)},
+                                                      zip(run.catalog.species, by_species)},
                      "val_bits_per_base_repeat": by_repeat["repeat"] * to_bits,
                      "val_bits_per_base_nonrepeat": by_repeat["nonrepeat"] * to_bits,
                      "elapsed_s": time.time() - run.t_start, "train_s": run.train_seconds})
@@ -1910,9 +1894,9 @@ def save_run(run, name, epoch=None):
             "model_state_dict": learner.model.state_dict(), "optimizer_state_dict": learner.optimizer.state_dict(),
             "scaler_state_dict": learner.scaler.state_dict(),
             "epoch": (run.step - 1) // run.per_epoch if epoch is None else epoch, "step": run.step,
-            "config": dataclasses.asdict(run.cfg), "species": run.index.species, "steps_per_epoch": run.per_epoch,
+            "config": dataclasses.asdict(run.cfg), "species": run.catalog.species, "steps_per_epoch": run.per_epoch,
             "world_size": rt.world_size, "best_val_loss": run.best_val, "rng_states": all_states,
-            "retrieval_index": learner.memory_index and learner.memory_index.digest}
+            "retrieval_index": learner.retrieval_index and learner.retrieval_index.digest}
         try:
             save_checkpoint(path, payload)
         except OSError as e:  # a full disk, say: the run cannot keep its work, so it stops, saying what is kept
@@ -1946,7 +1930,7 @@ def epoch_bar_span(step, per_epoch, total_steps):
 
 
 @torch.no_grad()
-def evaluate(model, tokens, species, repeat, cfg, rt, autocast_dtype, memory_index=None):
+def validation_loss(model, tokens, species, repeat, cfg, rt, autocast_dtype, retrieval_index=None):
     """Mean loss (nats/token, unweighted) over the fixed validation windows: overall, per species id (a list), and
     over the targets whose repeat flag is set and the others ({"repeat", "nonrepeat"}; nan where there are none);
     every rank scores its share, then all-reduce.
@@ -1968,8 +1952,8 @@ def evaluate(model, tokens, species, repeat, cfg, rt, autocast_dtype, memory_ind
         batch = tokens[rows].to(rt.device)
         targets = batch[:, cfg.prefix_tokens + 1:].clone()
         targets[valid:] = -100
-        memory = {} if memory_index is None else {
-            "retrieval": memory_index.counts(batch, cfg.prefix_tokens, exclude_self=False)}
+        memory = {} if retrieval_index is None else {
+            "retrieval": retrieval_index.counts(batch, cfg.prefix_tokens, exclude_self=False)}
         with torch.autocast(rt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             nats, _ = model(batch[:, cfg.prefix_tokens:-1], species[rows].to(rt.device), targets, reduction="none",
                             **memory)
@@ -2062,34 +2046,34 @@ def wrap_ddp(module, device):
         **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
 
 
-def species_table(index, cfg):
+def species_table(catalog, cfg):
     """Each species found, its id, its sampling weight, where the weight came from, and its share of the draws."""
-    shares = np.asarray(index.weights) / sum(index.weights)
+    shares = np.asarray(catalog.weights) / sum(catalog.weights)
     lines = [f"{'id':>3s} {'species':24s} {'weight':>7s} {'from':22s} {'draws':>6s}"]
-    for i, (name, weight) in enumerate(zip(index.species, index.weights)):
+    for i, (name, weight) in enumerate(zip(catalog.species, catalog.weights)):
         source = "species_distribution" if name in cfg.species_distribution else "default_species_weight"
         lines.append(f"{i:3d} {name[:24]:24s} {weight:7g} {source:22s} {shares[i]:6.1%}")
     return "\n".join(lines)
 
 
-def steps_per_epoch(index, cfg, world_size):
+def steps_per_epoch(catalog, cfg, world_size):
     """An epoch draws as many windows as the training split holds (species-weighted), in whole optimizer steps."""
     samples_per_step = cfg.batch_size * cfg.accumulation_steps * world_size
-    return max(1, index.windows(index.train, cfg) // samples_per_step)
+    return max(1, catalog.windows(catalog.train_chunks, cfg) // samples_per_step)
 
 
-def data_summary(index, cfg):
+def data_summary(catalog, cfg):
     """The start-up report of the data: the species table, then what was read of each species."""
-    lines = [species_table(index, cfg)]
-    for name in index.species:
-        st = index.stats[name]
-        train = [c for c in index.train if c.key[0] == name]
-        val = [c for c in index.val if c.key[0] == name]
-        lines.append(f"  {name}: {len(index.files[name])} file(s), {st.records} record(s), {st.bases:,} bases read, "
+    lines = [species_table(catalog, cfg)]
+    for name in catalog.species:
+        st = catalog.stats[name]
+        train_chunks = [c for c in catalog.train_chunks if c.key[0] == name]
+        val_chunks = [c for c in catalog.val_chunks if c.key[0] == name]
+        lines.append(f"  {name}: {len(catalog.files[name])} file(s), {st.records} record(s), {st.bases:,} bases read, "
                      f"{st.non_acgt:,} non-ACGT removed, {st.dropped_short:,} in too-short pieces dropped; "
-                     f"chunks {len(train)} train / {len(val)} val; windows {index.windows(train, cfg):,} train / "
-                     f"{index.windows(val, cfg):,} val")
-    for path, reason in index.skipped:
+                     f"chunks {len(train_chunks)} train / {len(val_chunks)} val; windows "
+                     f"{catalog.windows(train_chunks, cfg):,} train / {catalog.windows(val_chunks, cfg):,} val")
+    for path, reason in catalog.skipped:
         lines.append(f"  skipped {path}: {reason}")
     return "\n".join(lines)
 
@@ -2230,8 +2214,6 @@ def checkpoint_config(saved):
     """The Config a checkpoint was written with: a field it predates had its default value then."""
     names = {f.name for f in dataclasses.fields(Config)}
     values = {k: v for k, v in saved.items() if k in names}
-    if "use_global_memory" in saved and "global_memory" not in saved:  # the boolean before retrieval existed
-        values["global_memory"] = "buckets" if saved["use_global_memory"] else "none"
     return Config(**values)
 
 
@@ -2450,744 +2432,19 @@ def restore_rng_states(states, device):
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-# ----------------------------------------------------------------------------- inference: score, variants, embed
-
-TARGET_PREFIXES = tuple(range(1, BASES_PER_TOKEN + 1))  # a target 6-mer's first 1..6 bases: scoring base by base
-
-
-@dataclass
-class Inference:
-    """A trained checkpoint ready for inference: the model in eval mode on its device, with its global memory."""
-    model: nn.Module
-    cfg: Config
-    species_id: int
-    device: torch.device
-    memory_index: RetrievalIndex = None
-
-
-def load_for_inference(checkpoint, species, device="auto", warn=print, scoring=True):
-    """The checkpoint's model for `species` (a name it was trained on, or 'average': the mean species embedding),
-    on `device` ('auto': a GPU when there is one), with its memory: the frozen bucket memory in its weights, or, for
-    scoring, the retrieval index of its training chunks, cached beside it (hidden states never read it)."""
-    try:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else \
-            torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device is visible here")
-    ckpt = load_checkpoint(checkpoint)
-    cfg = checkpoint_config(ckpt["config"])
-    names = ckpt["species"]
-    model = PlantLM(cfg, len(names))
-    model.load_state_dict(ckpt["model_state_dict"])
-    if species == "average":
-        mean = model.species_embedding.weight.detach().mean(0, keepdim=True)
-        model.species_embedding = nn.Embedding.from_pretrained(mean)
-        species_id = 0
-    elif species in names:
-        species_id = names.index(species)
-    else:
-        raise ConfigError(f"species {species!r} is unknown to {checkpoint}; known species: "
-                          f"{', '.join(names)} (or 'average' for the mean species embedding)")
-    memory_index = None
-    if cfg.global_memory == "retrieval" and scoring:
-        path = retrieval_index_path(os.path.dirname(checkpoint) or ".", ckpt["retrieval_index"])
-        if not os.path.exists(path):
-            raise ConfigError(f"{checkpoint} reads the retrieval index {path}, which is missing; it is rebuilt "
-                              f"by a training run on the same data with --checkpoint_dir set to that folder")
-        memory_index = load_retrieval_index(path, device)
-        warn(f"memory: retrieval index {ckpt['retrieval_index']} ({path}), the training chunks of {', '.join(names)}")
-    return Inference(model.to(device).eval(), cfg, species_id, device, memory_index)
-
-
-def score_pieces(inference, pieces, batch_size=64):
-    """Per-base log-likelihoods of DNA: for each (key, codes) of pieces (base codes 0..3), yields (key, codes,
-    log_probs), log_probs [len(codes)] float64: ln p(base | the piece's bases before it), nan for the first 6 bases,
-    which are context only (nothing predicts a piece's first 6-mer).
-
-    A piece is tokenized from its first base, and a last partial 6-mer is scored too: a base's probability is the
-    probability of the 6-mer prefix it ends over the one before it, each a sum over the 6-mers that begin with it
-    (prefix_log_probs), so the bases of a 6-mer multiply to the 6-mer's probability. Windows of context_size + 1
-    tokens read a piece as training and validation do, each target scored once, in the window where it has the
-    most context (covering_windows); windows of many pieces share a batch, and pieces come back in order."""
-    cfg = inference.cfg
-    width = cfg.prefix_tokens + cfg.context_size + 1
-    for key, codes, windows in windowed(pieces, lambda codes: scoring_windows(codes, cfg), width, batch_size,
-                                        lambda rows, _: window_base_log_probs(inference, rows)):
-        log_probs = np.full(len(codes), np.nan)
-        for (_, start, owned), per_base in windows:
-            targets = np.flatnonzero(owned)  # the window's t-th target is the piece's token start + 1 + t
-            at = BASES_PER_TOKEN * (start + 1 + targets)[:, None] + np.arange(BASES_PER_TOKEN)
-            inside = at < len(codes)  # the last 6-mer may be partial
-            log_probs[at[inside]] = per_base[targets][inside]
-        yield key, codes, log_probs
-
-
-def scoring_windows(codes, cfg):
-    """(row, start, owned) per window that scores a piece: row = its tokens from start - prefix_tokens to the window's
-    end (-1 before the piece), owned = which of the window's targets it scores. The last 6-mer may be partial: its
-    missing bases read as A and are never scored."""
-    tokens = tokenize(np.concatenate([codes, np.zeros(-len(codes) % BASES_PER_TOKEN, np.uint8)])).astype(np.int64)
-    for start, length, owned in covering_windows(len(tokens), cfg.context_size + 1, cfg.window_stride):
-        if length > 1:
-            row = np.concatenate([np.full(max(0, cfg.prefix_tokens - start), -1),
-                                  tokens[max(0, start - cfg.prefix_tokens):start + length]])
-            yield row, start, owned[1:]  # a window's first token is context only
-
-
-def covering_windows(n, span, stride):
-    """(start, length, owned) windows of at most `span` positions over positions 0..n-1, every position owned by
-    exactly one: the first window owns all of its positions, each later one, `stride` further on, only those past
-    the previous one's end, so most positions are read with span - stride positions before them. A last window sits
-    flush with the end, so that no tail is left out."""
-    if n <= span:
-        return [(0, n, np.ones(n, dtype=bool))] if n else []
-    starts = list(range(0, n - span + 1, stride))
-    if starts[-1] + span < n:
-        starts.append(n - span)
-    windows, covered = [], 0
-    for start in starts:
-        windows.append((start, span, np.arange(start, start + span) >= covered))
-        covered = start + span
-    return windows
-
-
-@torch.no_grad()
-def window_base_log_probs(inference, rows):
-    """rows [B, prefix + T + 1] int64 token windows (-1 where there is none) -> [B, T, 6] float64 numpy: each target
-    base's ln p given everything before it, in fp32 on every device (so that CPU and GPU scores agree)."""
-    model, cfg = inference.model, inference.cfg
-    rows = rows.to(inference.device)
-    inputs, targets = rows[:, cfg.prefix_tokens:-1].clamp_min(0), rows[:, cfg.prefix_tokens + 1:]
-    targets = torch.where(targets >= 0, targets, -100)  # padding: right of every real token, so it changes none
-    species = torch.full((len(rows),), inference.species_id, device=inference.device)
-    logits, hidden = model(inputs, species)
-    log_p = prefix_log_probs(logits, targets, TARGET_PREFIXES)
-    if inference.memory_index is not None:
-        counts = inference.memory_index.counts(rows, cfg.prefix_tokens, exclude_self=False,
-                                               target_bases=(0,) + TARGET_PREFIXES)
-        log_p = model.mixed_log_probs(log_p, hidden, counts)
-    return torch.diff(log_p, dim=-1, prepend=torch.zeros_like(log_p[..., :1])).double().cpu().numpy()
-
-
-def windowed(pieces, windows_of, width, batch_size, run):
-    """For each (key, piece) of pieces, yields (key, piece, [(window, output) per window of windows_of(piece)]), in
-    order, running the windows of many pieces in batches: run(rows, windows) maps a batch of windows' rows (int64
-    [B, width], each window's row padded on the right with -1) to one output per window, keeping only what the
-    caller needs. Only unfinished pieces are held."""
-    in_flight, batch = collections.deque(), []
-
-    def run_batch():
-        rows = torch.full((len(batch), width), -1, dtype=torch.int64)
-        for i, (_, window) in enumerate(batch):
-            rows[i, :len(window[0])] = torch.from_numpy(window[0])
-        for (entry, window), output in zip(batch, run(rows, [window for _, window in batch])):
-            entry.outstanding -= 1
-            entry.results.append((window, output))
-        batch.clear()
-
-    def finished():
-        while in_flight and in_flight[0].outstanding == 0:
-            entry = in_flight.popleft()
-            yield entry.key, entry.piece, entry.results
-
-    for key, piece in pieces:
-        entry = PieceInFlight(key, piece)
-        in_flight.append(entry)
-        for window in windows_of(piece):
-            batch.append((entry, window))
-            entry.outstanding += 1
-            if len(batch) == batch_size:
-                run_batch()
-                yield from finished()
-        entry.outstanding -= 1  # all its windows are listed
-    if batch:
-        run_batch()
-    yield from finished()
-
-
-@dataclass
-class PieceInFlight:
-    key: object
-    piece: np.ndarray
-    outstanding: int = 1  # windows not yet run, + 1 while they are still being listed
-    results: list = field(default_factory=list)  # (window, output)
-
-
-# ----------------------------------------------------------------------------- inference: eval
-
-def evaluate_fasta(inference, paths, batch_size=64, progress=True, per_base=None):
-    """Per-record and per-file log-likelihood of FASTA files, base by base (score_pieces), with the checkpoint's
-    global memory. Every A/C/G/T run of at least 7 bases is scored (split at other letters, cut at chunk_size as in
-    training); per_base, an open text file, receives the per-base bedGraph track."""
-    from tqdm import tqdm
-    cfg = inference.cfg
-    results = []
-    for path in paths:
-        totals = {}  # (record index, record id) -> [log-likelihood, bases scored]
-        stats = FileStats()
-        chunks = chunk_file(path, "eval", path, cfg, stats=stats, min_bases=BASES_PER_TOKEN + 1)
-        pieces = (((c.key, c.record_id), np.concatenate([token_bases(c.tokens), c.tail])) for c in chunks)
-        bar = tqdm(desc=os.path.basename(path), unit=" bases", unit_scale=True,
-                   disable=None if progress else True)  # None: a bar only on a terminal
-        for (key, record_id), codes, log_probs in score_pieces(inference, pieces, batch_size):
-            scored = ~np.isnan(log_probs)
-            entry = totals.setdefault((key[2], record_id), [0.0, 0])
-            entry[0] += float(log_probs[scored].sum())
-            entry[1] += int(scored.sum())
-            if per_base is not None:
-                write_bedgraph(per_base, record_id, chunk_start(key, cfg), log_probs)
-            bar.update(len(codes))
-        bar.close()
-        check_looks_like_dna(path, stats)
-        results.append({"file": path, "records": {name: likelihood_summary(ll, n) for name, (ll, n) in
-                                                   zip(distinct_names(totals), totals.values())},
-                        **likelihood_summary(sum(ll for ll, _ in totals.values()), sum(n for _, n in totals.values())),
-                        "bases_read": stats.bases, "non_acgt_removed": stats.non_acgt})
-    return results
-
-
-def distinct_names(records):
-    """The names a table gives (0-based record number, record id) pairs: the id, or "id (record N)" where several
-    records share it."""
-    counts = collections.Counter(record_id for _, record_id in records)
-    return [f"{record_id} (record {number + 1})" if counts[record_id] > 1 else record_id for number, record_id in records]
-
-
-def likelihood_summary(log_likelihood, bases):
-    """The figures reported per record, file and overall; bits/base is None where nothing was scored (0 would read as a
-    perfect model)."""
-    return {"bases_scored": bases, "log_likelihood": log_likelihood,
-            "bits_per_base": -log_likelihood / (bases * math.log(2)) if bases else None}
-
-
-def write_bedgraph(out, chrom, offset, log_probs):
-    """One bedGraph line per scored base: chrom, 0-based start, end, ln p(base | the bases before it)."""
-    at = np.flatnonzero(~np.isnan(log_probs))
-    out.write("".join(f"{chrom}\t{offset + i}\t{offset + i + 1}\t{value:.6g}\n"
-                      for i, value in zip(at.tolist(), log_probs[at].tolist())))
-
-
-def eval_main(argv):
-    import argparse
-    parser = argparse.ArgumentParser(
-        prog="plant_lm_train.py eval",
-        description="Log-likelihood and bits per base of a trained checkpoint on FASTA files, base by base: every "
-                    "A/C/G/T run of at least 7 bases is scored, each base given the bases before it (the first 6 "
-                    "bases of a run are context only).")
-    add_inference_arguments(parser)
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--per-base", metavar="OUT.bedGraph",
-                        help="write the per-base track: ln p(base | the bases before it), in nats, one line per scored "
-                             "base (bedGraph: record id, 0-based start, end, value)")
-    parser.add_argument("fasta", nargs="+", help="FASTA files, optionally gzipped")
-    args = parser.parse_args(argv)
-    for path in args.fasta:
-        check_input_file(path, "the FASTA files in it")
-    for path in filter(None, (args.json, args.per_base)):
-        check_output_path(path)
-    inference = load_for_inference(args.checkpoint, args.species, args.device, warn=print_to_stderr)
-    with open(args.per_base, "w") if args.per_base else contextlib.nullcontext() as per_base:
-        if per_base is not None:
-            per_base.write(f'track type=bedGraph name="Plant LM" description="ln p(base | bases before it), nats, '
-                           f'{os.path.basename(args.checkpoint)}, species {args.species}"\n')
-        results = evaluate_fasta(inference, args.fasta, args.batch_size, per_base=per_base)
-    print(f"{'file / record':60s} {'bases scored':>14s} {'log-lik (nats)':>16s} {'bits/base':>10s}")
-    for result in results:
-        for record, r in result["records"].items():
-            print(summary_line("  " + record, r))
-        print(summary_line(os.path.basename(result["file"]), result))
-        if not result["bases_scored"]:
-            print_to_stderr(f"warning: {result['file']}: nothing scored: no A/C/G/T run of at least "
-                            f"{BASES_PER_TOKEN + 1} bases ({result['bases_read']:,} bases read, "
-                            f"{result['non_acgt_removed']:,} non-ACGT removed)")
-    overall = likelihood_summary(sum(r["log_likelihood"] for r in results), sum(r["bases_scored"] for r in results))
-    if not overall["bases_scored"]:
-        raise DataError(f"nothing to score in {', '.join(args.fasta)}: eval needs A/C/G/T runs of at least "
-                        f"{BASES_PER_TOKEN + 1} bases (one 6-mer of context and a base to predict)")
-    print(summary_line("overall", overall))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "species": args.species, "files": results, **overall}, f,
-                      indent=1)
-    return overall
-
-
-def summary_line(name, figures):
-    bits = "-" if figures["bits_per_base"] is None else f"{figures['bits_per_base']:.4f}"
-    return f"{name[:60]:60s} {figures['bases_scored']:14,d} {figures['log_likelihood']:16.2f} {bits:>10s}"
-
-
-def add_inference_arguments(parser):
-    """The arguments every inference subcommand takes."""
-    parser.add_argument("--checkpoint", required=True, help="a model_*.pt written by training")
-    parser.add_argument("--species", required=True,
-                        help="species name known to the checkpoint, or 'average' for the mean species embedding")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="windows per forward pass (default 64)")
-    parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
-
-
-def check_output_path(path):
-    """Before any work: an output's folder must exist and be writable, so that a long run does not end in a lost
-    result."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise DataError(f"{path}: cannot write here: {folder} " +
-                        ("is not writable" if os.path.isdir(folder) else "does not exist"))
-    if os.path.isdir(path) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise DataError(f"{path}: cannot write here: " + ("a directory" if os.path.isdir(path) else "not writable"))
-
-
-def check_input_file(path, hint):
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: " + (f"a directory; give {hint}" if os.path.isdir(path) else "no such file"))
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"{text} is not a positive integer")
-    return value
-
-
-def print_to_stderr(message):
-    print(message, file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------- inference: variants
-
-@dataclass(slots=True)  # a VCF can hold millions
-class Allele:
-    """One ALT allele of a VCF record, and its score or the reason it has none."""
-    chrom: str
-    pos: int  # 1-based, as in the VCF
-    id: str
-    ref: str
-    alt: str
-    llr: float = math.nan
-    note: str = None  # why it is not scored; None while it may be
-
-
-def variants_main(argv):
-    import argparse
-    parser = argparse.ArgumentParser(
-        prog="plant_lm_train.py variants",
-        description="Zero-shot scores of the SNVs of a VCF: the log-likelihood ratio log P(alt) - log P(ref), in "
-                    "nats, of the sequence around each, over every 6-mer whose prediction the change can affect, "
-                    "averaged over the 6 token frames and both strands. Negative: the model finds the ALT allele "
-                    "less likely than the reference. One row per ALT allele; indels, non-ACGT alleles and a REF that "
-                    "disagrees with the FASTA get NA and the reason.")
-    add_inference_arguments(parser)
-    parser.add_argument("--fasta", required=True, help="the reference genome (FASTA, optionally gzipped)")
-    parser.add_argument("--vcf", required=True, help="the variants (VCF or VCF.gz)")
-    parser.add_argument("--out", required=True, help="the scores, a tab-separated table")
-    args = parser.parse_args(argv)
-    check_input_file(args.fasta, "the reference FASTA file")
-    check_input_file(args.vcf, "the VCF file")
-    check_output_path(args.out)
-    inference = load_for_inference(args.checkpoint, args.species, args.device, warn=print_to_stderr)
-    alleles = read_vcf_alleles(args.vcf)
-    score_alleles(inference, args.fasta, alleles, args.batch_size)
-    write_variant_table(args.out, alleles)
-    reasons = collections.Counter(a.note for a in alleles if a.note is not None)
-    print_to_stderr(f"{len(alleles) - sum(reasons.values()):,} of {len(alleles):,} ALT alleles scored, in {args.out}")
-    for reason, n in reasons.most_common():
-        print_to_stderr(f"  not scored: {n:,} x {reason}")
-    return alleles
-
-
-def read_vcf_alleles(path):
-    """One Allele per ALT allele of every VCF record (cyvcf2, which reads VCF and VCF.gz); the ones that are not SNVs
-    of A/C/G/T carry the reason. A record htslib cannot parse is an error naming its line."""
-    from cyvcf2 import VCF
-    line = check_vcf_columns(path)
-    try:
-        vcf = VCF(path)
-    except Exception as e:  # OSError, or a bare Exception for a header htslib rejects
-        raise DataError(f"{path}: not a readable VCF ({e})") from e
-    records, alleles = iter(vcf), []
-    while True:
-        line += 1
-        try:
-            record = next(records)
-        except StopIteration:
-            break
-        except Exception as e:  # cyvcf2 raises a bare Exception for a record htslib rejects
-            raise DataError(f"{path}: line {line}: not a valid VCF record ({e})") from e
-        for alt in record.ALT or ["."]:
-            alleles.append(Allele(record.CHROM, record.POS, record.ID or ".", record.REF, alt,
-                                  note=snv_problem(record.REF, alt)))
-    vcf.close()
-    return alleles
-
-
-def check_vcf_columns(path):
-    """The number of header lines of a VCF, after checking that every record has the 8 tab-separated columns and a
-    whole-number POS: htslib crashes the process on some malformed records instead of raising."""
-    header = 0
-    for number, raw in text_lines(path):
-        if raw.startswith(b"#"):
-            header = number
-            continue
-        fields = raw.rstrip(b"\r\n").split(b"\t")
-        if len(fields) < 8 or not fields[1].isdigit():
-            raise DataError(f"{path}: line {number}: not a VCF record (8 or more tab-separated columns, POS a "
-                            f"whole number); found {raw[:80].decode('utf-8', 'replace').rstrip()!r}")
-    return header
-
-
-def text_lines(path):
-    """(line number, bytes) of a text file, gzipped or not; a damaged file is an error naming it."""
-    try:
-        with open_genome(path) as f:
-            yield from enumerate(f, 1)
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: cannot read: {e}") from e
-
-
-def snv_problem(ref, alt):
-    """Why a VCF allele is not scored as an SNV, or None."""
-    if alt == ".":
-        return "no ALT allele"
-    if alt.startswith("<") or "[" in alt or "]" in alt:
-        return "symbolic or breakend ALT allele"
-    if len(ref) != 1 or len(alt) != 1:
-        return "indel or multi-base substitution: only SNVs are scored"
-    if ref.upper() not in "ACGT" or alt.upper() not in "ACGT":
-        return "non-ACGT allele"
-    if ref.upper() == alt.upper():
-        return "ALT equals REF"
-    return None
-
-
-def score_alleles(inference, fasta, alleles, batch_size=64):
-    """Score every SNV of alleles in place (llr), reading the reference one record at a time, only the records that
-    have variants: memory is one chromosome."""
-    from tqdm import tqdm
-    by_contig = collections.defaultdict(list)
-    for allele in alleles:
-        if allele.note is None:
-            by_contig[allele.chrom].append(allele)
-    bar = tqdm(total=sum(map(len, by_contig.values())), unit=" variants", disable=None)
-    for record_id, codes in read_records(fasta, set(by_contig)):
-        score_contig_snvs(inference, codes, by_contig.pop(record_id), batch_size, bar)
-    bar.close()
-    for contig, missing in by_contig.items():
-        for allele in missing:
-            allele.note = f"contig {contig} is not in {os.path.basename(fasta)}"
-
-
-def read_records(path, wanted):
-    """(record id, BYTE_CODES of the whole record) for each record of a FASTA file whose id is in wanted (None:
-    every record), one at a time, in file order. A reference must name its records uniquely: a second record with a
-    wanted id is an error, as is a record that looks like protein."""
-    seen, current_index, current_id, parts = set(), None, None, None
-    for record_index, record_id, piece in read_fasta(path):
-        if record_index != current_index:
-            if parts is not None:
-                yield current_id, record_codes(path, current_id, parts)
-            if wanted is not None and record_id in wanted and record_id in seen:
-                raise DataError(f"{path}: two records are named {record_id}: a reference needs unique record ids")
-            seen.add(record_id)
-            current_index, current_id = record_index, record_id
-            parts = [] if wanted is None or record_id in wanted else None
-        if parts is not None:
-            parts.append(piece)
-    if parts is not None:
-        yield current_id, record_codes(path, current_id, parts)
-
-
-def record_codes(path, record_id, parts):
-    """The BYTE_CODES of a record's pieces; an error naming it when it looks like protein (check_looks_like_dna,
-    per record)."""
-    text = b"".join(parts)
-    codes = BYTE_CODES[np.frombuffer(text, dtype=np.uint8)]
-    check_looks_like_dna(f"{path}: record {record_id}",
-                         FileStats(bases=len(text), other_letters=other_letters(text, codes), records=1))
-    return codes
-
-
-def score_contig_snvs(inference, codes, alleles, batch_size, bar):
-    """The LLRs of one chromosome's SNVs (codes: BYTE_CODES of the record). Each site's pieces (site_pieces: every
-    placement of a window around it, on both strands) are scored with the reference base and with each ALT base; a
-    piece's difference is the summed per-base log-likelihood from the variant on (the bases before it are the same).
-    An allele's LLR is the mean over each strand's pieces, then over the two strands."""
-    sites = collections.defaultdict(list)
-    for allele in alleles:
-        at = allele.pos - 1
-        base = codes[at] if 0 <= at < len(codes) else None
-        if base is None:
-            allele.note = f"position {allele.pos:,} is outside {allele.chrom} ({len(codes):,} bases)"
-        elif base >= 8:
-            allele.note = "the reference base is not A/C/G/T"
-        elif "ACGT"[base & 3] != allele.ref.upper():
-            allele.note = f"REF {allele.ref} does not match the reference base {'ACGT'[base & 3]}"
-        else:
-            sites[at].append(allele)
-    for at in [at for at in sites if np.diff(acgt_run(codes, at, inference.cfg))[0] <= BASES_PER_TOKEN]:
-        for allele in sites.pop(at):  # a run of 6 bases or fewer holds nothing to score (site_pieces is empty)
-            allele.note = f"fewer than {BASES_PER_TOKEN + 1} A/C/G/T bases around the site"
-    bar.update(len(alleles) - sum(map(len, sites.values())))
-    sums, strands = {}, {}  # (site, allele number: 0 = reference) -> per piece, the log-likelihood from the variant
-    # on; site -> per piece, on the reverse strand? (pieces are made as they are scored: memory is a batch's worth)
-
-    def pieces():
-        for at, site_alleles in sites.items():
-            alts = [BYTE_CODES[ord(a.alt)] & 3 for a in site_alleles]
-            site = site_pieces(codes, at, inference.cfg)
-            strands[at] = np.array([reverse for _, _, reverse in site])
-            for number, (piece, variant, reverse) in enumerate(site):
-                yield (at, 0, number, variant), piece
-                for allele_number, base in enumerate(alts, 1):
-                    changed = piece.copy()
-                    changed[variant] = 3 - base if reverse else base
-                    yield (at, allele_number, number, variant), changed
-
-    for (at, allele_number, number, variant), _, log_probs in score_pieces(inference, pieces(), batch_size):
-        sums.setdefault((at, allele_number), np.zeros(len(strands[at])))[number] = np.nansum(log_probs[variant:])
-        site_alleles = sites[at]
-        if allele_number == len(site_alleles) and number == len(strands[at]) - 1:  # the site's last piece
-            reverse = strands.pop(at)
-            reference = sums.pop((at, 0))
-            for n, allele in enumerate(site_alleles, 1):
-                difference = sums.pop((at, n)) - reference
-                allele.llr = float(np.mean([difference[reverse == r].mean() for r in (False, True)
-                                            if (reverse == r).any()]))
-            bar.update(len(site_alleles))
-
-
-def site_pieces(codes, at, cfg):
-    """The pieces that score a SNV at `at`, each (base codes 0..3, the variant's index in it, on the reverse
-    strand?): on each strand, read 5' to 3', every distinct window_placements region of at least 7 bases, the
-    reverse strand's placed in its own frames (the run mirrored). Far from a gap, 6 per strand, one per frame."""
-    run_start, run_end = acgt_run(codes, at, cfg)
-    mirror = run_start + run_end - 1  # x -> mirror - x maps the run onto itself, reversed
-    pieces = []
-    for reverse, site in ((False, at), (True, mirror - at)):
-        for start, end in dict.fromkeys(window_placements(site, run_start, run_end, cfg)):  # distinct, in order
-            if end - start <= BASES_PER_TOKEN:  # nothing after the first 6-mer: nothing scored
-                continue
-            piece = 3 - (codes[mirror - end + 1:mirror - start + 1] & 3)[::-1] if reverse else codes[start:end] & 3
-            pieces.append((piece, site - start, reverse))
-    return pieces
-
-
-def acgt_run(codes, at, cfg):
-    """(start, end) of the run of A/C/G/T around `at`, as far as a placement can reach (a model window each way)."""
-    span = (cfg.context_size + 1) * BASES_PER_TOKEN
-    low = max(0, at - span)
-    gaps = np.flatnonzero(codes[low:at] >= 8)
-    run_start = low + int(gaps[-1]) + 1 if len(gaps) else low
-    gaps = np.flatnonzero(codes[at:at + span] >= 8)
-    return run_start, at + (int(gaps[0]) if len(gaps) else len(codes[at:at + span]))
-
-
-def window_placements(site, run_start, run_end, cfg):
-    """(start, end) of the 6 regions around a site in a run [run_start, run_end), one per token frame: in frame f the
-    variant is base f of its 6-mer, with context_size // 2 whole 6-mers before it and the rest of one model window
-    (65 6-mers) after it, clipped to the run. Near the run's start a region keeps its frame while the variant lies
-    past the run's first f bases. The window is the model's: every 6-mer after the variant in it is scored."""
-    span = (cfg.context_size + 1) * BASES_PER_TOKEN
-    before = cfg.context_size // 2 * BASES_PER_TOKEN
-    regions = []
-    for frame in range(BASES_PER_TOKEN):
-        start = site - frame - before
-        if start < run_start:
-            start = run_start + (site - frame - run_start) % BASES_PER_TOKEN if site - frame >= run_start else run_start
-        regions.append((start, min(start + span, run_end)))
-    return regions
-
-
-def write_variant_table(path, alleles):
-    with open(path, "w") as f:
-        f.write("chrom\tpos\tid\tref\talt\tllr\tnote\n")
-        for a in alleles:
-            llr = "NA" if a.note is not None else f"{a.llr:.6f}"
-            f.write(f"{a.chrom}\t{a.pos}\t{a.id}\t{a.ref}\t{a.alt}\t{llr}\t{a.note or '.'}\n")
-
-
-# ----------------------------------------------------------------------------- inference: embeddings
-
-@dataclass
-class Region:
-    """One BED line's region of the reference."""
-    name: str
-    chrom: str
-    start: int
-    end: int
-    reverse: bool
-    line: int  # the BED line, for error messages
-
-
-def embed_main(argv):
-    import argparse
-    parser = argparse.ArgumentParser(
-        prog="plant_lm_train.py embed",
-        description="Embeddings of DNA regions: the final hidden states of the checkpoint's model, mean-pooled over "
-                    "each region's 6-mers (and per 6-mer with --per-token), written to an .npz file with the region "
-                    "names. Regions are the records of a FASTA file, or the lines of a BED file in --fasta.")
-    add_inference_arguments(parser)
-    parser.add_argument("--out", required=True, help="the embeddings, an .npz file (numpy.load, no pickle)")
-    parser.add_argument("--bed", help="regions of --fasta: chrom, 0-based start, end, optional name, score and "
-                                      "strand ('-' embeds the reverse complement)")
-    parser.add_argument("--fasta", help="the reference genome that --bed refers to")
-    parser.add_argument("--per-token", action="store_true",
-                        help="also write every 6-mer's hidden state (token_embeddings, token_offsets, token_starts)")
-    parser.add_argument("regions", nargs="?", help="a FASTA file: each record is a region (instead of --bed)")
-    args = parser.parse_args(argv)
-    if (args.bed is None) == (args.regions is None) or (args.bed is None) != (args.fasta is None):
-        parser.error("give either a FASTA file of regions, or --bed REGIONS with --fasta REF")
-    for path in filter(None, (args.bed, args.fasta, args.regions)):
-        check_input_file(path, "a file")
-    check_output_path(args.out)
-    inference = load_for_inference(args.checkpoint, args.species, args.device, warn=print_to_stderr, scoring=False)
-    regions = read_bed(args.bed) if args.bed else None
-    sequences = bed_sequences(args.fasta, args.bed, regions) if args.bed else \
-        (((number, record_id), codes) for number, (record_id, codes) in enumerate(read_records(args.regions, None)))
-    found = {}  # region number -> (name, mean, 6-mers, per-token hidden states and their starts or None)
-    from tqdm import tqdm
-    for (number, name), *embedded in tqdm(embed_regions(inference, sequences, args.batch_size, args.per_token),
-                                          unit=" regions", total=len(regions) if regions else None, disable=None):
-        found[number] = (name, *embedded)
-    if not found:
-        raise DataError(f"{args.bed or args.regions}: no regions: " +
-                        ("no BED lines" if args.bed else "no FASTA records"))
-    names, pooled, n_tokens, hidden, starts = zip(*(found[number] for number in sorted(found)))  # input order
-    if not args.bed:  # FASTA records that share an id are told apart by their number, as eval does
-        names = distinct_names(list(enumerate(names)))
-    empty = [name for name, n in zip(names, n_tokens) if not n]
-    if empty:
-        print_to_stderr(f"warning: {len(empty)} region(s) hold no 6-mer of A/C/G/T ({', '.join(empty[:3])}"
-                        f"{', ...' if len(empty) > 3 else ''}): their embedding is nan")
-    arrays = {"names": np.array(names, dtype=str), "embeddings": np.stack(pooled),
-              "n_tokens": np.array(n_tokens, dtype=np.int64)}
-    if args.per_token:
-        arrays["token_embeddings"] = np.concatenate(hidden)
-        arrays["token_offsets"] = np.concatenate([[0], np.cumsum(arrays["n_tokens"])])
-        arrays["token_starts"] = np.concatenate(starts)
-    write_atomically(args.out, arrays, save=lambda arrays, f: np.savez(f, **arrays), what="embeddings file")
-    print_to_stderr(f"{len(names):,} region embeddings ({inference.cfg.d_model} values each) in {args.out}")
-    return arrays
-
-
-def embed_regions(inference, sequences, batch_size=64, per_token=False):
-    """For each (key, codes) of sequences (BYTE_CODES), yields (key, mean [d_model] float32, 6-mers, hidden, starts):
-    the mean of the final hidden states at the region's 6-mers (nan without one) and their number, and with
-    per_token the states themselves [n, d_model] and each 6-mer's offset in the region [n] (else None). The region
-    is read as training reads a genome: split into A/C/G/T runs, cut at chunk_size, each piece tokenized from its
-    start (a last partial 6-mer dropped). A 6-mer's state is read in the window where it has the most context
-    (covering_windows), as scoring reads its prediction. Memory: one piece's states, unless per_token."""
-    cfg = inference.cfg
-
-    def pieces():  # ((key, offset in the region, the region's last piece?), codes); an empty one for an empty region
-        for key, codes in sequences:
-            cuts = [(start, min(start + cfg.chunk_size, end)) for run_start, end in acgt_segments(codes).tolist()
-                    for start in range(run_start, end, cfg.chunk_size)]
-            for i, (start, end) in enumerate(cuts or [(0, 0)]):
-                yield (key, start, i == max(len(cuts), 1) - 1), codes[start:end]
-
-    def windows_of(codes):
-        tokens = tokenize(codes).astype(np.int64)
-        for start, length, owned in covering_windows(len(tokens), cfg.context_size, cfg.window_stride):
-            yield tokens[start:start + length], start, owned
-
-    def run(rows, windows):  # only the rows each window owns leave the batch
-        hidden = window_hidden_states(inference, rows)
-        return [h[:len(owned)][owned] for h, (_, _, owned) in zip(hidden, windows)]
-
-    total, count, kept, starts = np.zeros(cfg.d_model), 0, [], []
-    for (key, offset, last), _, windows in windowed(pieces(), windows_of, cfg.context_size, batch_size, run):
-        for (_, start, owned), hidden in windows:
-            total += hidden.sum(0, dtype=np.float64)
-            count += len(hidden)
-            if per_token:
-                kept.append(hidden)
-                starts.append(offset + BASES_PER_TOKEN * (start + np.flatnonzero(owned)))
-        if last:
-            mean = (total / count if count else np.full(cfg.d_model, np.nan)).astype(np.float32)
-            yield (key, mean, count,
-                   np.concatenate(kept or [np.zeros((0, cfg.d_model), np.float32)]) if per_token else None,
-                   np.concatenate(starts or [np.zeros(0, np.int64)]).astype(np.int64) if per_token else None)
-            total, count, kept, starts = np.zeros(cfg.d_model), 0, [], []
-
-
-@torch.no_grad()
-def window_hidden_states(inference, rows):
-    """rows [B, T] int64 (-1 padding on the right) -> the final hidden states [B, T, d_model], float32 numpy."""
-    rows = rows.to(inference.device)
-    species = torch.full((len(rows),), inference.species_id, device=inference.device)
-    _, hidden = inference.model(rows.clamp_min(0), species)
-    return hidden.float().cpu().numpy()
-
-
-def read_bed(path):
-    """The regions of a BED file (plain or gzipped), checked line by line; an error names the line."""
-    regions = []
-    for number, raw in text_lines(path):
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if not line.strip() or line.startswith(("#", "track", "browser")):
-            continue
-        fields = line.split("\t") if "\t" in line else line.split()
-        if len(fields) < 3:
-            raise DataError(f"{path}: line {number}: a BED line needs chrom, start and end; found {line[:80]!r}")
-        try:
-            start, end = int(fields[1]), int(fields[2])
-        except ValueError:
-            raise DataError(f"{path}: line {number}: start and end must be whole numbers; found "
-                            f"{fields[1]!r} and {fields[2]!r}") from None
-        if not 0 <= start < end:
-            raise DataError(f"{path}: line {number}: needs 0 <= start < end; found start {start}, end {end}")
-        strand = fields[5] if len(fields) > 5 else "+"
-        if strand not in ("+", "-", "."):
-            raise DataError(f"{path}: line {number}: strand must be +, - or .; found {strand!r}")
-        name = fields[3] if len(fields) > 3 and fields[3] not in ("", ".") else f"{fields[0]}:{start}-{end}"
-        regions.append(Region(name, fields[0], start, end, strand == "-", number))
-    return regions
-
-
-def bed_sequences(fasta, bed, regions):
-    """((region number, name), BYTE_CODES) of each BED region, in the reference's order, reading it one record at a
-    time."""
-    by_chrom = collections.defaultdict(list)
-    for number, region in enumerate(regions):
-        by_chrom[region.chrom].append(number)
-    for record_id, codes in read_records(fasta, set(by_chrom)):
-        for number in by_chrom.pop(record_id):
-            region = regions[number]
-            if region.end > len(codes):
-                raise DataError(f"{bed}: line {region.line}: end {region.end:,} is past the end of {record_id} "
-                                f"({len(codes):,} bases)")
-            piece = codes[region.start:region.end]
-            yield (number, region.name), reverse_complement_codes(piece) if region.reverse else piece
-    if by_chrom:
-        chrom, numbers = next(iter(by_chrom.items()))
-        raise DataError(f"{bed}: line {regions[numbers[0]].line}: {chrom} is not a record of {fasta}")
-
-
-def reverse_complement_codes(codes):
-    """BYTE_CODES of the reverse strand: reversed, each base complemented (3 - base, soft-masking kept)."""
-    reverse = codes[::-1]
-    return np.where(reverse < 8, (reverse & 4) | (3 - (reverse & 3)), reverse).astype(np.uint8)
-
-
 # ----------------------------------------------------------------------------- entry point
 
-USAGE = """usage:
-  python plant_lm_train.py [train] [--field=value ...]   train (launch through run.sh / torchrun for several GPUs)
-  python plant_lm_train.py eval --checkpoint PATH --species NAME [--per-base OUT.bedGraph] FASTA [FASTA ...]
-  python plant_lm_train.py variants --checkpoint PATH --species NAME --fasta REF.fa --vcf IN.vcf --out OUT.tsv
-  python plant_lm_train.py embed --checkpoint PATH --species NAME --out OUT.npz (FASTA | --bed REGIONS --fasta REF)
-Config fields are the Config dataclass at the top of this file; --field=value overrides one for this run.
-Each subcommand's --help says more."""
-SUBCOMMANDS = {"eval": eval_main, "variants": variants_main, "embed": embed_main}
+USAGE = """usage: python plant_lm_train.py [--field=value ...]
+Trains on Config.data_dir (launch through run.sh, which runs torchrun, for several GPUs or nodes). Config fields are
+the Config dataclass at the top of this file; --field=value overrides one for this run. Scoring, variants and
+embeddings are plant_lm_infer.py's."""
 
 
 def config_from_args(args):
     overrides = parse_overrides(args)
     if "RESUME" in os.environ and "resume" not in overrides:  # the command line beats the environment
         overrides["resume"] = os.environ["RESUME"]
-    return Config(**overrides).validate()
+    return Config(**overrides).check()
 
 
 def error_message(error):
@@ -3205,10 +2462,7 @@ def main(argv):
     is_main = int(os.environ.get("RANK", 0)) == 0
     cfg = None
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            SUBCOMMANDS[argv[0]](argv[1:])
-            return 0
-        cfg = config_from_args(argv[1:] if argv and argv[0] == "train" else argv)
+        cfg = config_from_args(argv)
         train(cfg)
     except (ConfigError, DataError, TrainingStopped) as e:  # ours, with a message that names the cause; the rest
         if is_main:                                         # are bugs and keep their traceback

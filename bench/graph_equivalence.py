@@ -27,7 +27,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     args, overrides = parser.parse_known_args()
     # dropout on (the default is off), so that the replays' masks are checked against the eager steps' too
-    cfg = plm.Config(**{"precision": "fp32", "dropout": 0.1, **plm.parse_overrides(overrides)}).validate()
+    cfg = plm.Config(**{"precision": "fp32", "dropout": 0.1, **plm.parse_overrides(overrides)}).check()
     rt = plm.Runtime(0, 0, 1, torch.device("cuda"))
     g = torch.Generator().manual_seed(0)
     genome = torch.randint(0, 64, (1_000_000,), generator=g)  # 64 distinct 6-mers: contexts recur, lookups hit
@@ -38,17 +38,17 @@ def main():
         tokens = torch.stack([genome[s:s + width] for s in starts]).view(cfg.accumulation_steps, cfg.batch_size, width)
         species = torch.randint(0, 3, (cfg.accumulation_steps, cfg.batch_size), generator=g)
         batches.append((tokens.to(torch.int16), species, torch.zeros(tokens.shape, dtype=torch.bool)))
-    memory_index = None
+    retrieval_index = None
     if cfg.global_memory == "retrieval":
         bases = torch.from_numpy(plm.token_bases(genome.numpy())).to(rt.device)
-        memory_index = plm.RetrievalIndex(*plm.key_tables(plm.longest_keys(bases, [len(bases)], plm.INDEX_KEY_BASES)),
+        retrieval_index = plm.RetrievalIndex(*plm.key_tables(plm.longest_keys(bases, [len(bases)], plm.INDEX_KEY_BASES)),
                                           "synthetic").to(rt.device)
     runs = {}
     for label, graphs in (("plain", False), ("plain_again", False), ("graphed", True)):
         torch.manual_seed(0)  # the same initial weights and the same dropout draws
         torch.cuda.manual_seed(0)
         learner = plm.build_learner(dataclasses.replace(cfg, cuda_graphs=graphs), rt, 3)
-        learner.memory_index = memory_index
+        learner.retrieval_index = retrieval_index
         t0 = time.time()
         losses = [plm.train_step(learner, *batch, plm.lr_at(step, cfg, args.steps)).loss
                   for step, batch in enumerate(batches)]

@@ -48,19 +48,19 @@ def peak_rss_gb():
 # ----------------------------------------------------------------------------- data
 
 def subset_index(data_dir, species, subset_mbp):
-    """The GenomeIndex of the full data, and one restricted to the first training chunks of `species`."""
+    """The GenomeCatalog of the full data, and one restricted to the first training chunks of `species`."""
     cfg = plm.Config(data_dir=data_dir)
     t = time.time()
     index = plm.scan_genomes(cfg, warn=lambda *_: None, progress=False)
     scan_s = time.time() - t
     chosen, total = [], 0
-    for chunk in index.train:
+    for chunk in index.train_chunks:
         if chunk.key[0] == species and (subset_mbp <= 0 or total < subset_mbp * 1e6):
             chosen.append(chunk)
             total += chunk.n_tokens * plm.BASES_PER_TOKEN
     sub = dataclasses.replace(index, species=[species], weights=[1.0], files={species: index.files[species]},
-                              train=chosen, val=[])
-    full_train_bases = sum(c.n_tokens for c in index.train) * plm.BASES_PER_TOKEN
+                              train_chunks=chosen, val_chunks=[])
+    full_train_bases = sum(c.n_tokens for c in index.train_chunks) * plm.BASES_PER_TOKEN
     file_bases = {s: index.stats[s].bases for s in index.species}
     return cfg, index, sub, scan_s, full_train_bases, file_bases
 
@@ -69,7 +69,7 @@ def read_bases(index, cfg):
     """The module's read phase (chunk_file + token_bases), timed apart."""
     bases, lengths, t_tb = [], [], 0.0
     t0 = time.time()
-    for chunk in plm.tokenized_chunks(index, cfg, index.train):
+    for chunk in plm.tokenized_chunks(index, cfg, index.train_chunks):
         t = time.time()
         bases.append(plm.token_bases(chunk.tokens))
         t_tb += time.time() - t
@@ -380,7 +380,7 @@ def main():
     read_phases["total_s"] = time.time() - t
     sub_bases = len(bases)
     scale = full_train_bases / sub_bases
-    report["subset"] = {"species": args.species, "train_chunks": len(sub.train), "bases_one_strand": sub_bases,
+    report["subset"] = {"species": args.species, "train_chunks": len(sub.train_chunks), "bases_one_strand": sub_bases,
                         "fraction_of_full_train_bases": sub_bases / full_train_bases,
                         "read_phase": read_phases,
                         "read_phase_note": f"chunk_file parses the whole {args.species} file "

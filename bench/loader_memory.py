@@ -29,7 +29,7 @@ def main():
     args, overrides = parser.parse_known_args()
     import torch
     from torch.utils.data import DataLoader
-    cfg = plm.Config(**{"batch_size": 4096, "accumulation_steps": 1, **plm.parse_overrides(overrides)}).validate()
+    cfg = plm.Config(**{"batch_size": 4096, "accumulation_steps": 1, **plm.parse_overrides(overrides)}).check()
     index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
     per_epoch = plm.steps_per_epoch(index, cfg, 1)
     loader = DataLoader(plm.GenomeStream(index, cfg, 0, 1, per_epoch), batch_size=None, num_workers=cfg.num_workers,

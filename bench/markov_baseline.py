@@ -77,7 +77,7 @@ def holdout_keys(train_chunks):
 
 def load_train_codes(index, cfg):
     """{chunk key: uint8 base codes} for every training chunk, streamed file by file."""
-    wanted = {c.key for c in index.train}
+    wanted = {c.key for c in index.train_chunks}
     codes = {}
     for name in index.species:
         for path, label in index.files.get(name, []):
@@ -279,16 +279,16 @@ def main():
         raise SystemExit("--max_order must be in 2..13 (order 13 needs ~2 GB per count set)")
     K = args.max_order
     t0 = time.time()
-    cfg = plm.Config(data_dir=args.data_dir, global_memory="none").validate()  # windows without prefix tokens
+    cfg = plm.Config(data_dir=args.data_dir, global_memory="none").check()  # windows without prefix tokens
     first, per_window = plm.BASES_PER_TOKEN, cfg.context_size * plm.BASES_PER_TOKEN
 
     index = plm.scan_genomes(cfg, progress=False)
     print(f"[{time.time() - t0:5.1f}s] scanned: {len(index.train)} training chunks, {len(index.val)} validation "
           f"chunks, species {index.species}")
     codes = load_train_codes(index, cfg)
-    held = holdout_keys(index.train)
-    fit_keys = [c.key for c in index.train if c.key not in held]
-    held_keys = [c.key for c in index.train if c.key in held]
+    held = holdout_keys(index.train_chunks)
+    fit_keys = [c.key for c in index.train_chunks if c.key not in held]
+    held_keys = [c.key for c in index.train_chunks if c.key in held]
     n_train_bases = sum(len(v) for v in codes.values())
     print(f"[{time.time() - t0:5.1f}s] training bases {n_train_bases:,}; held-out for selection: "
           f"{len(held_keys)} chunks, {sum(len(codes[k]) for k in held_keys):,} bases")
@@ -298,7 +298,7 @@ def main():
     counts_held = count_orders([codes[k] for k in held_keys], K)
     model_fit = MarkovModel(counts_fit)
     print(f"[{time.time() - t0:5.1f}s] counted orders 0..{K}")
-    n_tok = {c.key: c.n_tokens for c in index.train}
+    n_tok = {c.key: c.n_tokens for c in index.train_chunks}
     hw = [chunk_windows(codes[k], n_tok[k], cfg) for k in held_keys]
     held_windows = np.concatenate(hw)
     held_species = np.concatenate([np.full(len(x), index.species.index(k[0])) for x, k in zip(hw, held_keys)])

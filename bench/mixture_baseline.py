@@ -349,22 +349,22 @@ def main():
     ap.add_argument("--dev_subsample", type=int, default=1, help="development only: count every n-th fit chunk")
     args = ap.parse_args()
     both = not args.one_strand
-    cfg = plm.Config(data_dir=args.data_dir, global_memory="none").validate()  # windows without prefix tokens
+    cfg = plm.Config(data_dir=args.data_dir, global_memory="none").check()  # windows without prefix tokens
     first = BASES_PER_TOKEN
     n_cols = cfg.context_size * BASES_PER_TOKEN
 
     index = plm.scan_genomes(cfg, progress=False)
     species = index.species
     codes = load_train_codes(index, cfg)
-    held = holdout_keys(index.train)
-    fit_keys = [c.key for c in index.train if c.key not in held][::args.dev_subsample]
-    held_keys = [c.key for c in index.train if c.key in held]
+    held = holdout_keys(index.train_chunks)
+    fit_keys = [c.key for c in index.train_chunks if c.key not in held][::args.dev_subsample]
+    held_keys = [c.key for c in index.train_chunks if c.key in held]
     n_train_bases = sum(len(v) for v in codes.values())
     log(f"{len(index.train)} training chunks ({n_train_bases:,} bases), {len(held_keys)} held out "
         f"({sum(len(codes[k]) for k in held_keys):,} bases); strands counted: {'both' if both else 'given only'}")
 
     # held-out fitting windows: every 3rd window of each held-out chunk; halves A/B alternate chunks per species
-    n_tok = {c.key: c.n_tokens for c in index.train}
+    n_tok = {c.key: c.n_tokens for c in index.train_chunks}
     hw, hs, hhalf = [], [], []
     seen_per_species = {}
     for key in held_keys:

@@ -40,12 +40,12 @@ GROUPS = [("retrieval lookup", ("searchsorted",)),
 
 def main():
     name = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--name=")), None)
-    cfg = plm.Config(**plm.parse_overrides([a for a in sys.argv[1:] if not a.startswith("--name=")])).validate()
+    cfg = plm.Config(**plm.parse_overrides([a for a in sys.argv[1:] if not a.startswith("--name=")])).check()
     rt = plm.Runtime(0, 0, 1, torch.device("cuda"))
     learner = plm.build_learner(cfg, rt, 3)  # the trainer's model, compiled forward, fused AdamW, scaler, step graph
     model = learner.model
     if cfg.global_memory == "retrieval":  # an index of the bundled genomes' size: what a lookup searches
-        learner.memory_index = synthetic_index(int(os.environ.get("INDEX_ENTRIES", 200_000_000)), rt.device)
+        learner.retrieval_index = synthetic_index(int(os.environ.get("INDEX_ENTRIES", 200_000_000)), rt.device)
     tokens = torch.randint(0, plm.VOCAB_SIZE, (cfg.accumulation_steps, cfg.batch_size, cfg.prefix_tokens + cfg.context_size + 1))
     species = torch.randint(0, 3, (cfg.accumulation_steps, cfg.batch_size))
     repeat = torch.zeros(tokens.shape, dtype=torch.bool)  # the repeat flags only weigh the loss: no cost of their own

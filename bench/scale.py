@@ -183,7 +183,7 @@ def scan_stage(cfg, cache_dir):
         timed[f"validation_{label}_s"] = time.time() - started
     bases = sum(st.bases for st in index.stats.values())
     return index, {**timed, "validation_windows": len(val_tokens), "bases": bases,
-                   "cold_s_per_gbp": timed["cold_s"] / (bases / 1e9), "chunks": len(index.train) + len(index.val),
+                   "cold_s_per_gbp": timed["cold_s"] / (bases / 1e9), "chunks": len(index.train_chunks) + len(index.val_chunks),
                    "cache_bytes": sum(os.path.getsize(os.path.join(cache_dir, n)) for n in os.listdir(cache_dir))}
 
 
@@ -335,7 +335,7 @@ def retrieval_stage(index_dir, ckpt, seconds):
     """The index the cold retrieval run built (its log line gives the build time): size on disk, entries per base
     and counts() calls/s on a batch of 4096 training windows, on the GPU if there is one."""
     import torch
-    cfg = plm.Config(data_dir=index_dir).validate()
+    cfg = plm.Config(data_dir=index_dir).check()
     index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False, cache_dir=os.path.join(ckpt, "data_cache"))
     path = os.path.join(ckpt, f"retrieval_index_{plm.training_chunks_digest(index)}.pt")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -351,7 +351,7 @@ def retrieval_stage(index_dir, ckpt, seconds):
         if device.type == "cuda":
             torch.cuda.synchronize()
     rate = calls / (time.time() - started)
-    train_bases = sum(c.n_tokens for c in index.train) * plm.BASES_PER_TOKEN
+    train_bases = sum(c.n_tokens for c in index.train_chunks) * plm.BASES_PER_TOKEN
     keys = sum(len(k) for k in memory.keys)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"device": name, "train_bases": train_bases, "bytes_on_disk": os.path.getsize(path),
@@ -393,7 +393,7 @@ def main():
                       "index_data": generate(index_dir, args.index_gbp, args.divergence, args.seed + 1,
                                              args.processes)})
     SOURCES = None
-    cfg = plm.Config(data_dir=big).validate()
+    cfg = plm.Config(data_dir=big).check()
     index, scanned = scan_stage(cfg, os.path.join(args.out, "scan_cache"))
     save("scan", scanned)
 
@@ -409,7 +409,7 @@ def main():
 
     loader = {"one_worker_sampler": [sampler_rate(index, cfg, n, args.loader_s) for n in (4, 32)]}
     save("loader", loader)
-    bundled_cfg = plm.Config(data_dir=os.path.join(REPO, "data")).validate()
+    bundled_cfg = plm.Config(data_dir=os.path.join(REPO, "data")).check()
     bundled = plm.scan_genomes(bundled_cfg, warn=lambda m: None, progress=False)
     for label, (i, c) in (("bundled", (bundled, bundled_cfg)), ("scaled", (index, cfg))):
         loader[f"dataloader_{label}"] = loader_rate(i, c, args.loader_s, workers=4)

@@ -16,7 +16,7 @@ import plant_lm_train as plm  # noqa: E402
 def main(argv):
     model = next((a.split("=", 1)[1] for a in argv if a.startswith("--model=")), "plant")
     rest = [a for a in argv if not a.startswith("--model=")]
-    cfg = plm.Config(**plm.parse_overrides(rest)).validate()
+    cfg = plm.Config(**plm.parse_overrides(rest)).check()
     if model == "gpt2":
         from gpt2_baseline import GPT2Baseline
         plm.train(cfg, build_model=GPT2Baseline)

@@ -40,6 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
+import plant_lm_infer as infer  # noqa: E402
 import plant_lm_train as plm  # noqa: E402
 from _results import write_result  # noqa: E402
 
@@ -64,10 +65,10 @@ def main():
     parser.add_argument("--workdir", default="/tmp/variant_effects")
     args = parser.parse_args()
     t0 = time.time()
-    cfg = plm.Config(data_dir=args.data_dir).validate()
+    cfg = plm.Config(data_dir=args.data_dir).check()
     index = plm.scan_genomes(cfg, progress=False, warn=lambda message: None)
     (fasta, _), = index.files[SPECIES]
-    (record_id, codes), = plm.read_records(fasta, None)
+    (record_id, codes), = infer.read_records(fasta, None)
     held_out = held_out_intervals(index, cfg)
     transcripts = read_transcripts(os.path.join(args.data_dir, SPECIES, ANNOTATION), record_id)
     variants = candidate_snvs(transcripts, codes, held_out, cfg)
@@ -83,14 +84,14 @@ def main():
                "command": "python bench/variant_effects.py " + " ".join(sys.argv[1:]),
                "n_variants": {c: sum(v[3] == c for v in variants) for c in CLASSES}, "models": {}}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    scorers = [(label, lambda path=path: plm.load_for_inference(path, SPECIES, str(device), warn=print))
+    scorers = [(label, lambda path=path: infer.load_for_inference(path, SPECIES, str(device), warn=print))
                for label, path in (spec.split("=", 1) for spec in args.checkpoint)]
     if args.gpt2:
         scorers.append(("gpt2", lambda: gpt2_inference(args.gpt2, device)))
     for label, load in scorers:
         t_start = time.time()
-        alleles = plm.read_vcf_alleles(vcf)
-        plm.score_alleles(load(), fasta, alleles, args.batch_size)
+        alleles = infer.read_vcf_alleles(vcf)
+        infer.score_alleles(load(), fasta, alleles, args.batch_size)
         llrs = np.array([a.llr for a in alleles])
         results["models"][label] = summary(llrs, variants, time.time() - t_start)
         write_result(args.out, results)
@@ -107,7 +108,7 @@ def main():
 def held_out_intervals(index, cfg):
     """[start, end) in the chromosome of each validation chunk of the species (a chunk is one A/C/G/T run)."""
     return sorted((plm.chunk_start(c.key, cfg), plm.chunk_start(c.key, cfg) + c.n_tokens * plm.BASES_PER_TOKEN)
-                  for c in index.val if c.key[0] == SPECIES)
+                  for c in index.val_chunks if c.key[0] == SPECIES)
 
 
 def read_transcripts(path, record_id):
@@ -229,7 +230,7 @@ def gpt2_inference(path, device):
     cfg = plm.checkpoint_config(ckpt["config"])
     model = GPT2Baseline(cfg, len(ckpt["species"]))
     model.load_state_dict(ckpt["model_state_dict"])
-    return plm.Inference(model.to(device).eval(), cfg, 0, device)
+    return infer.Inference(model.to(device).eval(), cfg, 0, device)
 
 
 def markov_llrs(index, cfg, codes, variants):
@@ -241,7 +242,7 @@ def markov_llrs(index, cfg, codes, variants):
     model = mb.MarkovModel(mb.count_orders(list(mb.load_train_codes(index, cfg).values()), chosen["k"]))
     pieces = []
     for pos, _, alt, _, _ in variants:
-        placed = plm.site_pieces(codes, pos - 1, cfg)  # sites lie a window from any edge: 6 frames a strand
+        placed = infer.site_pieces(codes, pos - 1, cfg)  # sites lie a window from any edge: 6 frames a strand
         for piece, at, reverse in (placed[0], placed[plm.BASES_PER_TOKEN]):  # frame 0 of each strand
             changed = piece.copy()
             changed[at] = 3 - "ACGT".index(alt) if reverse else "ACGT".index(alt)

@@ -51,7 +51,7 @@ def tiny_config(**overrides):
     values = {**TINY, "species_distribution": {}, **overrides}
     if "data_dir" in values:
         values["data_dir"] = str(values["data_dir"])
-    return plm.Config(**values).validate()
+    return plm.Config(**values).check()
 
 
 # ----------------------------------------------------------------------------- synthetic genomes
@@ -74,6 +74,18 @@ def motif_genome(n_bases, seed=0, period=97, mutation_rate=0.01):
 
 
 _COMPLEMENT = str.maketrans("ACGTacgt", "TGCAtgca")
+
+
+def detokenize(tokens):
+    """6-mer ids -> the bases they spell, as a str: the tokenizer's inverse, for reading windows in tests."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    digits = (tokens[:, None] >> (2 * np.arange(plm.BASES_PER_TOKEN - 1, -1, -1))) & 3
+    return np.frombuffer(b"ACGT", dtype=np.uint8)[digits].tobytes().decode()
+
+
+def repeat_flags(chunk):
+    """bool per token of a scanned chunk: at least 3 of its 6 bases soft-masked (what training reads as a repeat)."""
+    return None if chunk.soft_mask is None else plm.IS_REPEAT[chunk.soft_mask]
 
 
 def reverse_complement(seq):

@@ -74,7 +74,7 @@ def multi_species_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def multi_species_index(multi_species_dir):
-    """(cfg, GenomeIndex) of multi_species_dir with weights a:1 b:2 c:1."""
+    """(cfg, GenomeCatalog) of multi_species_dir with weights a:1 b:2 c:1."""
     cfg = tiny_config(**DATA_SHAPE, data_dir=multi_species_dir, species_distribution={"a": 1.0, "b": 2.0, "c": 1.0})
     warnings = []
     index = plm.scan_genomes(cfg, warn=warnings.append, progress=False)
@@ -135,8 +135,8 @@ def tair10(real_data_dir, biopython_records):
 
 @pytest.fixture(scope="session")
 def real_index(real_data_dir):
-    """(cfg, GenomeIndex, warnings) of one scan of the real data dir with the default Config."""
-    cfg = plm.Config(data_dir=real_data_dir).validate()
+    """(cfg, GenomeCatalog, warnings) of one scan of the real data dir with the default Config."""
+    cfg = plm.Config(data_dir=real_data_dir).check()
     warnings = []
     index = plm.scan_genomes(cfg, warn=warnings.append, progress=False)
     return cfg, index, warnings

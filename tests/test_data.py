@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import plant_lm_train as plm
-from _helpers import DATA_SHAPE, parse_with_biopython, random_dna, reverse_complement, tiny_config, write_fasta
+from _helpers import (DATA_SHAPE, detokenize, parse_with_biopython, random_dna, repeat_flags, reverse_complement,
+                      tiny_config, write_fasta)
 from plant_lm_train import BASES_PER_TOKEN
 
 TAIR10_BASES = 30_427_671
@@ -129,8 +130,8 @@ def test_tokenize_drops_trailing_partial_kmer(extra):
 
 def test_detokenize_round_trips_tokenize():
     seq = random_dna(6 * 50, seed=3)
-    assert plm.detokenize(tokens_of(seq)) == seq
-    assert plm.detokenize(np.array([0, 1, 433, 4095])) == "AAAAAA" + "AAAAAC" + "ACGTAC" + "TTTTTT"
+    assert detokenize(tokens_of(seq)) == seq
+    assert detokenize(np.array([0, 1, 433, 4095])) == "AAAAAA" + "AAAAAC" + "ACGTAC" + "TTTTTT"
 
 
 def test_lowercase_bases_tokenize_like_uppercase():
@@ -152,7 +153,7 @@ def test_repeat_flag_marks_kmers_with_at_least_3_lowercase_bases(tmp_path):
         seq += "".join(kmer)
     path = write_fasta(tmp_path / "r.fa", [("r", seq)])
     (chunk,) = chunks_of(path, cfg)
-    assert chunk.repeat.tolist() == [n >= 3 for n in lowercase_counts]
+    assert repeat_flags(chunk).tolist() == [n >= 3 for n in lowercase_counts]
     assert chunk.tokens.tolist() == tokens_of(seq.upper()).tolist()
 
 
@@ -224,7 +225,7 @@ def test_chunks_hold_chunk_size_bases_and_start_at_their_first_base(tmp_path, le
     for k, chunk in enumerate(chunks):
         first = 2 + k * cfg.chunk_size
         assert chunk.tokens.tolist() == tokens_of(seq[first:first + BASES_PER_TOKEN * chunk.n_tokens]).tolist()
-        assert len(chunk.repeat) == chunk.n_tokens
+        assert len(repeat_flags(chunk)) == chunk.n_tokens
     assert stats.dropped_short == length - BASES_PER_TOKEN * sum(n_tokens)
 
 
@@ -239,7 +240,7 @@ def test_chunk_file_matches_a_regex_reference_at_any_read_block_size(tmp_path, m
     path = write_fasta(tmp_path / "g.fa.gz", [(f"r{i}", s) for i, s in enumerate(records)], line_width=59)
     monkeypatch.setattr(plm, "read_fasta", functools.partial(plm.read_fasta, block_size=block_size))
     stats = plm.FileStats()
-    got = [(c.key, c.tokens.tolist(), c.repeat.tolist()) for c in chunks_of(path, cfg, stats=stats)]
+    got = [(c.key, c.tokens.tolist(), repeat_flags(c).tolist()) for c in chunks_of(path, cfg, stats=stats)]
     assert got == reference_chunks(records, cfg)
     assert stats.bases == sum(map(len, records))
     assert stats.acgt_bases == sum(len(m.group()) for s in records for m in ACGT_RUN.finditer(s))
@@ -258,7 +259,7 @@ def test_wanted_chunks_carry_tokens_and_others_are_bare_keys(tmp_path):
         if part.key in wanted:
             assert part.tokens.tolist() == full.tokens.tolist()
         else:
-            assert part.tokens is None and part.repeat is None
+            assert part.tokens is None and repeat_flags(part) is None
 
 
 # ----------------------------------------------------------------------------- windows
@@ -406,11 +407,11 @@ def test_gzip_content_is_detected_whatever_the_name(tmp_path):
 
 def test_config_validate_rejects_chunk_size_not_multiple_of_6():
     with pytest.raises(ValueError, match=r"Config\.chunk_size = 601: must be a multiple of 6"):
-        plm.Config(chunk_size=601).validate()
+        plm.Config(chunk_size=601).check()
 
 
 def test_config_validate_accepts_the_defaults_and_small_test_config(tmp_path):
-    assert plm.Config().validate().chunk_size % BASES_PER_TOKEN == 0
+    assert plm.Config().check().chunk_size % BASES_PER_TOKEN == 0
     assert tiny_config(**DATA_SHAPE, data_dir=tmp_path).window_bases == (8 + 1) * BASES_PER_TOKEN
 
 
@@ -459,7 +460,7 @@ def test_discover_gives_unconfigured_species_the_default_weight_and_the_table_sa
     assert weights == {"a": 3.0, "x": 0.5}
     assert genomes["x"] == [os.path.join(root, "x", "x.FNA")]
     assert not warnings, warnings  # no warning per species: the start-up table shows where each weight came from
-    index = plm.GenomeIndex(species=["a", "x"], weights=[3.0, 0.5], files={}, train=[], val=[], stats={}, skipped=[])
+    index = plm.GenomeCatalog(species=["a", "x"], weights=[3.0, 0.5], files={}, train_chunks=[], val_chunks=[], stats={}, skipped=[])
     table = plm.species_table(index, cfg).splitlines()
     assert re.search(r"0 a\s+3 species_distribution\s+85.7%", table[1]), table
     assert re.search(r"1 x\s+0.5 default_species_weight\s+14.3%", table[2]), table
@@ -498,9 +499,9 @@ def test_multi_species_fixture_has_enough_chunks(multi_species_index):
     cfg, index = multi_species_index
     assert index.species == ["a", "b", "c"]
     assert index.weights == [1.0, 2.0, 1.0]
-    counts = collections.Counter(c.key[0] for c in index.train)
+    counts = collections.Counter(c.key[0] for c in index.train_chunks)
     assert all(counts[s] >= 16 for s in "abc"), counts
-    assert len({c.key[1] for c in index.train if c.key[0] == "a"}) == 2  # species a: two files
+    assert len({c.key[1] for c in index.train_chunks if c.key[0] == "a"}) == 2  # species a: two files
 
 
 def test_species_mix_matches_weights_within_2_points(multi_species_index):
@@ -535,7 +536,7 @@ def test_batch_mixes_windows_from_at_least_8_chunks(make_genomes):
     root = make_genomes({"a": {"a.fa": [("r", random_dna(600 * 40, 60))]}})
     cfg = tiny_config(**DATA_SHAPE, data_dir=root, species_distribution={"a": 1.0})
     index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
-    assert len(index.train) >= 16
+    assert len(index.train_chunks) >= 16
     sampler = plm.EpochSampler(index, cfg, epoch=0, shard=0, n_shards=1)
     distinct = [len(set(sampler.next_batch(16)[2])) for _ in range(20)]
     assert distinct[0] >= 8, distinct
@@ -546,7 +547,7 @@ def test_windows_of_a_chunk_are_drawn_in_random_order(multi_species_index):
     cfg, index = multi_species_index
     cfg = dataclasses.replace(cfg, open_chunks_per_species=1)  # one chunk at a time: draws follow its window order
     species = "b"
-    chunks = [c for c in index.train if c.key[0] == species]
+    chunks = [c for c in index.train_chunks if c.key[0] == species]
     start_of = {}
     for key, chunk in full_chunks(index, species, cfg).items():
         for i, row in enumerate(window_rows(chunk.tokens, cfg)):
@@ -585,14 +586,14 @@ def test_sharded_species_streams_draw_every_training_window_exactly_once(multi_s
     cfg, index = multi_species_index
     species = "a"
     species_id = index.species.index(species)
-    train_keys = {c.key for c in index.train if c.key[0] == species}
+    train_keys = {c.key for c in index.train_chunks if c.key[0] == species}
     expected = collections.Counter()
     for key, chunk in full_chunks(index, species, cfg).items():
         if key in train_keys:
             expected.update(window_rows(chunk.tokens, cfg))
     assert max(expected.values()) == 1, "synthetic windows should be unique"
 
-    n_tokens = {c.key: c.n_tokens for c in index.train}
+    n_tokens = {c.key: c.n_tokens for c in index.train_chunks}
     drawn, owned_by = collections.Counter(), collections.Counter()
     for shard in range(4):
         sampler = plm.EpochSampler(index, cfg, epoch=1, shard=shard, n_shards=4)
@@ -668,7 +669,7 @@ def test_genome_stream_resumes_at_the_exact_step(multi_species_index, num_worker
 def chunk_bases(chunk):
     """A chunk's bases as str, lowercase where soft-masked (from its tokens and soft_mask bits)."""
     lower = np.unpackbits(chunk.soft_mask[:, None], axis=1)[:, 8 - BASES_PER_TOKEN:].reshape(-1)
-    return "".join(b.lower() if m else b for b, m in zip(plm.detokenize(chunk.tokens), lower))
+    return "".join(b.lower() if m else b for b, m in zip(detokenize(chunk.tokens), lower))
 
 
 def expected_window(strand, first, cfg):
@@ -694,9 +695,9 @@ def test_soft_mask_bits_mark_exactly_the_lowercase_bases():
 
 
 def test_reverse_complement_tokens_reverse_the_order_and_complement_every_6mer():
-    spelled = plm.detokenize(plm.REVERSE_COMPLEMENT)
+    spelled = detokenize(plm.REVERSE_COMPLEMENT)
     assert [spelled[6 * i:6 * i + 6] for i in range(plm.VOCAB_SIZE)] == \
-        [reverse_complement(plm.detokenize([i])) for i in range(plm.VOCAB_SIZE)]
+        [reverse_complement(detokenize([i])) for i in range(plm.VOCAB_SIZE)]
     rc = plm.REVERSE_COMPLEMENT
     assert plm.reverse_complement_tokens(np.array([[-1, 5, 433, 4095]])).tolist() == \
         [[rc[4095], rc[433], rc[5], -1]]
@@ -740,7 +741,7 @@ def test_the_augmented_sampler_draws_every_frame_and_both_strands_from_inside_ea
     for _ in range(20):
         tokens, _, keys, repeats = sampler.next_batch(16)
         for row, flags, key in zip(tokens.tolist(), repeats.tolist(), keys):
-            read = plm.detokenize(row[cfg.prefix_tokens:])  # 54 bases of random sequence: found at one place only
+            read = detokenize(row[cfg.prefix_tokens:])  # 54 bases of random sequence: found at one place only
             found = [(r, strand.upper().find(read)) for r, strand in enumerate(strands[key])]
             (r, first), = [(r, first) for r, first in found if first >= 0]
             assert (row, flags) == expected_window(strands[key][r], first, cfg), key
@@ -789,7 +790,7 @@ def test_split_gives_every_species_with_two_chunks_train_and_val(val_fraction):
 
 def test_scan_split_is_disjoint_and_covers_all_chunks(multi_species_index, multi_species_dir):
     cfg, index = multi_species_index
-    train, val = {c.key for c in index.train}, {c.key for c in index.val}
+    train, val = {c.key for c in index.train_chunks}, {c.key for c in index.val_chunks}
     assert not train & val
     all_keys = set()
     for species in index.species:
@@ -799,7 +800,7 @@ def test_scan_split_is_disjoint_and_covers_all_chunks(multi_species_index, multi
     for species in index.species:
         assert any(k[0] == species for k in val), species
     again = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
-    assert [c.key for c in again.val] == [c.key for c in index.val]
+    assert [c.key for c in again.val_chunks] == [c.key for c in index.val_chunks]
 
 
 def test_load_validation_returns_the_same_tensors_twice(multi_species_index):
@@ -815,20 +816,20 @@ def test_load_validation_holds_every_window_of_the_val_chunks(multi_species_inde
     chunks = {}
     for species in index.species:
         chunks.update(full_chunks(index, species, cfg))
-    expected = [row for c in index.val for row in window_rows(chunks[c.key].tokens, cfg)]
-    expected_flags = [row for c in index.val for row in window_rows(chunks[c.key].repeat, cfg)]
-    expected_ids = [index.species.index(c.key[0]) for c in index.val
+    expected = [row for c in index.val_chunks for row in window_rows(chunks[c.key].tokens, cfg)]
+    expected_flags = [row for c in index.val_chunks for row in window_rows(repeat_flags(chunks[c.key]), cfg)]
+    expected_ids = [index.species.index(c.key[0]) for c in index.val_chunks
                     for _ in range(plm.windows_per_chunk(c.n_tokens, cfg.context_size, cfg.window_stride))]
     tokens, ids, repeat = plm.load_validation(index, cfg)
     assert [tuple(r) for r in tokens.tolist()] == expected
     assert [tuple(r) for r in repeat.tolist()] == expected_flags and repeat.any()
     assert ids.tolist() == expected_ids
-    assert len(tokens) == index.windows(index.val, cfg)
+    assert len(tokens) == index.windows(index.val_chunks, cfg)
 
 
 def test_load_validation_subsamples_to_eval_windows(multi_species_index):
     cfg, index = multi_species_index
-    total = index.windows(index.val, cfg)
+    total = index.windows(index.val_chunks, cfg)
     small = dataclasses.replace(cfg, eval_windows=total // 3)
     tokens, ids, _ = plm.load_validation(index, small)
     assert tokens.shape == (total // 3, cfg.context_size + 1)
@@ -894,7 +895,7 @@ def test_real_tair10_chunks_match_biopython_sequence(tair10):
         bases = seq[first:last]
         assert np.array_equal(chunk.tokens, tokens_of(bases)), chunk.key
         lower = np.frombuffer(bases.encode(), dtype=np.uint8) >= ord("a")
-        assert np.array_equal(chunk.repeat, lower.reshape(-1, BASES_PER_TOKEN).sum(1) >= 3), chunk.key
+        assert np.array_equal(repeat_flags(chunk), lower.reshape(-1, BASES_PER_TOKEN).sum(1) >= 3), chunk.key
     long_runs = [s for s, e in runs.items() if e - s >= cfg.window_bases]
     assert sorted({c.key[3] for c in chunks}) == long_runs
 
@@ -904,19 +905,19 @@ def test_real_scan_finds_three_species_with_disjoint_splits(real_index):
     assert index.species == ["arabidopsis", "arenosa", "lyrata"]
     assert not index.skipped, index.skipped
     assert not [w for w in warnings if w.startswith("warning")], warnings
-    train, val = {c.key for c in index.train}, {c.key for c in index.val}
+    train, val = {c.key for c in index.train_chunks}, {c.key for c in index.val_chunks}
     assert train and val and not train & val
     for species in index.species:
         assert any(k[0] == species for k in train), species
         assert any(k[0] == species for k in val), species
-    assert index.windows(index.val, cfg) > 0
+    assert index.windows(index.val_chunks, cfg) > 0
     assert index.stats["arabidopsis"].bases == TAIR10_BASES
 
 
 def test_real_validation_windows_are_tokens_of_all_species(real_index):
     cfg, index, _ = real_index
     tokens, ids, _ = plm.load_validation(index, cfg)
-    total = index.windows(index.val, cfg)
+    total = index.windows(index.val_chunks, cfg)
     # the default memory, retrieval, gives each window the 4 tokens before it (-1 where the chunk starts)
     assert tokens.shape == (min(cfg.eval_windows, total), cfg.prefix_tokens + cfg.context_size + 1)
     assert cfg.prefix_tokens == 4 and int(tokens.min()) >= -1 and int(tokens.max()) < plm.VOCAB_SIZE

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import plant_lm_infer as infer
 import plant_lm_train as plm
 from _helpers import (armed_checkpoint, assert_armed, parse_with_biopython, random_dna, reverse_complement,
                       write_fasta)
@@ -24,7 +25,7 @@ MEMORIES = (*plm.GLOBAL_MEMORIES, "dirichlet")  # conftest's scoring_checkpoints
 
 
 def inference(scoring_checkpoints, memory):
-    return plm.load_for_inference(scoring_checkpoints[memory][0], "s", "cpu", warn=lambda message: None)
+    return infer.load_for_inference(scoring_checkpoints[memory][0], "s", "cpu", warn=lambda message: None)
 
 
 def genome_record(scoring_checkpoints, name="chr1"):
@@ -37,7 +38,7 @@ def codes_of(seq):
 
 
 def per_base(scorer, seq):
-    ((_, _, log_probs),) = plm.score_pieces(scorer, [("x", codes_of(seq))])
+    ((_, _, log_probs),) = infer.score_pieces(scorer, [("x", codes_of(seq))])
     return log_probs
 
 
@@ -45,8 +46,8 @@ def forward_nats(scorer, token_rows):
     """The model's training-path loss per target (nats), with the retrieval counts training would give it."""
     cfg = scorer.cfg
     rows = torch.cat([torch.full((len(token_rows), cfg.prefix_tokens), -1), torch.as_tensor(token_rows)], 1).long()
-    memory = {} if scorer.memory_index is None else {
-        "retrieval": scorer.memory_index.counts(rows, cfg.prefix_tokens, exclude_self=False)}
+    memory = {} if scorer.retrieval_index is None else {
+        "retrieval": scorer.retrieval_index.counts(rows, cfg.prefix_tokens, exclude_self=False)}
     species = torch.zeros(len(rows), dtype=torch.long)
     with torch.no_grad():
         nats, _ = scorer.model(rows[:, cfg.prefix_tokens:-1], species, rows[:, cfg.prefix_tokens + 1:],
@@ -84,7 +85,7 @@ def test_per_base_log_likelihoods_multiply_to_each_6mer_and_marginalize_the_full
 def test_a_6mer_far_below_the_most_likely_one_keeps_a_finite_log_probability():
     logits = torch.zeros(1, 1, plm.VOCAB_SIZE)
     logits[..., 5] = 150.0  # one 6-mer e^150 times likelier than each other
-    log_p = plm.prefix_log_probs(logits, torch.tensor([[7]]), plm.TARGET_PREFIXES)  # 7 shares 5 bases with 5
+    log_p = plm.prefix_log_probs(logits, torch.tensor([[7]]), infer.TARGET_PREFIXES)  # 7 shares 5 bases with 5
     assert torch.isfinite(log_p).all() and log_p[0, 0, -1].item() == pytest.approx(-150.0)
 
 
@@ -98,7 +99,7 @@ def test_eval_scores_every_run_of_seven_bases_and_its_track_sums_to_each_record(
                ("six", random_dna(6, 6))]
     fasta = write_fasta(tmp_path / "q.fa", records)
     track, result = tmp_path / "q.bedGraph", tmp_path / "q.json"
-    assert plm.main(["eval", "--checkpoint", checkpoint, "--species", "s", "--per-base", str(track),
+    assert infer.main(["eval", "--checkpoint", checkpoint, "--species", "s", "--per-base", str(track),
                      "--json", str(result), fasta]) == 0
     scored = {name: r for name, r in json.loads(result.read_text())["files"][0]["records"].items()}
     assert {name: r["bases_scored"] for name, r in scored.items()} == {
@@ -122,11 +123,11 @@ def test_eval_of_a_long_sequence_sums_the_training_loss_of_its_windows(scoring_c
     seq = genome_record(scoring_checkpoints)[:600]  # 100 tokens, windows of 17 at stride 8
     tokens = plm.tokenize(codes_of(seq)).astype(np.int64)
     expected = 0.0
-    for start, length, owned in plm.covering_windows(len(tokens), cfg.context_size + 1, cfg.window_stride):
+    for start, length, owned in infer.covering_windows(len(tokens), cfg.context_size + 1, cfg.window_stride):
         before = tokens[max(0, start - cfg.prefix_tokens):start]  # the retrieval memory's prefix tokens
         row = np.concatenate([np.full(cfg.prefix_tokens - len(before), -1), before, tokens[start:start + length]])
         rows = torch.as_tensor(row[None]).long()
-        memory = {"retrieval": scorer.memory_index.counts(rows, cfg.prefix_tokens, exclude_self=False)}
+        memory = {"retrieval": scorer.retrieval_index.counts(rows, cfg.prefix_tokens, exclude_self=False)}
         with torch.no_grad():
             nats, _ = scorer.model(rows[:, cfg.prefix_tokens:-1], torch.zeros(1, dtype=torch.long),
                                    rows[:, cfg.prefix_tokens + 1:], reduction="none", **memory)
@@ -166,7 +167,7 @@ def test_variant_llr_is_the_mean_over_frames_and_strands_of_two_full_sequence_sc
     alt = "A" if ref != "A" else "G"
     vcf = write_vcf(tmp_path / "v.vcf", [("chr1", pos, "site", ref, alt)])
     out = tmp_path / "scores.tsv"
-    assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf", vcf,
+    assert infer.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf", vcf,
                      "--out", str(out)]) == 0
     (row,) = read_table(out)
 
@@ -181,7 +182,7 @@ def test_variant_llr_is_the_mean_over_frames_and_strands_of_two_full_sequence_sc
                     (f"r{frame}_ref", reverse_complement(region)), (f"r{frame}_alt", reverse_complement(changed))]
     fasta = write_fasta(tmp_path / "regions.fa", records)
     scores = tmp_path / "regions.json"
-    assert plm.main(["eval", "--checkpoint", checkpoint, "--species", "s", "--json", str(scores), fasta]) == 0
+    assert infer.main(["eval", "--checkpoint", checkpoint, "--species", "s", "--json", str(scores), fasta]) == 0
     ll = {name: r["log_likelihood"] for name, r in json.loads(scores.read_text())["files"][0]["records"].items()}
     expected = np.mean([ll[f"{s}{f}_alt"] - ll[f"{s}{f}_ref"] for s in "fr" for f in range(6)])
     assert float(row["llr"]) == pytest.approx(expected, abs=2e-4)
@@ -197,7 +198,7 @@ def test_site_pieces_place_the_variant_at_each_frame_on_both_strands_near_gaps_a
     seq = genome_record(scoring_checkpoints)
     codes = plm.BYTE_CODES[np.frombuffer(seq.encode(), dtype=np.uint8)]
     span = (cfg.context_size + 1) * 6
-    pieces = plm.site_pieces(codes, 1499, cfg)  # far from any edge: 6 frames a strand, whole windows
+    pieces = infer.site_pieces(codes, 1499, cfg)  # far from any edge: 6 frames a strand, whole windows
     assert frames(pieces, False) == frames(pieces, True) == list(range(6)) and len(pieces) == 12
     assert all(len(piece) == span and variant // 6 == cfg.context_size // 2 for piece, variant, _ in pieces)
     for piece, variant, reverse in pieces:
@@ -207,15 +208,15 @@ def test_site_pieces_place_the_variant_at_each_frame_on_both_strands_near_gaps_a
 
     gapped = codes.copy()
     gapped[1480] = plm.BYTE_CODES[ord("N")]  # 18 bases of the run before the site
-    near_gap = plm.site_pieces(gapped, 1499, cfg)
+    near_gap = infer.site_pieces(gapped, 1499, cfg)
     assert frames(near_gap, False) == frames(near_gap, True) == list(range(6))
     assert all(1499 - (len(p) - 1 - v if r else v) >= 1481 for p, v, r in near_gap)  # none reaches past the gap
-    near_end = plm.site_pieces(codes, 2970, cfg)  # 29 bases before the contig's end
+    near_end = infer.site_pieces(codes, 2970, cfg)  # 29 bases before the contig's end
     assert frames(near_end, False) == frames(near_end, True) == list(range(6))
-    after_gap = plm.site_pieces(gapped, 1481, cfg)  # the run's first base: one placement forward, six reverse
+    after_gap = infer.site_pieces(gapped, 1481, cfg)  # the run's first base: one placement forward, six reverse
     assert frames(after_gap, False) == [0] and frames(after_gap, True) == list(range(6))
     tiny = plm.BYTE_CODES[np.frombuffer(b"NNNACGTAGNNN", dtype=np.uint8)]  # a run of 6: nothing to score
-    assert plm.site_pieces(tiny, 5, cfg) == []
+    assert infer.site_pieces(tiny, 5, cfg) == []
 
 
 def test_variant_scores_do_not_depend_on_where_the_6mer_grid_falls(scoring_checkpoints, tmp_path):
@@ -230,7 +231,7 @@ def test_variant_scores_do_not_depend_on_where_the_6mer_grid_falls(scoring_check
         genome = write_fasta(tmp_path / f"g{added}.fa", [("chr1", random_dna(added, 9) + seq)])
         vcf = write_vcf(tmp_path / f"v{added}.vcf", [("chr1", 2000 + added, ".", ref, alt)])
         out = tmp_path / f"s{added}.tsv"
-        assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf", vcf,
+        assert infer.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf", vcf,
                          "--out", str(out)]) == 0
         llrs.append(float(read_table(out)[0]["llr"]))
     assert llrs == pytest.approx([llrs[0]] * 6, abs=1e-5)
@@ -258,7 +259,7 @@ def test_vcf_edge_cases_each_get_their_stated_result(scoring_checkpoints, tmp_pa
             ("chr2", 1, "first_base", "ACGT"[0], "C")]
     vcf = write_vcf(tmp_path / vcf_name, rows)
     out = tmp_path / "out.tsv"
-    assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf", vcf,
+    assert infer.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf", vcf,
                      "--out", str(out)]) == 0
     table = read_table(out)
     assert [r["id"] for r in table] == ["multi", "multi", "indel", "mismatch", "no_contig", "gap", "symbolic", "star",
@@ -292,7 +293,7 @@ def test_vcf_and_gzipped_vcf_give_the_same_scores(scoring_checkpoints, tmp_path)
     tables = []
     for name in ("v.vcf", "v.vcf.gz"):
         out = tmp_path / f"{name}.tsv"
-        assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome,
+        assert infer.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome,
                          "--vcf", write_vcf(tmp_path / name, rows), "--out", str(out)]) == 0
         tables.append(out.read_text())
     assert tables[0] == tables[1] and "NA" not in tables[0]
@@ -309,7 +310,7 @@ def test_a_broken_vcf_record_is_one_error_naming_the_file_and_line(scoring_check
     vcf = tmp_path / "v.vcf"
     vcf.write_text("##fileformat=VCFv4.2\n##contig=<ID=chr1>\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n"
                    "chr1\t5\t.\tA\tC\t.\t.\t.\n" + record)
-    assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf", str(vcf),
+    assert infer.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf", str(vcf),
                      "--out", str(tmp_path / "o.tsv")]) == 2
     errors = [e for e in capsys.readouterr().err.splitlines() if e.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {vcf}: line {line}: not a VCF record"), errors
@@ -321,7 +322,7 @@ def test_a_file_that_is_no_vcf_is_one_error_naming_it(scoring_checkpoints, tmp_p
     text.write_text("hello\n")
     truncated.write_bytes(gzip.compress(b"##fileformat=VCFv4.2\n#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n")[:30])
     for path in (text, truncated):
-        assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf",
+        assert infer.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", genome, "--vcf",
                          str(path), "--out", str(tmp_path / "o.tsv")]) == 2
         errors = [e for e in capsys.readouterr().err.splitlines() if e.startswith("error:")]
         assert len(errors) == 1 and errors[0].startswith(f"error: {path}: "), errors
@@ -332,9 +333,9 @@ def test_a_reference_record_is_read_whole_whatever_the_read_blocks(tmp_path, mon
     records = [("chr1", random_dna(1000, 1)), ("chr2", random_dna(333, 2) + "NNN" + random_dna(50, 3))]
     fasta = write_fasta(tmp_path / "g.fa.gz", records)
     monkeypatch.setattr(plm, "read_fasta", functools.partial(plm.read_fasta, block_size=64))
-    found = [(record_id, "".join("ACGTacgtN"[c] for c in codes)) for record_id, codes in plm.read_records(fasta, None)]
+    found = [(record_id, "".join("ACGTacgtN"[c] for c in codes)) for record_id, codes in infer.read_records(fasta, None)]
     assert found == records
-    assert [r for r, _ in plm.read_records(fasta, {"chr2"})] == ["chr2"]
+    assert [r for r, _ in infer.read_records(fasta, {"chr2"})] == ["chr2"]
 
 
 def test_a_reference_with_two_records_of_one_name_or_of_protein_is_an_error(scoring_checkpoints, tmp_path, capsys):
@@ -343,7 +344,7 @@ def test_a_reference_with_two_records_of_one_name_or_of_protein_is_an_error(scor
     twice = write_fasta(tmp_path / "twice.fa", [("chr1", random_dna(100, 1)), ("chr1", random_dna(100, 2))])
     protein = write_fasta(tmp_path / "p.fa", [("chr1", "MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMF" * 5)])
     for reference, message in ((twice, "two records are named chr1"), (protein, "record chr1: ")):
-        assert plm.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", reference, "--vcf", vcf,
+        assert infer.main(["variants", "--checkpoint", checkpoint, "--species", "s", "--fasta", reference, "--vcf", vcf,
                          "--out", str(tmp_path / "o.tsv")]) == 2
         assert f"error: {reference}: {message}" in capsys.readouterr().err
 
@@ -356,14 +357,14 @@ def test_an_output_in_a_missing_folder_is_an_error_before_any_work(scoring_check
     vcf = write_vcf(tmp_path / "v.vcf", [("chr1", 5, ".", "A", "C")])
     inputs = {"eval": ["--json", out, genome], "variants": ["--fasta", genome, "--vcf", vcf, "--out", out],
               "embed": ["--out", out, genome]}[subcommand]
-    assert plm.main([subcommand, "--checkpoint", checkpoint, "--species", "s", *inputs]) == 2
+    assert infer.main([subcommand, "--checkpoint", checkpoint, "--species", "s", *inputs]) == 2
     err = capsys.readouterr().err
     assert f"error: {out}: cannot write here: {tmp_path / 'missing'} does not exist" in err
     assert "memory:" not in err and "model" not in err.lower()  # nothing was loaded
-    assert plm.main([subcommand, "--checkpoint", checkpoint, "--species", "s",
+    assert infer.main([subcommand, "--checkpoint", checkpoint, "--species", "s",
                      *[str(tmp_path) if a == out else a for a in inputs]]) == 2
     assert f"error: {tmp_path}: cannot write here: a directory" in capsys.readouterr().err
-    assert plm.main([subcommand, "--checkpoint", checkpoint, "--species", "s", "--device", "gpu0",
+    assert infer.main([subcommand, "--checkpoint", checkpoint, "--species", "s", "--device", "gpu0",
                      *[str(tmp_path / "o") if a == out else a for a in inputs]]) == 2
     assert "error: --device gpu0: not a device" in capsys.readouterr().err
 
@@ -372,7 +373,7 @@ def test_an_output_in_a_missing_folder_is_an_error_before_any_work(scoring_check
 
 def embed(checkpoint, tmp_path, *args, name="e.npz"):
     out = tmp_path / name
-    assert plm.main(["embed", "--checkpoint", checkpoint, "--species", "s", "--out", str(out), *args]) == 0
+    assert infer.main(["embed", "--checkpoint", checkpoint, "--species", "s", "--out", str(out), *args]) == 0
     with np.load(out) as saved:  # no allow_pickle: nothing in it needs it
         return {key: saved[key] for key in saved.files}
 
@@ -433,7 +434,7 @@ def test_embed_keeps_records_of_one_name_apart_and_refuses_an_empty_input(scorin
         if str(empty).endswith(".bed"):
             empty.write_text("# nothing\n")
             args = ["--bed", str(empty), "--fasta", fasta]
-        assert plm.main(["embed", "--checkpoint", checkpoint, "--species", "s", "--out", str(tmp_path / "e.npz"),
+        assert infer.main(["embed", "--checkpoint", checkpoint, "--species", "s", "--out", str(tmp_path / "e.npz"),
                          *args]) == 2
         assert f"error: {empty}: no regions" in capsys.readouterr().err
 
@@ -464,7 +465,7 @@ def test_bed_mistakes_are_one_error_naming_the_line(scoring_checkpoints, tmp_pat
     checkpoint, genome = scoring_checkpoints["none"]
     bed = tmp_path / "r.bed"
     bed.write_text(line)
-    assert plm.main(["embed", "--checkpoint", checkpoint, "--species", "s", "--out", str(tmp_path / "e.npz"),
+    assert infer.main(["embed", "--checkpoint", checkpoint, "--species", "s", "--out", str(tmp_path / "e.npz"),
                      "--bed", str(bed), "--fasta", genome]) == 2
     errors = [e for e in capsys.readouterr().err.splitlines() if e.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {bed}: {message}"), errors
@@ -482,7 +483,7 @@ def test_inference_subcommands_refuse_a_checkpoint_that_would_run_code(scoring_c
     vcf = write_vcf(tmp_path / "v.vcf", [("chr1", 5, ".", "A", "C")])
     inputs = {"eval": [genome], "variants": ["--fasta", genome, "--vcf", vcf, "--out", str(tmp_path / "o.tsv")],
               "embed": ["--out", str(tmp_path / "o.npz"), genome]}[subcommand]
-    assert plm.main([subcommand, "--checkpoint", checkpoint, "--species", "s", *inputs]) == 2
+    assert infer.main([subcommand, "--checkpoint", checkpoint, "--species", "s", *inputs]) == 2
     assert f"error: {checkpoint}: not a loadable Plant LM checkpoint" in capsys.readouterr().err
     assert not marker.exists(), "loading the checkpoint ran its code"
     assert_armed(checkpoint, marker)
@@ -491,7 +492,7 @@ def test_inference_subcommands_refuse_a_checkpoint_that_would_run_code(scoring_c
 @pytest.mark.parametrize("subcommand", ["eval", "variants", "embed"])
 def test_inference_subcommands_document_themselves(subcommand, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        plm.main([subcommand, "--help"])
+        infer.main([subcommand, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert f"plant_lm_train.py {subcommand}" in text and "--checkpoint" in text and "--device" in text
+    assert f"plant_lm_infer.py {subcommand}" in text and "--checkpoint" in text and "--device" in text

@@ -363,7 +363,7 @@ def test_evaluate_leaves_the_memory_alone_and_returns_the_mean_loss_over_all_win
     tokens, species = random_batch(cfg, batch=7, seed=8)  # 7 windows: the last batch is padded
     repeat = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(9)) < 0.3
     rt = plm.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    loss, by_species, by_repeat = plm.evaluate(model, tokens, species, repeat, cfg, rt, None)
+    loss, by_species, by_repeat = plm.validation_loss(model, tokens, species, repeat, cfg, rt, None)
     assert torch.equal(model.bucket_memory, memory) and torch.equal(model.bucket_weight, weight)
     assert model.training  # restored
     with torch.no_grad():
@@ -474,8 +474,8 @@ def test_the_step_graph_path_trains_exactly_like_plain_train_step(memory):
         learner = plm.build_learner(cfg, plm.Runtime(0, 0, 1, torch.device("cpu")), 3)
         assert learner.graph is None  # the CPU has no graphs to capture
         if memory == "retrieval":
-            learner.memory_index = tiny_retrieval_index(genome)
-            assert learner.memory_index.counts(steps[0][0][0].long(), cfg.prefix_tokens, True)[..., 1].sum() > 0
+            learner.retrieval_index = tiny_retrieval_index(genome)
+            assert learner.retrieval_index.counts(steps[0][0][0].long(), cfg.prefix_tokens, True)[..., 1].sum() > 0
         if graphed:
             learner.graph = plm.StepGraph(learner)
         initial = {k: v.clone() for k, v in learner.model.state_dict().items()}

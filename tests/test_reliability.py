@@ -23,7 +23,7 @@ import torch
 
 import plant_lm_train as plm
 from _helpers import (REPO, SCRIPT, TESTS, TINY_ARGS, armed_checkpoint, assert_armed, describe, load, random_dna,
-                      read_jsonl, run_sh, run_train, tiny_config, tiny_payload, train_env, write_fasta)
+                      read_jsonl, repeat_flags, run_sh, run_train, tiny_config, tiny_payload, train_env, write_fasta)
 
 
 @pytest.fixture(scope="module")
@@ -407,7 +407,7 @@ def test_a_bad_file_is_skipped_with_a_warning_naming_it(tmp_path, name, content,
     index, warnings = scan(tmp_path)
     assert [w for w in warnings if bad in w and reason in w and "file skipped" in w], warnings
     assert [p for p, _ in index.skipped] == [bad]
-    assert {c.key[1] for c in index.train + index.val} == {"s/good.fa.gz"}
+    assert {c.key[1] for c in index.train_chunks + index.val_chunks} == {"s/good.fa.gz"}
 
 
 def test_a_data_dir_of_only_bad_files_fails_before_training(tmp_path):
@@ -423,7 +423,7 @@ def test_empty_records_and_records_of_only_n_are_counted_not_fatal(tmp_path):
     index, warnings = scan(tmp_path)
     # (FileStats.records counts records that hold sequence: 1 here, although the file has 4 records)
     assert index.species == ["s"] and index.stats["s"].records >= 1
-    assert {c.key[2] for c in index.train + index.val} == {2}  # every chunk comes from record 'r'
+    assert {c.key[2] for c in index.train_chunks + index.val_chunks} == {2}  # every chunk comes from record 'r'
     assert any("n/n.fa" in w and "no A/C/G/T run" in w for w in warnings), warnings
     assert any("species 'n' has no usable sequence and is dropped" in w for w in warnings), warnings
 
@@ -433,11 +433,11 @@ def test_lowercase_only_genome_trains_like_uppercase(tmp_path):
     upper = write_fasta(tmp_path / "u.fa", [("u", GOOD)], line_width=None)
     lower = write_fasta(tmp_path / "l.fa", [("l", GOOD.lower())], line_width=None)
     assert all_tokens(lower, cfg) == all_tokens(upper, cfg) and all_tokens(upper, cfg)
-    assert all(chunk.repeat.all() for chunk in plm.chunk_file(lower, "x", "f", cfg))
+    assert all(repeat_flags(chunk).all() for chunk in plm.chunk_file(lower, "x", "f", cfg))
     (tmp_path / "d" / "soft").mkdir(parents=True)
     os.replace(lower, tmp_path / "d" / "soft" / "l.fa")
     index, warnings = scan(tmp_path / "d", species_distribution={"soft": 1.0})
-    assert index.species == ["soft"] and index.train and not warnings
+    assert index.species == ["soft"] and index.train_chunks and not warnings
 
 
 def test_crlf_blank_lines_and_comment_lines_read_like_clean_fasta(tmp_path):
@@ -468,7 +468,7 @@ def test_duplicate_record_ids_are_both_used_with_a_warning(tmp_path):
     path = write_fasta(tmp_path / "s" / "dup.fa", [("chr1", GOOD), ("chr1 again", GOOD[::-1]), ("chr2", GOOD)],
                        line_width=None)
     index, warnings = scan(tmp_path, species_distribution={"s": 1.0})
-    assert {c.key[2] for c in index.train + index.val} == {0, 1, 2}
+    assert {c.key[2] for c in index.train_chunks + index.val_chunks} == {0, 1, 2}
     assert index.stats["s"].records == 3
     assert [w for w in warnings if path in w and "1 record(s) repeat an earlier record id" in w], warnings
 
@@ -481,7 +481,7 @@ def test_species_directory_names_with_spaces_and_unicode(tmp_path):
     index, warnings = scan(tmp_path, species_distribution=weights)
     assert index.species == sorted([name, "Brassica_rapa"]) and not warnings
     assert index.weights[index.species.index(name)] == 2.0
-    assert {c.key[0] for c in index.train} == {name, "Brassica_rapa"}
+    assert {c.key[0] for c in index.train_chunks} == {name, "Brassica_rapa"}
 
 
 def test_symlinked_genomes_are_read_and_broken_links_skipped(tmp_path):
@@ -491,7 +491,7 @@ def test_symlinked_genomes_are_read_and_broken_links_skipped(tmp_path):
     os.symlink(tmp_path / "missing.fa", tmp_path / "data" / "s" / "broken.fa")
     index, warnings = scan(tmp_path / "data")
     assert index.files["s"] == [(str(tmp_path / "data" / "s" / "linked.fa.gz"), "s/linked.fa.gz")]
-    assert index.train
+    assert index.train_chunks
     assert any("broken.fa" in w and "broken link" in w for w in warnings), warnings
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import plant_lm_train as plm
-from _helpers import (TINY_ARGS, describe, random_dna, read_jsonl, reverse_complement, run_train, tiny_config,
-                      write_fasta)
+from _helpers import (TINY_ARGS, describe, detokenize, random_dna, read_jsonl, reverse_complement, run_train,
+                      tiny_config, write_fasta)
 
 def retrieval_config(data_dir, tmp_path, **overrides):
     return tiny_config(data_dir=data_dir, global_memory="retrieval", checkpoint_dir=str(tmp_path / "ckpt"),
@@ -38,7 +38,7 @@ def repeats_dir(tmp_path_factory):
 
 def training_sequences(index, cfg):
     """The bases of every training chunk, as str."""
-    return [plm.detokenize(chunk.tokens) for chunk in plm.tokenized_chunks(index, cfg, index.train)]
+    return [detokenize(chunk.tokens) for chunk in plm.tokenized_chunks(index, cfg, index.train_chunks)]
 
 
 def brute_force_counts(seqs, n_bases):
@@ -61,7 +61,7 @@ def test_index_counts_agree_with_a_brute_force_count_on_both_strands_and_every_o
     index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
     memory = plm.build_retrieval_index(index, cfg, torch.device("cpu"), "test")
     seqs = training_sequences(index, cfg)
-    windows = all_windows(index, cfg, index.train + index.val)
+    windows = all_windows(index, cfg, index.train_chunks + index.val_chunks)
     counts = memory.counts(windows, cfg.prefix_tokens, exclude_self=False)
     assert counts.shape == (len(windows), cfg.context_size, len(plm.RETRIEVAL_CONTEXT_TOKENS), 2)
     checked = collections.Counter()
@@ -76,8 +76,8 @@ def test_index_counts_agree_with_a_brute_force_count_on_both_strands_and_every_o
                 if min(row[target - k:target + 1]) < 0:  # the context reaches before the chunk
                     assert counts[w, t, o].tolist() == [0, 0]
                     continue
-                context = plm.detokenize(row[target - k:target])
-                expected = [by_context[context], truth[context + plm.detokenize(row[target:target + 1])]]
+                context = detokenize(row[target - k:target])
+                expected = [by_context[context], truth[context + detokenize(row[target:target + 1])]]
                 assert counts[w, t, o].tolist() == expected, (k, w, t)
                 checked[(k, min(expected[1], 3))] += 1
     for k in plm.RETRIEVAL_CONTEXT_TOKENS:  # the planted copies give targets seen 2 and 3+ times at every length
@@ -88,7 +88,7 @@ def test_a_training_window_never_retrieves_its_own_target(repeats_dir, tmp_path)
     cfg = retrieval_config(repeats_dir, tmp_path)
     index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
     memory = plm.build_retrieval_index(index, cfg, torch.device("cpu"), "test")
-    windows = all_windows(index, cfg, index.train)
+    windows = all_windows(index, cfg, index.train_chunks)
     kept = memory.counts(windows, cfg.prefix_tokens, exclude_self=False)
     left_out = memory.counts(windows, cfg.prefix_tokens, exclude_self=True)
     known = kept[..., 0] > 0
@@ -108,7 +108,7 @@ def every_frame_and_strand(index, cfg):
     them: one int64 tensor."""
     span = cfg.context_size + 1
     rows = []
-    for chunk in plm.tokenized_chunks(index, cfg, index.train):
+    for chunk in plm.tokenized_chunks(index, cfg, index.train_chunks):
         for shift in range(6):
             starts = plm.window_starts(chunk.n_tokens - (shift > 0), cfg.context_size, cfg.window_stride)
             assert (starts + span <= chunk.n_tokens - (shift > 0)).all()
@@ -138,7 +138,7 @@ def test_shifted_and_reverse_strand_training_windows_leave_out_exactly_their_own
                 if min(row[target - k:target + 1]) < 0:  # the context reaches past the chunk
                     assert kept[w, t, o].tolist() == [0, 0] == left_out[w, t, o].tolist()
                     continue
-                string = plm.detokenize(row[target - k:target + 1])
+                string = detokenize(row[target - k:target + 1])
                 own = 1 + (string == reverse_complement(string))
                 assert kept[w, t, o, 1].item() == truth[string] >= own, (k, w, t)
                 assert (kept[w, t, o] - left_out[w, t, o]).tolist() == [own, own], (k, w, t)
@@ -151,13 +151,13 @@ def test_validation_windows_are_not_in_the_index(repeats_dir, tmp_path):
     index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
     memory = plm.build_retrieval_index(index, cfg, torch.device("cpu"), "test")
     train_strings = brute_force_counts(training_sequences(index, cfg), 30)
-    windows = all_windows(index, cfg, index.val)
+    windows = all_windows(index, cfg, index.val_chunks)
     counts = memory.counts(windows, cfg.prefix_tokens, exclude_self=False)
     for w, row in enumerate(windows.tolist()):
         for t in range(cfg.context_size):
             target = cfg.prefix_tokens + 1 + t
             if min(row[target - 4:target + 1]) >= 0:
-                string = plm.detokenize(row[target - 4:target + 1])
+                string = detokenize(row[target - 4:target + 1])
                 assert counts[w, t, -1, 1].item() == train_strings[string]  # 0 unless a training chunk holds it
 
 
@@ -165,20 +165,20 @@ def test_the_index_cache_follows_the_training_split_and_the_files(repeats_dir, t
     cfg = retrieval_config(repeats_dir, tmp_path)
     rt = plm.Runtime(0, 0, 1, torch.device("cpu"))
     index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
-    first = plm.retrieval_index(index, cfg, rt, warn=lambda m: None)
+    first = plm.load_or_build_retrieval_index(index, cfg, rt, warn=lambda m: None)
     cached = tmp_path / "ckpt" / f"retrieval_index_{first.digest}.pt"
     assert cached.exists()
 
     def no_build(*args):
         raise AssertionError("rebuilt an index that is cached")
     monkeypatch.setattr(plm, "build_retrieval_index", no_build)
-    again = plm.retrieval_index(index, cfg, rt, warn=lambda m: None)
+    again = plm.load_or_build_retrieval_index(index, cfg, rt, warn=lambda m: None)
     assert again.digest == first.digest and all(torch.equal(a, b) for a, b in zip(again.keys, first.keys))
     monkeypatch.undo()
     other_split = retrieval_config(repeats_dir, tmp_path, val_fraction=0.3)
     other_index = plm.scan_genomes(other_split, warn=lambda m: None, progress=False)
-    assert {c.key for c in other_index.train} != {c.key for c in index.train}
-    rebuilt = plm.retrieval_index(other_index, other_split, rt, warn=lambda m: None)
+    assert {c.key for c in other_index.train_chunks} != {c.key for c in index.train_chunks}
+    rebuilt = plm.load_or_build_retrieval_index(other_index, other_split, rt, warn=lambda m: None)
     assert rebuilt.digest != first.digest
     assert (tmp_path / "ckpt" / f"retrieval_index_{rebuilt.digest}.pt").exists()
     assert sum(len(k) for k in rebuilt.keys) < sum(len(k) for k in first.keys)  # fewer training chunks
@@ -205,7 +205,7 @@ def test_a_rank_that_finds_no_index_after_the_build_names_the_shared_folder(repe
     index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
     other_node = plm.Runtime(rank=1, local_rank=0, world_size=1, device=torch.device("cpu"))  # not rank 0: no build
     with pytest.raises(plm.ConfigError, match="every node must share"):
-        plm.retrieval_index(index, cfg, other_node, warn=lambda m: None)
+        plm.load_or_build_retrieval_index(index, cfg, other_node, warn=lambda m: None)
 
 
 # ----------------------------------------------------------------------------- the mixture

@@ -14,7 +14,7 @@ import plant_lm_train as plm
 
 
 def scan(data_dir, cache_dir, **overrides):
-    """(GenomeIndex, warnings) of a scan through cache_dir."""
+    """(GenomeCatalog, warnings) of a scan through cache_dir."""
     warnings = []
     cfg = tiny_config(**{**DATA_SHAPE, **overrides}, data_dir=data_dir)
     cache_dir = None if cache_dir is None else str(cache_dir)
@@ -57,7 +57,7 @@ def test_a_warm_scan_reads_no_genome_and_finds_the_same_index(genomes, tmp_path,
     forbid_reading(monkeypatch)
     warm, warm_warnings = scan(genomes, tmp_path / "cache")
     assert warm == cold and warm_warnings == cold_warnings
-    assert all(type(c.key) is tuple for c in warm.train + warm.val)  # as hashable as a scanned key
+    assert all(type(c.key) is tuple for c in warm.train_chunks + warm.val_chunks)  # as hashable as a scanned key
 
 
 def test_warnings_and_skipped_files_repeat_on_a_cached_start(make_genomes, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+import plant_lm_infer as infer
 import plant_lm_train as plm
 from _helpers import (SCRIPT, TESTS, TINY_ARGS, describe, load, motif_genome, read_jsonl, real_slice, run_sh,
                       run_train, state_differences, tiny_config, train_env, write_fasta)
@@ -359,7 +360,7 @@ def test_parse_overrides_accepts_a_fractional_max_minutes():
 def test_parse_overrides_species_distribution_pair_and_json_forms(text):
     out = plm.parse_overrides([f"--species_distribution={text}"])
     assert out == {"species_distribution": {"a": 1.0, "b": 2.0}}
-    plm.Config(**out).validate()
+    plm.Config(**out).check()
 
 
 # ----------------------------------------------------------------------------- 5. Config.validate
@@ -569,7 +570,7 @@ def test_eval_scores_the_training_genome_below_its_shuffle_and_leaves_the_checkp
 
 def test_eval_unknown_species_lists_the_known_ones(eval_files, capsys):
     ckpt, _, shuffled_fa, _ = eval_files
-    assert plm.main(["eval", "--checkpoint", ckpt, "--species", "quercus", shuffled_fa]) == 2
+    assert infer.main(["eval", "--checkpoint", ckpt, "--species", "quercus", shuffled_fa]) == 2
     message = capsys.readouterr().err
     assert "error: species 'quercus'" in message and "known species: arabidopsis, motif" in message
     assert "average" in message
@@ -577,12 +578,12 @@ def test_eval_unknown_species_lists_the_known_ones(eval_files, capsys):
 
 def test_eval_argument_mistakes_are_errors_with_exit_code_2(eval_files, tmp_path, capsys):
     ckpt, train_fa, _, _ = eval_files
-    assert plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", str(tmp_path)]) == 2
+    assert infer.main(["eval", "--checkpoint", ckpt, "--species", "motif", str(tmp_path)]) == 2
     assert f"error: {tmp_path}: a directory; give the FASTA files in it" in capsys.readouterr().err
-    assert plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", str(tmp_path / "nope.fa")]) == 2
+    assert infer.main(["eval", "--checkpoint", ckpt, "--species", "motif", str(tmp_path / "nope.fa")]) == 2
     assert f"error: {tmp_path / 'nope.fa'}: no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # argparse's own usage error
-        plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", "--batch-size", "0", train_fa])
+        infer.main(["eval", "--checkpoint", ckpt, "--species", "motif", "--batch-size", "0", train_fa])
     assert exc.value.code == 2 and "--batch-size: invalid positive_int value: '0'" in capsys.readouterr().err
 
 
@@ -596,7 +597,7 @@ def test_a_config_mistake_on_the_command_line_exits_2_with_one_error_line(capsys
 def test_eval_average_species_scores_every_record(eval_files, capsys):
     ckpt, train_fa, shuffled_fa, folder = eval_files
     out_json = folder / "average.json"
-    assert plm.main(["eval", "--checkpoint", ckpt, "--species", "average", train_fa, shuffled_fa,
+    assert infer.main(["eval", "--checkpoint", ckpt, "--species", "average", train_fa, shuffled_fa,
                      "--json", str(out_json)]) == 0
     result = json.loads(out_json.read_text())
     assert result["species"] == "average"
@@ -609,7 +610,7 @@ def test_eval_reports_a_file_with_nothing_to_score_instead_of_a_perfect_score(ev
     ckpt, train_fa, _, _ = eval_files
     short = write_fasta(tmp_path / "short.fa.gz", [("contigs", ("ACGTTG" + "N") * 20)])  # 6-base runs: context only
     out_json = tmp_path / "mixed.json"
-    assert plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", train_fa, short,
+    assert infer.main(["eval", "--checkpoint", ckpt, "--species", "motif", train_fa, short,
                      "--json", str(out_json)]) == 0
     err = capsys.readouterr().err
     assert f"warning: {short}: nothing scored" in err and "140 bases read" in err, err
@@ -618,23 +619,23 @@ def test_eval_reports_a_file_with_nothing_to_score_instead_of_a_perfect_score(ev
     assert empty["bases_scored"] == 0 and empty["bits_per_base"] is None
     assert result["bits_per_base"] == pytest.approx(scored["bits_per_base"]) and scored["bits_per_base"] > 0
 
-    assert plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", short]) == 2
+    assert infer.main(["eval", "--checkpoint", ckpt, "--species", "motif", short]) == 2
     assert f"error: nothing to score in {short}" in capsys.readouterr().err
 
 
 def test_eval_of_a_protein_file_is_an_error_naming_it(eval_files, tmp_path, capsys):
     ckpt, _, _, _ = eval_files
     protein = write_fasta(tmp_path / "p.fa.gz", [("sp|P69905|HBA_HUMAN", "MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMF" * 20)])
-    assert plm.main(["eval", "--checkpoint", ckpt, "--species", "motif", protein]) == 2
+    assert infer.main(["eval", "--checkpoint", ckpt, "--species", "motif", protein]) == 2
     assert re.search(rf"error: {re.escape(protein)}: .* looks like protein", capsys.readouterr().err)
 
 
 def test_eval_never_updates_the_bucket_memory(eval_files):
     ckpt_path, train_fa, _, _ = eval_files
     ckpt = load(ckpt_path)
-    scorer = plm.load_for_inference(ckpt_path, "motif", "cpu")
+    scorer = infer.load_for_inference(ckpt_path, "motif", "cpu")
     assert ckpt["model_state_dict"]["bucket_weight"].sum() > 0
-    plm.evaluate_fasta(scorer, [train_fa], progress=False)
+    infer.score_fasta(scorer, [train_fa], progress=False)
     assert torch.equal(scorer.model.bucket_memory, ckpt["model_state_dict"]["bucket_memory"])
     assert torch.equal(scorer.model.bucket_weight, ckpt["model_state_dict"]["bucket_weight"])
 
@@ -644,8 +645,8 @@ def test_eval_keeps_records_with_the_same_id_apart(eval_files, tmp_path):
     evaluate_fasta keys its per-record totals by record index too, so each keeps its own entry ('chr1 (record N)')
     instead of both landing in one."""
     ckpt_path, _, _, _ = eval_files
-    scorer = plm.load_for_inference(ckpt_path, "motif", "cpu")
+    scorer = infer.load_for_inference(ckpt_path, "motif", "cpu")
     fasta = write_fasta(tmp_path / "dup.fa.gz", [("chr1", motif_genome(1200, seed=1)),
                                                     ("chr1", motif_genome(1800, seed=2))])
-    (result,) = plm.evaluate_fasta(scorer, [fasta], progress=False)
+    (result,) = infer.score_fasta(scorer, [fasta], progress=False)
     assert len(result["records"]) == 2, f"records with the same id were merged: {list(result['records'])}"
