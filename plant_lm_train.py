@@ -22,6 +22,8 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
+PROCESS_START = time.time()  # before the heavy imports: max_minutes counts from here (or from run.sh's start)
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -91,17 +93,28 @@ class Config:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     max_bad_steps: int = 10  # consecutive non-finite steps before training stops
+    # stop when this many validations in a row found no new best (0 = never): past its best a small model only
+    # memorizes the training genomes, and model_best.pt already holds the best weights
+    early_stop_evals: int = field(default=5, metadata=RUNTIME)
     seed: int = 1337
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     # runtime
-    max_minutes: float = field(default=0.0, metadata=RUNTIME)  # stop after this much training time (0 = no limit)
+    # Wall-clock minutes of the whole invocation, from run.sh's start (start-up, validation and saves included); the
+    # run stops early enough that its last validation and model_latest.pt fit inside (0 = no limit)
+    max_minutes: float = field(default=0.0, metadata=RUNTIME)
     compile: bool = field(default=True, metadata=RUNTIME)  # torch.compile on CUDA (the CPU always runs eager)
     compile_mode: str = field(default="default", metadata=RUNTIME)  # default | max-autotune | max-autotune-no-cudagraphs
     # replay each optimizer step as one CUDA graph (StepGraph) on a single CUDA process; DDP and the CPU run eagerly
     cuda_graphs: bool = field(default=True, metadata=RUNTIME)
-    eval_every: int = field(default=500, metadata=RUNTIME)  # optimizer steps between validations (and at epoch ends)
+    # Validation and model_latest.pt follow the wall clock, so that they cost the same share of a run on any machine:
+    # every eval_every_minutes (and at the run's end) and checkpoint_every_minutes, each
+    # stretched to keep its own share of wall time under MAX_PAUSE_SHARE. A step count > 0 overrides the minutes.
+    eval_every_minutes: float = field(default=1.0, metadata=RUNTIME)
+    eval_every: int = field(default=0, metadata=RUNTIME)  # optimizer steps between validations (0 = by minutes)
+    eval_batch_size: int = field(default=256, metadata=RUNTIME)  # validation windows per forward pass
+    checkpoint_every_minutes: float = field(default=10.0, metadata=RUNTIME)  # 0 = only at epoch ends and the end
+    checkpoint_every: int = field(default=0, metadata=RUNTIME)  # steps between model_latest.pt saves (0 = by minutes)
     log_every: int = field(default=50, metadata=RUNTIME)
-    checkpoint_every: int = field(default=1000, metadata=RUNTIME)  # steps between model_latest.pt saves (0 = off)
     keep_epoch_checkpoints: int = field(default=0, metadata=RUNTIME)  # newest model_epoch_N.pt files kept (0 = all)
     checkpoint_dir: str = field(default="dna_model", metadata=RUNTIME)
     log_dir: str = field(default="logs", metadata=RUNTIME)
@@ -135,6 +148,7 @@ class Config:
             (self.n_layers >= 1, "n_layers", "must be >= 1"),
             (self.d_model >= 1, "d_model", "must be >= 1"),
             (self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1"),
+            (self.early_stop_evals >= 0, "early_stop_evals", "must be >= 0 (0 = never stop early)"),
             (self.n_heads >= 1 and self.d_model % self.n_heads == 0, "d_model", "must be divisible by n_heads"),
             ((self.d_model // max(self.n_heads, 1)) % 2 == 0, "d_model", "d_model / n_heads must be even (rotary)"),
             (self.batch_size >= 1, "batch_size", "must be >= 1"),
@@ -161,7 +175,12 @@ class Config:
              "step: use max-autotune-no-cudagraphs, or --cuda_graphs=false"),
             (self.default_species_weight >= 0, "default_species_weight", "must be >= 0"),
             (isinstance(self.species_distribution, dict), "species_distribution", "must map species name -> weight"),
-            (self.log_every >= 1 and self.eval_every >= 1, "log_every/eval_every", "must be >= 1"),
+            (self.log_every >= 1, "log_every", "must be >= 1"),
+            (self.eval_every >= 0, "eval_every", "must be >= 0 (0 = every eval_every_minutes)"),
+            (self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = every checkpoint_every_minutes)"),
+            (self.eval_every_minutes > 0, "eval_every_minutes", "must be > 0 (or set eval_every, in steps)"),
+            (self.checkpoint_every_minutes >= 0, "checkpoint_every_minutes", "must be >= 0 (0 = epoch ends only)"),
+            (self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1"),
         ]
         for ok, name, why in checks:
             if not ok:
@@ -1440,47 +1459,92 @@ NATS_PER_TOKEN_TO_BITS_PER_BASE = 1 / (BASES_PER_TOKEN * math.log(2))  # a loss 
 def train(cfg, build_model=None):
     """Train on cfg.data_dir under torchrun (or as one plain process); returns the last validation loss."""
     cfg.check()
+    clock = Clock(cfg, invocation_start())
     rt = setup_distributed()
     log = RunLog(cfg, rt)
     try:
-        run = start_run(cfg, rt, log, build_model)
+        run = start_run(cfg, rt, log, build_model, clock)
         batches = iter(run.loader)
         if run.saved_rng is not None:  # after iter(loader), which draws its base seed from the global torch RNG
             restore_rng_states(run.saved_rng, rt.device)
-        meter, bar, first_step = LogMeter(run), None, run.step
-        while run.step < run.total_steps:
+        clock.start_steps(run)
+        meter, bar, due = LogMeter(run), None, clock.poll(run)
+        # the stops: every epoch (or max_steps) trained; max_minutes; validation no longer improving
+        while run.step < run.total_steps and not due.out_of_time and not validation_stalled(run):
             bar = bar or epoch_progress_bar(run)
-            t_step = time.time()
-            step_tokens, step_species, step_repeat = next(batches)
-            meter.data_wait += time.time() - t_step
+            with clock.waiting_for_data():
+                step_tokens, step_species, step_repeat = next(batches)
             result = train_step(run.learner, step_tokens, step_species, step_repeat,
                                 lr_at(run.step, cfg, run.total_steps))
             run.step += 1
             meter.add(result)
             bar.update(1)
-            if run.step > first_step + 1:  # this invocation's first step compiles
-                run.train_seconds += time.time() - t_step
-            if run.step % cfg.log_every == 0 or run.step == run.total_steps:
-                record = write_log_line(run, meter, result)  # may end the run early (max_minutes)
+            if run.step % cfg.log_every == 0:
+                record = write_log_line(run, meter, result)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.3g}")
                 meter = LogMeter(run)
-            epoch_done = run.step % run.per_epoch == 0
-            if run.step % cfg.eval_every == 0 or epoch_done or run.step == run.total_steps:
+                if record["bad_step_streak"] >= cfg.max_bad_steps:  # non-finite steps in a row: the run diverged
+                    raise bad_steps_stop(run, record["bad_step_streak"])
+            due = clock.poll(run)  # what the wall clock asks for now, agreed by every rank
+            if due.validation:  # by the clock (or eval_every), not at epoch ends: a small data set's epochs are seconds
                 score_validation(run)
+            epoch_done = run.step % run.per_epoch == 0
             if epoch_done:
                 save_epoch_checkpoint(run)
-            elif (cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0) or run.step == run.total_steps:
+            elif due.checkpoint:
                 save_run(run, "model_latest.pt")
-            if epoch_done or run.step == run.total_steps:
+            if epoch_done:
                 bar.close()
                 bar = None
-        log.info(closing_line(run))
+        if bar is not None:
+            bar.close()
+        if due.out_of_time:
+            log.info(f"max_minutes = {cfg.max_minutes} reached at step {run.step}: stopping with time left for the "
+                     f"last validation and checkpoint")
+        elif validation_stalled(run) and run.step > clock.first_step:
+            log.info(f"early stop at step {run.step}: {run.evals_since_best} validations in a row without a new "
+                     f"best (early_stop_evals = {cfg.early_stop_evals})")
+        finish_run(run, meter)
     finally:
         log.close()
     if rt.distributed:
         dist.barrier()
         dist.destroy_process_group()
     return run.val_loss
+
+
+def finish_run(run, meter):
+    """The run's last log line, validation and model_latest.pt (each unless this step already had it, or no step
+    was taken), then the closing lines: the best checkpoint beside the last figure, and where the wall time went."""
+    if run.step == run.clock.first_step:  # resumed at its end, or out of time before a step: nothing new to keep
+        meter.steps = 0
+        run.validated_at = run.saved_at = run.step
+    if meter.steps:
+        record = write_log_line(run, meter, None)
+        if record["bad_step_streak"] >= run.cfg.max_bad_steps:
+            raise bad_steps_stop(run, record["bad_step_streak"])
+    if run.validated_at != run.step:
+        score_validation(run)
+    if run.saved_at != run.step:
+        save_run(run, "model_latest.pt")
+    for line in closing_lines(run):
+        run.log.info(line)
+    split, wall = run.clock.split(), run.clock.elapsed()
+    run.log.metrics({"step": run.step, "wall_s": wall, "time_split_s": split,
+                     "tokens_per_wall_s": run.clock.tokens / max(wall, 1e-9),
+                     "tokens_per_step_s": run.clock.tokens / max(split["steps"], 1e-9)})
+
+
+def validation_stalled(run):
+    """early_stop_evals validations in a row have found no new best."""
+    return bool(run.cfg.early_stop_evals) and run.evals_since_best >= run.cfg.early_stop_evals
+
+
+def bad_steps_stop(run, streak):
+    latest = find_latest_checkpoint(run.cfg.checkpoint_dir, run.log.info)
+    return TrainingStopped(f"{streak} consecutive non-finite steps up to step {run.step} (Config.max_bad_steps = "
+                           f"{run.cfg.max_bad_steps}); last good checkpoint: {latest or 'none'}. Lower "
+                           f"learning_rate, or use bf16 or fp32.")
 
 
 @dataclass
@@ -1502,11 +1566,14 @@ class Run:
     val_loss: float = math.nan  # nan until this invocation validates
     saved_rng: list = None  # this rank's RNG states from the checkpoint, when the data order replays exactly
     resumed_from: str = None
-    train_seconds: float = 0.0  # time in optimizer steps after the first (which compiles): time budgets, plots
-    t_start: float = field(default_factory=time.time)
+    clock: "Clock" = None
+    best_step: int = None  # the step of model_best.pt's validation
+    evals_since_best: int = 0  # validations since the best one: early_stop_evals' count
+    validated_at: int = None  # steps of this invocation's last validation and last save
+    saved_at: int = None
 
 
-def start_run(cfg, rt, log, build_model):
+def start_run(cfg, rt, log, build_model, clock):
     """Everything before the first step: seeds, the genome scan, the model, resume, the start-up report, the loader."""
     warn = log.info
     torch.manual_seed(cfg.seed + rt.rank)
@@ -1526,7 +1593,7 @@ def start_run(cfg, rt, log, build_model):
     per_epoch = steps_per_epoch(catalog, cfg, rt.world_size)
     total_steps = per_epoch * cfg.n_epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.n_epochs)
     run = Run(cfg, rt, log, catalog, build_learner(cfg, rt, len(catalog.species), build_model), val_tokens, val_species,
-              val_repeat, per_epoch, total_steps)
+              val_repeat, per_epoch, total_steps, clock=clock)
     if cfg.global_memory == "retrieval":
         run.learner.retrieval_index = load_or_build_retrieval_index(catalog, cfg, rt, warn)
     if rt.is_main:
@@ -1556,6 +1623,7 @@ def resume(run):
         group["capturable"] = False                # StepGraph.capture sets it again where it captures
     learner.scaler.load_state_dict(ckpt["scaler_state_dict"])
     run.step, run.best_val, run.resumed_from = ckpt["step"], ckpt["best_val_loss"], path
+    run.best_step, run.evals_since_best = ckpt.get("best_step"), ckpt.get("evals_since_best", 0)
     saved_workers = ckpt["config"].get("num_workers")
     if (ckpt["steps_per_epoch"], ckpt["world_size"], saved_workers) != (run.per_epoch, rt.world_size, cfg.num_workers):
         # Each rank's DataLoader workers own disjoint shards of the chunks, so any of the three reorders the data.
@@ -1574,6 +1642,10 @@ def resume(run):
         run.log.info(f"nothing to train: {path} is at step {run.step} of this run's {run.total_steps}; to train "
                      f"further raise --max_steps or --n_epochs and add --resume_with_new_settings=true, or start "
                      f"fresh with --resume=none")
+    elif validation_stalled(run):
+        run.log.info(f"nothing to train: {path} stopped early at step {run.step}, {run.evals_since_best} validations "
+                     f"after its best (early_stop_evals = {cfg.early_stop_evals}); to train further raise "
+                     f"--early_stop_evals (0 = never stop early), or start fresh with --resume=none")
 
 
 def report_start(run):
@@ -1782,7 +1854,9 @@ class LogMeter:
     """What the steps since the last log line add up to. A skipped step's loss stays out of the mean."""
 
     def __init__(self, run):
-        self.t_start, self.steps, self.data_wait = time.time(), 0, 0.0
+        self.clock, self.steps = run.clock, 0
+        self.t_start, self.paused_before = time.time(), run.clock.paused()
+        self.data_wait_before = run.clock.spent["data_wait"]
         self.loss_sum = torch.zeros((), device=run.rt.device)
         self.weighted_sum = torch.zeros((), device=run.rt.device)
         self.good_steps = torch.zeros((), device=run.rt.device)
@@ -1794,17 +1868,20 @@ class LogMeter:
         self.weighted_sum += torch.where(result.finite, result.weighted_loss, 0.0)
         self.good_steps += result.finite.float()
 
+    def step_seconds(self):
+        """Wall seconds of the steps since the last log line, data waits included, validation and saves not. Call
+        after the device has finished them (write_log_line synchronizes): a CUDA-graph launch returns at once."""
+        return time.time() - self.t_start - (self.clock.paused() - self.paused_before)
+
 
 def write_log_line(run, meter, result):
-    """One metrics record and log line for the steps since the last. Stops the run after max_bad_steps non-finite
-    steps in a row (at any step since the start), and ends it here when max_minutes is reached."""
+    """One metrics record and log line for the steps since the last (result: the last step's, or None). Its timing
+    is the device's: it synchronizes first, so tokens/s counts finished work, not launches."""
     cfg, rt, learner = run.cfg, run.rt, run.learner
+    synchronize(rt.device)
+    seconds = meter.step_seconds()
+    run.clock.observe_steps(meter.steps, seconds)
     worst, skipped = int(learner.worst_streak.item()), int(learner.skipped_steps.item())
-    if worst >= cfg.max_bad_steps:
-        latest = find_latest_checkpoint(cfg.checkpoint_dir, run.log.info)
-        raise TrainingStopped(f"{worst} consecutive non-finite steps up to step {run.step} (Config.max_bad_steps = "
-                              f"{cfg.max_bad_steps}); last good checkpoint: {latest or 'none'}. Lower "
-                              f"learning_rate, or use bf16 or fp32.")
     if skipped > meter.skipped_before:
         run.log.info(f"warning: {skipped - meter.skipped_before} step(s) up to step {run.step} had non-finite "
                      f"gradients and were skipped ({skipped} in all)")
@@ -1813,16 +1890,18 @@ def write_log_line(run, meter, result):
         dist.all_reduce(totals)
     loss_sum, weighted_sum, good_steps = totals.tolist()
     mean_loss = loss_sum / good_steps if good_steps else math.nan
-    seconds = time.time() - meter.t_start
     samples_per_s = meter.steps * cfg.batch_size * cfg.accumulation_steps * rt.world_size / seconds
     record = {"step": run.step, "epoch": run.step / run.per_epoch, "loss": mean_loss,
               "bits_per_base": mean_loss * NATS_PER_TOKEN_TO_BITS_PER_BASE}
     if cfg.repeat_loss_weight != 1:  # what the gradient follows; `loss` stays the plain mean, comparable across runs
         record["weighted_loss"] = weighted_sum / good_steps if good_steps else math.nan
-    record.update({"lr": lr_at(run.step - 1, cfg, run.total_steps), "grad_norm": result.grad_norm.item(),
-                   "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * cfg.context_size,
-                   "data_wait_frac": meter.data_wait / seconds, "skipped_steps": skipped, "host_rss_mb": host_rss_mb(),
-                   "elapsed_s": time.time() - run.t_start, "train_s": run.train_seconds})
+    data_wait = run.clock.spent["data_wait"] - meter.data_wait_before
+    record.update({"lr": lr_at(run.step - 1, cfg, run.total_steps),
+                   "grad_norm": math.nan if result is None else result.grad_norm.item(),
+                   "step_ms": 1000 * seconds / meter.steps, "samples_per_s": samples_per_s,
+                   "tokens_per_s": samples_per_s * cfg.context_size, "data_wait_frac": data_wait / seconds,
+                   "skipped_steps": skipped, "bad_step_streak": worst, "host_rss_mb": host_rss_mb(),
+                   "elapsed_s": run.clock.elapsed(), "train_s": run.clock.split()["steps"]})
     peak = peak_flops(rt.device)
     if peak:
         n_tokens = cfg.batch_size * cfg.accumulation_steps * rt.world_size * cfg.context_size
@@ -1834,25 +1913,23 @@ def write_log_line(run, meter, result):
         record.update(gpu_state(rt.device))
     run.log.metrics(record)
     run.log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-    if cfg.max_minutes:  # decided together, so that every rank stops at the same step
-        out_of_time = torch.tensor([float(run.train_seconds > 60 * cfg.max_minutes)], device=rt.device)
-        if rt.distributed:
-            dist.all_reduce(out_of_time, op=dist.ReduceOp.MAX)
-        if out_of_time.item():
-            run.log.info(f"max_minutes = {cfg.max_minutes} reached at step {run.step}")
-            run.total_steps = run.step
     return record
 
 
 def score_validation(run):
     """Score the fixed validation windows, log them, and save model_best.pt at a new low."""
+    run.validated_at = run.step
     if not len(run.val_tokens):
         return
     learner = run.learner
-    run.val_loss, by_species, by_repeat = validation_loss(learner.compiled, run.val_tokens, run.val_species, run.val_repeat,
-                                                   run.cfg, run.rt, learner.autocast_dtype, learner.retrieval_index)
+    with run.clock.paused_for("validation"):
+        run.val_loss, by_species, by_repeat = validation_loss(
+            learner.model, run.val_tokens, run.val_species, run.val_repeat, run.cfg, run.rt, learner.autocast_dtype,
+            learner.retrieval_index)
     improved = run.val_loss < run.best_val  # the same on every rank: the loss is all-reduced
-    run.best_val = min(run.best_val, run.val_loss)
+    if improved:
+        run.best_val, run.best_step = run.val_loss, run.step
+    run.evals_since_best = 0 if improved else run.evals_since_best + 1
     to_bits = NATS_PER_TOKEN_TO_BITS_PER_BASE
     run.log.metrics({"step": run.step, "epoch": run.step / run.per_epoch, "val_loss": run.val_loss,
                      "val_bits_per_base": run.val_loss * to_bits, "best_val_loss": run.best_val,
@@ -1860,7 +1937,7 @@ def score_validation(run):
                                                       zip(run.catalog.species, by_species)},
                      "val_bits_per_base_repeat": by_repeat["repeat"] * to_bits,
                      "val_bits_per_base_nonrepeat": by_repeat["nonrepeat"] * to_bits,
-                     "elapsed_s": time.time() - run.t_start, "train_s": run.train_seconds})
+                     "evals_since_best": run.evals_since_best, "elapsed_s": run.clock.elapsed(), "train_s": run.clock.split()["steps"]})
     run.log.info(f"step {run.step}: validation loss {run.val_loss:.4f} nats/token = {run.val_loss * to_bits:.4f} "
                  f"bits/base (best {run.best_val * to_bits:.4f}; repeat targets {by_repeat['repeat'] * to_bits:.4f}, "
                  f"others {by_repeat['nonrepeat'] * to_bits:.4f})")
@@ -1884,33 +1961,52 @@ def save_epoch_checkpoint(run):
 def save_run(run, name, epoch=None):
     """A checkpoint of the whole run, with every rank's RNG states, written by rank 0."""
     rt, learner = run.rt, run.learner
-    all_states = [rng_states(rt.device)]
-    if rt.distributed:
-        all_states = [None] * rt.world_size
-        dist.all_gather_object(all_states, rng_states(rt.device))
+    if name != "model_best.pt":  # the best weights are a copy on the side, not where a resume continues
+        run.saved_at = run.step
+    # the best weights are a copy on the side: they do not put off model_latest.pt
+    with run.clock.paused_for("checkpoints", reschedule=name != "model_best.pt"):
+        all_states = [rng_states(rt.device)]
+        if rt.distributed:
+            all_states = [None] * rt.world_size
+            dist.all_gather_object(all_states, rng_states(rt.device))
+        if rt.is_main:
+            path = os.path.join(run.cfg.checkpoint_dir, name)
+            payload = {
+                "model_state_dict": learner.model.state_dict(), "optimizer_state_dict": learner.optimizer.state_dict(),
+                "scaler_state_dict": learner.scaler.state_dict(),
+                "epoch": (run.step - 1) // run.per_epoch if epoch is None else epoch, "step": run.step,
+                "config": dataclasses.asdict(run.cfg), "species": run.catalog.species,
+                "steps_per_epoch": run.per_epoch, "world_size": rt.world_size, "best_val_loss": run.best_val,
+                "best_step": run.best_step, "evals_since_best": run.evals_since_best, "rng_states": all_states,
+                "retrieval_index": learner.retrieval_index and learner.retrieval_index.digest}
+            try:
+                save_checkpoint(path, payload)
+            except OSError as e:  # a full disk, say: the run cannot keep its work, so it stops, saying what is kept
+                raise TrainingStopped(str(e.strerror)) from e
     if rt.is_main:
-        path = os.path.join(run.cfg.checkpoint_dir, name)
-        payload = {
-            "model_state_dict": learner.model.state_dict(), "optimizer_state_dict": learner.optimizer.state_dict(),
-            "scaler_state_dict": learner.scaler.state_dict(),
-            "epoch": (run.step - 1) // run.per_epoch if epoch is None else epoch, "step": run.step,
-            "config": dataclasses.asdict(run.cfg), "species": run.catalog.species, "steps_per_epoch": run.per_epoch,
-            "world_size": rt.world_size, "best_val_loss": run.best_val, "rng_states": all_states,
-            "retrieval_index": learner.retrieval_index and learner.retrieval_index.digest}
-        try:
-            save_checkpoint(path, payload)
-        except OSError as e:  # a full disk, say: the run cannot keep its work, so it stops, saying what is kept
-            raise TrainingStopped(str(e.strerror)) from e
-        run.log.info(f"saved {path} (step {run.step})")
+        run.log.info(f"saved {os.path.join(run.cfg.checkpoint_dir, name)} (step {run.step})")
 
 
-def closing_line(run):
-    validation = "no validation set"
-    if len(run.val_tokens):
-        to_bits = NATS_PER_TOKEN_TO_BITS_PER_BASE
-        latest = "" if math.isnan(run.val_loss) else f"last validation {run.val_loss * to_bits:.4f} bits/base, "
-        validation = f"{latest}best {run.best_val * to_bits:.4f}"
-    return f"done: {run.step} steps, {validation}; {int(run.learner.skipped_steps.item())} step(s) skipped"
+def closing_lines(run):
+    """The run's last lines: its steps and validation, model_best.pt beside the last figure, the wall time split."""
+    to_bits, clock = NATS_PER_TOKEN_TO_BITS_PER_BASE, run.clock
+    skipped = int(run.learner.skipped_steps.item())
+    lines = [f"done: {run.step} steps, {skipped} step(s) skipped"]
+    if len(run.val_tokens) and run.best_step is not None:
+        last = "" if math.isnan(run.val_loss) else f"last validation {run.val_loss * to_bits:.4f} bits/base at step " \
+                                                    f"{run.validated_at}; "
+        lines.append(f"{last}best {run.best_val * to_bits:.4f} bits/base at step {run.best_step}, kept in "
+                     f"{os.path.join(run.cfg.checkpoint_dir, 'model_best.pt')}")
+    elif not len(run.val_tokens):
+        lines.append("no validation set: model_best.pt is not written")
+    wall, split = clock.elapsed(), clock.split()
+    lines.append(f"wall time {wall:.1f} s: " + ", ".join(
+        f"{name.replace('_', ' ')} {seconds:.1f} s ({100 * seconds / max(wall, 1e-9):.1f} %)"
+        for name, seconds in split.items()))
+    if split["steps"] > 0:
+        lines.append(f"tokens: {clock.tokens:,} this invocation, {clock.tokens / max(wall, 1e-9):,.0f} per wall "
+                     f"second, {clock.tokens / split['steps']:,.0f} per second in steps")
+    return lines
 
 
 def epoch_progress_bar(run):
@@ -1935,9 +2031,10 @@ def validation_loss(model, tokens, species, repeat, cfg, rt, autocast_dtype, ret
     over the targets whose repeat flag is set and the others ({"repeat", "nonrepeat"}; nan where there are none);
     every rank scores its share, then all-reduce.
 
-    `model` is the bare (or compiled) module, not the DDP wrapper, so a rank with fewer rows joins no collective
-    but the final sum. Batches keep the training micro-batch shape, so compiled graphs are reused; padding rows
-    are ignored through the -100 target. Validation chunks are not in the memory index: nothing is left out.
+    `model` is the bare module, not the DDP wrapper, so a rank with fewer rows joins no collective but the final
+    sum. It runs eagerly, eval_batch_size windows at a time: a few large forward passes cost less than compiling
+    another shape, and than many training-sized ones. Validation chunks are not in the retrieval index: nothing is
+    left out.
     """
     was_training = model.training
     model.eval()
@@ -1945,22 +2042,19 @@ def validation_loss(model, tokens, species, repeat, cfg, rt, autocast_dtype, ret
     n_species = int(species.max()) + 1 if len(species) else 1  # the same on every rank: all rows are everywhere
     # per species: nats, targets, and the same over repeat targets
     totals = torch.zeros(n_species, 4, dtype=torch.float64, device=rt.device)
-    for start in range(0, len(mine), cfg.batch_size):
-        rows = mine[start:start + cfg.batch_size]
-        valid = len(rows)
-        rows = torch.cat([rows, rows[:1].expand(cfg.batch_size - valid)])
+    for start in range(0, len(mine), cfg.eval_batch_size):
+        rows = mine[start:start + cfg.eval_batch_size]
         batch = tokens[rows].to(rt.device)
-        targets = batch[:, cfg.prefix_tokens + 1:].clone()
-        targets[valid:] = -100
+        targets = batch[:, cfg.prefix_tokens + 1:]
         memory = {} if retrieval_index is None else {
             "retrieval": retrieval_index.counts(batch, cfg.prefix_tokens, exclude_self=False)}
         with torch.autocast(rt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             nats, _ = model(batch[:, cfg.prefix_tokens:-1], species[rows].to(rt.device), targets, reduction="none",
                             **memory)
-        nats = nats[:valid].double()
-        flags = repeat[rows[:valid], cfg.prefix_tokens + 1:].to(rt.device)
+        nats = nats.double()
+        flags = repeat[rows, cfg.prefix_tokens + 1:].to(rt.device)
         row_nats = nats.sum(1)
-        totals.index_add_(0, species[rows[:valid]].to(rt.device),
+        totals.index_add_(0, species[rows].to(rt.device),
                           torch.stack([row_nats, torch.full_like(row_nats, cfg.context_size),
                                        torch.where(flags, nats, 0.0).sum(1), flags.sum(1).double()], 1))
     if rt.distributed:
@@ -1971,6 +2065,160 @@ def validation_loss(model, tokens, species, repeat, cfg, rt, autocast_dtype, ret
     by_repeat = {"repeat": repeat_nats / repeat_targets if repeat_targets else math.nan,
                  "nonrepeat": (total_nats - repeat_nats) / other_targets if other_targets else math.nan}
     return total_nats / max(targets, 1), (totals[:, 0] / totals[:, 1].clamp_min(1)).tolist(), by_repeat
+
+
+# ----------------------------------------------------------------------------- training: the wall clock
+
+MAX_PAUSE_SHARE = 0.025  # validation, and saves, each stretch their cadence to stay under this share of wall time
+CLOCK_SYNC_STEPS = 16  # with several ranks, the clock's decisions are agreed (one all_reduce) every this many steps
+EXIT_SECONDS = 5.0  # from the closing lines to the end of run.sh: loader workers, process group, interpreter exit
+
+
+def invocation_start():
+    """When this invocation began: run.sh's start (PLANT_LM_START, which torchrun's restarts inherit), else this
+    process's."""
+    try:
+        return float(os.environ["PLANT_LM_START"])
+    except (KeyError, ValueError):
+        return PROCESS_START
+
+
+def synchronize(device):
+    """Wait for the device's queued work, so that a time taken next counts it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Due:
+    """What the wall clock asks of the loop after a step."""
+    out_of_time: bool = False  # what is left of max_minutes holds no further step besides the last validation and save
+    validation: bool = False
+    checkpoint: bool = False
+
+
+class Clock:
+    """The invocation's wall time: where it went (start-up, steps, data wait, validation, checkpoints), when the next
+    validation and save are due, and whether max_minutes still holds another step and then the run's last validation
+    and save. Its step times are the device's: write_log_line synchronizes before it reports them here."""
+
+    def __init__(self, cfg, start):
+        self.cfg, self.start = cfg, start
+        self.deadline = start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+        self.spent = {"data_wait": 0.0, "validation": 0.0, "checkpoints": 0.0}
+        self.last = {"validation": None, "checkpoints": None}  # how long the last of each took
+        self.next_due = {"validation": math.inf, "checkpoints": math.inf}
+        self.steps_start = self.first_step = self.step_seconds = self.run = None
+
+    def start_steps(self, run):
+        """Start-up ends here, and the cadences start."""
+        synchronize(run.rt.device)
+        self.run, self.first_step, self.steps_start = run, run.step, time.time()
+        self.next_due = {"validation": self.steps_start + 60 * self.cfg.eval_every_minutes,
+                         "checkpoints": self.steps_start + 60 * self.cfg.checkpoint_every_minutes
+                         if self.cfg.checkpoint_every_minutes else math.inf}
+
+    def elapsed(self):
+        return time.time() - self.start
+
+    def paused(self):
+        return self.spent["validation"] + self.spent["checkpoints"]
+
+    @property
+    def tokens(self):
+        """Tokens trained in this invocation, over all ranks."""
+        cfg, run = self.cfg, self.run
+        if run is None:
+            return 0
+        return (run.step - self.first_step) * cfg.batch_size * cfg.accumulation_steps * run.rt.world_size * \
+            cfg.context_size
+
+    def split(self):
+        """Seconds of wall time so far by what they went to; they add up to elapsed()."""
+        now = time.time()
+        if self.steps_start is None:
+            return {"start_up": now - self.start, "steps": 0.0, **self.spent}
+        in_loop = now - self.steps_start
+        return {"start_up": self.steps_start - self.start, "steps": in_loop - sum(self.spent.values()), **self.spent}
+
+    @contextlib.contextmanager
+    def waiting_for_data(self):
+        t = time.time()
+        yield
+        self.spent["data_wait"] += time.time() - t
+
+    @contextlib.contextmanager
+    def paused_for(self, kind, reschedule=True):
+        """Time a validation or a save ("validation", "checkpoints"), with the device's queued steps finished first
+        so that they are not counted in it; then set when the next is due: the Config's interval, stretched so
+        that this kind stays under MAX_PAUSE_SHARE of the wall time where it takes long (a big model on a CPU)."""
+        device = self.run.rt.device if self.run else torch.device("cpu")
+        synchronize(device)
+        t = time.time()
+        yield
+        synchronize(device)
+        now = time.time()
+        self.spent[kind] += now - t
+        self.last[kind] = now - t
+        if reschedule:
+            minutes = self.cfg.eval_every_minutes if kind == "validation" else self.cfg.checkpoint_every_minutes
+            self.next_due[kind] = now + max(60 * minutes, (now - t) / MAX_PAUSE_SHARE) if minutes else math.inf
+
+    def observe_steps(self, steps, seconds):
+        """The wall seconds of the last `steps` steps, measured after a synchronization."""
+        self.step_seconds = seconds / max(steps, 1)
+
+    def poll(self, run):
+        """What is due after this step. With several ranks the answer is agreed (the latest of any rank's clock)
+        every CLOCK_SYNC_STEPS steps and is 'nothing' between, so every rank validates, saves and stops together."""
+        cfg, now = self.cfg, time.time()
+        # the first validation waits too until its estimated cost is within MAX_PAUSE_SHARE of the time in steps
+        validation_due = now >= self.next_due["validation"] and (
+            self.last["validation"] is not None
+            or now - self.steps_start >= self.validation_estimate(run) / MAX_PAUSE_SHARE)
+        asks = [now + self.finish_estimate(run) > self.deadline, validation_due, now >= self.next_due["checkpoints"]]
+        if run.rt.distributed:
+            if run.step % CLOCK_SYNC_STEPS:
+                asks = [False] * 3
+            else:
+                agreed = torch.tensor(asks, dtype=torch.float32, device=run.rt.device)
+                dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+                asks = [bool(flag) for flag in agreed.tolist()]
+        out_of_time, validation, checkpoint = asks
+        if cfg.eval_every:  # step counts override the minutes
+            validation = run.step % cfg.eval_every == 0
+        if cfg.checkpoint_every:
+            checkpoint = run.step % cfg.checkpoint_every == 0
+        return Due(out_of_time, validation, checkpoint)
+
+    def finish_estimate(self, run):
+        """Seconds that the next step (CLOCK_SYNC_STEPS of them with several ranks), the last validation, the last
+        save and the exit take."""
+        ahead = CLOCK_SYNC_STEPS if run.rt.distributed else 1
+        return ahead * self.step_estimate(run) + self.validation_estimate(run) + self.checkpoint_estimate(run) + \
+            EXIT_SECONDS
+
+    def step_estimate(self, run):
+        """Wall seconds a step takes: as measured at the last log line, else this invocation's mean so far (its first
+        step compiles: on the safe side)."""
+        if self.step_seconds is not None:
+            return self.step_seconds
+        steps_done = run.step - self.first_step if self.first_step is not None else 0
+        return self.split()["steps"] / steps_done if steps_done else 0.0
+
+    def validation_estimate(self, run):
+        """The last validation's seconds, else a guess: a forward pass is about a third of a step's work per
+        window; half, to be safe."""
+        if self.last["validation"] is not None:
+            return self.last["validation"]
+        cfg = self.cfg
+        return len(run.val_tokens) / (cfg.batch_size * cfg.accumulation_steps) * self.step_estimate(run) / 2 + 1.0
+
+    def checkpoint_estimate(self, run):
+        """The last save's seconds, else a guess: weights and two AdamW moments in fp32, at 200 MB/s."""
+        if self.last["checkpoints"] is not None:
+            return self.last["checkpoints"]
+        return 12 * sum(p.numel() for p in run.learner.model.parameters()) / 200e6 + 1.0
 
 
 # ----------------------------------------------------------------------------- training: set-up helpers

@@ -3,6 +3,8 @@
 #   DATA_DIR=./data WORLD_SIZE=2 WANDB_MODE=online bash run.sh [--field=value ...]
 # Several nodes: run on each node with NNODES, NODE_RANK and MASTER_ADDR set (see README, "Multi-GPU and multi-node").
 set -euo pipefail
+# max_minutes counts from here (start-up included); a caller that set it first, a scheduler say, keeps its own start
+export PLANT_LM_START=${PLANT_LM_START:-$(date +%s.%N)}
 cd "$(dirname "$0")"
 
 DATA_DIR=${DATA_DIR:-./data}
@@ -17,8 +19,8 @@ export NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1}
 
 if [[ "${1:-}" =~ ^(-h|--help|help)$ ]]; then
     sed -n '2,4p' "$0" | cut -c3-
-    echo "Environment: DATA_DIR WORLD_SIZE WANDB_MODE MAX_RESTARTS RESUME NNODES NODE_RANK MASTER_ADDR PYTHON"
-    echo "Every --field=value is a Config field of plant_lm_train.py (see README.md, \"Configuration reference\")."
+    echo "Environment: DATA_DIR WORLD_SIZE WANDB_MODE MAX_RESTARTS RESUME NNODES NODE_RANK MASTER_ADDR PYTHON PLANT_LM_START"
+    echo "Every --field=value is a Config field of plant_lm_train.py (see docs/configuration.md)."
     exit 0
 fi
 command -v "$PYTHON" >/dev/null || { echo "error: $PYTHON not found; run: bash setup_env.sh" >&2; exit 1; }

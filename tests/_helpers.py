@@ -19,6 +19,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "plant_lm_train.py")
+INFER_SCRIPT = os.path.join(REPO, "plant_lm_infer.py")
 TESTS = os.path.join(REPO, "tests")
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
@@ -145,7 +146,7 @@ def parse_with_biopython(path):
 
 # Variables that would change what a training subprocess does if the caller's shell happened to set them.
 _SCRUB = ("RESUME", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-          "TORCHELASTIC_RUN_ID", "GROUP_RANK", "WANDB_API_KEY", "DATA_DIR", "MAX_RESTARTS", "NNODES")
+          "TORCHELASTIC_RUN_ID", "GROUP_RANK", "WANDB_API_KEY", "DATA_DIR", "MAX_RESTARTS", "NNODES", "PLANT_LM_START")
 
 
 def train_env(**extra):

@@ -57,6 +57,14 @@ MULTI_SPECIES_LAYOUT = {
 }
 
 
+@pytest.fixture(scope="module")
+def genome_dir(tmp_path_factory):
+    """One synthetic species 's': 6 kbp of seeded random DNA in one gzipped file (12 steps per epoch at TINY)."""
+    root = tmp_path_factory.mktemp("genome") / "data"
+    write_fasta(root / "s" / "s.fa.gz", [("s_chr1", random_dna(6_000, seed=11))])
+    return str(root)
+
+
 @pytest.fixture(scope="session")
 def multi_species_dir(tmp_path_factory):
     """A synthetic data dir with species a (2 files), b, c: random DNA with gaps, deterministic (seeded)."""

@@ -20,17 +20,9 @@ import uuid
 
 import pytest
 
-from _helpers import REPO, TINY_ARGS, describe, load, random_dna, train_env, write_fasta
+from _helpers import REPO, TINY_ARGS, describe, load, train_env
 
 TAG = "PLANT_LM_TEST_LAUNCHER_TAG"
-
-
-@pytest.fixture(scope="module")
-def genome_dir(tmp_path_factory):
-    """One synthetic species 's': 6 kbp of seeded random DNA in one gzipped file."""
-    root = tmp_path_factory.mktemp("genome") / "data"
-    write_fasta(root / "s" / "s.fa.gz", [("s_chr1", random_dna(6_000, seed=11))])
-    return str(root)
 
 
 # ----------------------------------------------------------------------------- processes, from /proc

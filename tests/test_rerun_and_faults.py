@@ -16,15 +16,7 @@ import pytest
 import torch
 
 import plant_lm_train as plm
-from _helpers import TESTS, TINY_ARGS, describe, random_dna, read_jsonl, run_train, tiny_config, write_fasta
-
-
-@pytest.fixture(scope="module")
-def genome_dir(tmp_path_factory):
-    """One species 's': 6 kbp of seeded random DNA (12 steps per epoch at the TINY config)."""
-    root = tmp_path_factory.mktemp("genome") / "data"
-    write_fasta(root / "s" / "s.fa.gz", [("s_chr1", random_dna(6_000, seed=11))])
-    return str(root)
+from _helpers import TESTS, TINY_ARGS, describe, read_jsonl, run_train, tiny_config
 
 
 def args(data_dir, tmp_path, *extra):
@@ -113,16 +105,6 @@ def test_a_checkpoint_of_a_graphed_gpu_run_resumes_on_the_cpu(genome_dir, tmp_pa
     resumed = run_train(args(genome_dir, tmp_path, "--max_steps=3", "--resume_with_new_settings=true"), cwd=tmp_path)
     assert resumed.returncode == 0, describe(resumed)
     assert "resumed from" in resumed.stdout and plm.load_checkpoint(str(path))["step"] == 3
-
-
-def test_the_first_step_after_a_resume_is_left_out_of_the_training_time(genome_dir, tmp_path):
-    """It recompiles, like a run's very first step: max_minutes' clock (train_s) starts after it."""
-    first = run_train(args(genome_dir, tmp_path, "--max_steps=2"), cwd=tmp_path)
-    assert first.returncode == 0, describe(first)
-    resumed = run_train(args(genome_dir, tmp_path, "--max_steps=4", "--resume_with_new_settings=true"), cwd=tmp_path)
-    assert resumed.returncode == 0, describe(resumed)
-    at_3 = [r for r in read_jsonl(tmp_path / "logs") if r.get("step") == 3 and "train_s" in r and "loss" in r]
-    assert at_3 and at_3[-1]["train_s"] == 0.0, at_3
 
 
 def test_ctrl_c_with_resume_none_names_the_checkpoint_and_how_to_resume_from_it(tmp_path, monkeypatch, capsys):
@@ -296,3 +278,36 @@ def test_a_failed_scan_closes_the_log_files(tmp_path, monkeypatch):
     with pytest.raises(plm.DataError):
         plm.train(cfg)
     assert logs and logs[0].log_file.closed and logs[0].metrics_file.closed
+
+
+# ----------------------------------------------------------------------------- early stopping
+
+def stalled_args(genome_dir, tmp_path, *extra):
+    """learning_rate 0: the weights never move, so after the first validation (the best) none improves on it."""
+    return args(genome_dir, tmp_path, "--learning_rate=0", "--eval_every=1", "--early_stop_evals=3", *extra)
+
+
+def test_early_stop_after_early_stop_evals_validations_without_a_new_best(genome_dir, tmp_path):
+    proc = run_train(stalled_args(genome_dir, tmp_path, "--max_steps=50"), cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert "early stop at step 4: 3 validations in a row without a new best (early_stop_evals = 3)" in proc.stdout
+    assert re.search(r"best \d\.\d{4} bits/base at step 1, kept in \S+model_best\.pt", proc.stdout), describe(proc)
+    assert plm.load_checkpoint(str(tmp_path / "ckpt" / "model_latest.pt"))["step"] == 4
+    assert plm.load_checkpoint(str(tmp_path / "ckpt" / "model_best.pt"))["step"] == 1
+
+
+def test_early_stop_counts_across_a_resume_and_a_rerun_after_it_trains_nothing(genome_dir, tmp_path):
+    """Stopped at step 3 (two validations past the best), the resumed run stops where an uninterrupted one does,
+    at step 4, not three validations later; run once more, it says why there is nothing to train."""
+    first = run_train(stalled_args(genome_dir, tmp_path, "--max_steps=3"), cwd=tmp_path)
+    assert first.returncode == 0, describe(first)
+    resumed = run_train(stalled_args(genome_dir, tmp_path, "--max_steps=50", "--resume_with_new_settings=true"),
+                        cwd=tmp_path)
+    assert resumed.returncode == 0, describe(resumed)
+    assert "early stop at step 4" in resumed.stdout, describe(resumed)
+    assert plm.load_checkpoint(str(tmp_path / "ckpt" / "model_latest.pt"))["step"] == 4
+    again = run_train(stalled_args(genome_dir, tmp_path, "--max_steps=50"), cwd=tmp_path)
+    assert again.returncode == 0, describe(again)
+    assert re.search(r"nothing to train: \S+model_latest\.pt stopped early at step 4, 3 validations after its best",
+                     again.stdout), describe(again)
+    assert plm.load_checkpoint(str(tmp_path / "ckpt" / "model_latest.pt"))["step"] == 4

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import plant_lm_train as plm
-from _helpers import (TINY_ARGS, describe, detokenize, random_dna, read_jsonl, reverse_complement, run_train,
-                      tiny_config, write_fasta)
+from _helpers import (INFER_SCRIPT, TINY_ARGS, describe, detokenize, random_dna, read_jsonl, reverse_complement,
+                      run_train, tiny_config, write_fasta)
 
 def retrieval_config(data_dir, tmp_path, **overrides):
     return tiny_config(data_dir=data_dir, global_memory="retrieval", checkpoint_dir=str(tmp_path / "ckpt"),
@@ -319,7 +319,7 @@ def test_every_global_memory_trains_resumes_and_evaluates(memory, unique_dir, tm
     assert ckpt["step"] == 3 and ckpt["config"]["global_memory"] == memory
     novel = write_fasta(tmp_path / "novel.fa", [("n1", random_dna(700, 99)), ("short", random_dna(200, 98))])
     scored = run_train(["eval", "--checkpoint", str(tmp_path / "ckpt" / "model_latest.pt"), "--species", "s", novel],
-                       cwd=tmp_path)
+                       cwd=tmp_path, script=INFER_SCRIPT)
     assert scored.returncode == 0, describe(scored)
     overall = re.search(r"^overall\s+([\d,]+)\s+(-[\d.]+)\s+([\d.]+)$", scored.stdout, flags=re.M)
     assert overall and 1.5 < float(overall.group(3)) < 2.5, scored.stdout

@@ -27,7 +27,7 @@ import torch
 
 import plant_lm_infer as infer
 import plant_lm_train as plm
-from _helpers import (SCRIPT, TESTS, TINY_ARGS, describe, load, motif_genome, read_jsonl, real_slice, run_sh,
+from _helpers import (INFER_SCRIPT, SCRIPT, TESTS, TINY_ARGS, describe, load, motif_genome, read_jsonl, real_slice, run_sh,
                       run_train, state_differences, tiny_config, train_env, write_fasta)
 
 SPECIES_ARG = "--species_distribution=arabidopsis:1,motif:1"
@@ -550,7 +550,7 @@ def test_eval_scores_the_training_genome_below_its_shuffle_and_leaves_the_checkp
     ckpt, train_fa, shuffled_fa, folder = eval_files
     before = (sha256(ckpt), os.stat(ckpt).st_mtime_ns)
     out_json = folder / "cli.json"
-    proc = subprocess.run([sys.executable, SCRIPT, "eval", "--checkpoint", ckpt, "--species", "motif", train_fa,
+    proc = subprocess.run([sys.executable, INFER_SCRIPT, "eval", "--checkpoint", ckpt, "--species", "motif", train_fa,
                            shuffled_fa, "--json", str(out_json)], cwd=str(folder), env=train_env(),
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, describe(proc)
