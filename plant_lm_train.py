@@ -934,14 +934,19 @@ class EpochSampler:
         return tokens, ids, [keys[i] for i in order], np.concatenate(repeats)[order]
 
 
-class GenomeStream(IterableDataset):
-    """The training stream of one rank: one item per optimizer step, epoch after epoch, without end.
+STEPS_PER_ITEM = 8  # optimizer steps a loader worker hands over at once: the hand-over's cost is paid once per 8
 
-    An item is the step's `accumulation_steps` micro-batches at once (tokens [A, B, prefix + context + 1] int16,
-    species [A, B], the tokens' repeat flags [A, B, prefix + context + 1] bool), so the main process pays one hand-over
-    and one host-to-device copy per step. A DataLoader polls its workers round-robin from worker 0, so worker w serves
-    global steps start + w, start + w + n_workers, ...; the shard follows the steps it serves, which makes the stream
-    the same whatever step it starts at.
+
+class GenomeStream(IterableDataset):
+    """The training stream of one rank, epoch after epoch, without end: one item per STEPS_PER_ITEM optimizer steps.
+
+    An item holds whole steps (tokens [S, A, B, prefix + context + 1] int16, species [S, A, B], the tokens' repeat
+    flags [S, A, B, prefix + context + 1] bool; S steps of A = accumulation_steps micro-batches), so the main
+    process pays one hand-over and one host-to-device copy setup per S steps (loader_steps splits them again). Steps
+    are grouped by absolute step number, group g = steps [g S, (g + 1) S), and group g comes from shard
+    g mod n_workers of this rank: a DataLoader polls its workers round-robin from worker 0, so worker w serves the
+    groups of the start step's group + w, + w + n_workers, ...; the first group is cut at the start step. The shard
+    follows the steps it serves, which makes the stream the same whatever step it starts at.
     """
 
     def __init__(self, catalog, cfg, rank, world_size, steps_per_epoch, start_step=0):
@@ -951,22 +956,41 @@ class GenomeStream(IterableDataset):
     def __iter__(self):
         worker = get_worker_info()
         wid, n_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        role = (self.start + wid) % n_workers  # the residue class of global steps this worker serves
+        group = self.start // STEPS_PER_ITEM + wid
+        role = group % n_workers  # the residue class of step groups this worker serves
         shard, n_shards = self.rank * n_workers + role, self.world_size * n_workers
-        step, sampler = self.start + wid, None
-        micro, batch_size = self.cfg.accumulation_steps, self.cfg.batch_size
+        micro, batch_size, sampler = self.cfg.accumulation_steps, self.cfg.batch_size, None
         while True:
-            epoch = step // self.per_epoch
-            if sampler is None or sampler.epoch != epoch:
-                sampler = EpochSampler(self.catalog, self.cfg, epoch, shard, n_shards)
-                first = epoch * self.per_epoch + (role - epoch * self.per_epoch) % n_workers
-                for _ in range((step - first) // n_workers):  # fast-forward to resume mid-epoch
-                    sampler.next_batch(micro * batch_size)
-            tokens, species, _, repeat = sampler.next_batch(micro * batch_size)
-            yield (torch.from_numpy(tokens).view(micro, batch_size, -1),
-                   torch.from_numpy(species).view(micro, batch_size),
-                   torch.from_numpy(repeat).view(micro, batch_size, -1))
-            step += n_workers
+            steps = []
+            for step in range(max(group * STEPS_PER_ITEM, self.start), (group + 1) * STEPS_PER_ITEM):
+                epoch = step // self.per_epoch
+                if sampler is None or sampler.epoch != epoch:
+                    sampler = EpochSampler(self.catalog, self.cfg, epoch, shard, n_shards)
+                    # fast-forward past the steps this shard served earlier in the epoch (a resume mid-epoch)
+                    for _ in range(shard_steps_before(step, epoch * self.per_epoch, role, n_workers)):
+                        sampler.next_batch(micro * batch_size)
+                tokens, species, _, repeat = sampler.next_batch(micro * batch_size)
+                steps.append((tokens.reshape(micro, batch_size, -1), species.reshape(micro, batch_size),
+                              repeat.reshape(micro, batch_size, -1)))
+            yield tuple(torch.from_numpy(np.stack(part)) for part in zip(*steps))
+            group += n_workers
+
+
+def shard_steps_before(step, epoch_start, role, n_workers):
+    """How many steps of [epoch_start, step) fall in the step groups of `role` (group g: g mod n_workers)."""
+    count, group = 0, epoch_start // STEPS_PER_ITEM
+    while group * STEPS_PER_ITEM < step:
+        if group % n_workers == role:
+            count += min(step, (group + 1) * STEPS_PER_ITEM) - max(epoch_start, group * STEPS_PER_ITEM)
+        group += 1
+    return count
+
+
+def loader_steps(batches):
+    """An iterator over GenomeStream items (from a DataLoader), one optimizer step at a time: (tokens, species,
+    repeat flags) views of the item, in pinned memory when the item is."""
+    for item in batches:
+        yield from zip(*item)
 
 
 def load_validation(catalog, cfg):
@@ -1464,7 +1488,7 @@ def train(cfg, build_model=None):
     log = RunLog(cfg, rt)
     try:
         run = start_run(cfg, rt, log, build_model, clock)
-        batches = iter(run.loader)
+        batches = loader_steps(iter(run.loader))  # iter() now: it draws the workers' seed from the global RNG
         if run.saved_rng is not None:  # after iter(loader), which draws its base seed from the global torch RNG
             restore_rng_states(run.saved_rng, rt.device)
         clock.start_steps(run)

@@ -35,7 +35,7 @@ def main():
     loader = DataLoader(plm.GenomeStream(index, cfg, 0, 1, per_epoch), batch_size=None, num_workers=cfg.num_workers,
                         persistent_workers=True, prefetch_factor=4)
     samples, started, last = [], time.time(), 0.0
-    for step, _ in enumerate(loader):
+    for step, _ in enumerate(plm.loader_steps(iter(loader))):
         if time.time() - last >= args.sample_s or step >= per_epoch * args.epochs:
             last = time.time()
             workers = child_pids(os.getpid())

@@ -312,7 +312,7 @@ def loader_rate(index, cfg, seconds, workers):
     loader = DataLoader(plm.GenomeStream(index, cfg, 0, 1, per_epoch), batch_size=None, num_workers=workers,
                         persistent_workers=True, prefetch_factor=4)
     batches, started, peak, private = 0, time.time(), {}, {}
-    for batch in loader:
+    for batch in plm.loader_steps(iter(loader)):
         batches += 1
         if batches == workers * 5:  # each worker has made its first batch and the prefetched ones are taken
             started, counted = time.time(), batches

@@ -94,9 +94,10 @@ def full_chunks(index, species, cfg):
 
 
 def loader_batches(stream, num_workers, n):
-    """The first n (tokens, species, repeat flags) items a DataLoader(batch_size=None) yields from a GenomeStream."""
+    """The first n steps' (tokens, species, repeat flags) that the trainer reads from a GenomeStream through a
+    DataLoader(batch_size=None)."""
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
-    it = iter(loader)
+    it = plm.loader_steps(iter(loader))
     out = [tuple(t.clone() for t in next(it)) for _ in range(n)]
     del it
     return out
@@ -662,6 +663,31 @@ def test_genome_stream_resumes_at_the_exact_step(multi_species_index, num_worker
     resumed = loader_batches(stream(start), num_workers, total - start)
     matches = [all(torch.equal(x, y) for x, y in zip(a, b)) for a, b in zip(resumed, fresh[start:])]
     assert all(matches), f"resumed batch i == fresh batch {start}+i: {matches}"
+
+
+@pytest.mark.parametrize("start", [9, 17, 23])
+def test_genome_stream_resumes_exactly_across_many_step_groups(multi_species_index, start):
+    """Three workers, 7 steps per epoch, 40 steps: the groups of STEPS_PER_ITEM steps cross epochs and workers, and a
+    resume inside a group still yields the fresh stream's steps."""
+    cfg, index = multi_species_index
+    total = 40
+
+    def stream(k):
+        return plm.GenomeStream(index, cfg, rank=0, world_size=1, steps_per_epoch=7, start_step=k)
+
+    fresh = loader_batches(stream(0), 3, total)
+    resumed = loader_batches(stream(start), 3, total - start)
+    assert all(all(torch.equal(x, y) for x, y in zip(a, b)) for a, b in zip(resumed, fresh[start:]))
+
+
+def test_shard_steps_before_counts_a_roles_steps_of_the_epoch():
+    k = plm.STEPS_PER_ITEM
+    for n_workers in (1, 2, 3):
+        for epoch_start in (0, 5, 3 * k + 1):
+            for step in range(epoch_start, epoch_start + 5 * k):
+                for role in range(n_workers):
+                    brute = sum((t // k) % n_workers == role for t in range(epoch_start, step))
+                    assert plm.shard_steps_before(step, epoch_start, role, n_workers) == brute
 
 
 # ----------------------------------------------------------------------------- augmentation: frames and strands
