@@ -1904,7 +1904,7 @@ def write_log_line(run, meter, result):
     cfg, rt, learner = run.cfg, run.rt, run.learner
     synchronize(rt.device)
     seconds = meter.step_seconds()
-    run.clock.observe_steps(meter.steps, seconds)
+    run.clock.observe_steps(run, meter.steps, seconds)
     worst, skipped = int(learner.worst_streak.item()), int(learner.skipped_steps.item())
     if skipped > meter.skipped_before:
         run.log.info(f"warning: {skipped - meter.skipped_before} step(s) up to step {run.step} had non-finite "
@@ -2096,6 +2096,9 @@ def validation_loss(model, tokens, species, repeat, cfg, rt, autocast_dtype, ret
 MAX_PAUSE_SHARE = 0.025  # validation, and saves, each stretch their cadence to stay under this share of wall time
 CLOCK_SYNC_STEPS = 16  # with several ranks, the clock's decisions are agreed (one all_reduce) every this many steps
 EXIT_SECONDS = 5.0  # from the closing lines to the end of run.sh: loader workers, process group, interpreter exit
+# An invocation's first steps compile and capture (StepGraph.WARMUP_STEPS eager steps, then the capture): a minute on
+# a GPU where a step then takes milliseconds, so no step time is estimated from them
+CLOCK_WARMUP_STEPS = 3
 
 
 def invocation_start():
@@ -2133,6 +2136,7 @@ class Clock:
         self.last = {"validation": None, "checkpoints": None}  # how long the last of each took
         self.next_due = {"validation": math.inf, "checkpoints": math.inf}
         self.steps_start = self.first_step = self.step_seconds = self.run = None
+        self.warm = None  # (time, paused seconds) when the warm-up steps were done
 
     def start_steps(self, run):
         """Start-up ends here, and the cadences start."""
@@ -2188,14 +2192,19 @@ class Clock:
             minutes = self.cfg.eval_every_minutes if kind == "validation" else self.cfg.checkpoint_every_minutes
             self.next_due[kind] = now + max(60 * minutes, (now - t) / MAX_PAUSE_SHARE) if minutes else math.inf
 
-    def observe_steps(self, steps, seconds):
-        """The wall seconds of the last `steps` steps, measured after a synchronization."""
-        self.step_seconds = seconds / max(steps, 1)
+    def observe_steps(self, run, steps, seconds):
+        """The wall seconds of the last `steps` steps up to run.step, measured after a synchronization; kept unless
+        they include warm-up steps."""
+        if run.step - steps >= self.first_step + CLOCK_WARMUP_STEPS:
+            self.step_seconds = seconds / max(steps, 1)
 
     def poll(self, run):
         """What is due after this step. With several ranks the answer is agreed (the latest of any rank's clock)
         every CLOCK_SYNC_STEPS steps and is 'nothing' between, so every rank validates, saves and stops together."""
         cfg, now = self.cfg, time.time()
+        if self.warm is None and run.step - self.first_step >= CLOCK_WARMUP_STEPS:
+            synchronize(run.rt.device)
+            self.warm = (time.time(), self.paused())
         # the first validation waits too until its estimated cost is within MAX_PAUSE_SHARE of the time in steps
         validation_due = now >= self.next_due["validation"] and (
             self.last["validation"] is not None
@@ -2223,12 +2232,15 @@ class Clock:
             EXIT_SECONDS
 
     def step_estimate(self, run):
-        """Wall seconds a step takes: as measured at the last log line, else this invocation's mean so far (its first
-        step compiles: on the safe side)."""
+        """Wall seconds a step takes: as measured at the last log line, else the mean since the warm-up steps, else
+        (during the warm-up) nothing yet."""
         if self.step_seconds is not None:
             return self.step_seconds
-        steps_done = run.step - self.first_step if self.first_step is not None else 0
-        return self.split()["steps"] / steps_done if steps_done else 0.0
+        if self.warm is None:
+            return 0.0
+        warm_time, paused = self.warm
+        steps = run.step - self.first_step - CLOCK_WARMUP_STEPS
+        return (time.time() - warm_time - (self.paused() - paused)) / steps if steps else 0.0
 
     def validation_estimate(self, run):
         """The last validation's seconds, else a guess: a forward pass is about a third of a step's work per

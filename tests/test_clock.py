@@ -69,7 +69,8 @@ def fake_time(monkeypatch):
 
 
 def clock_at_start(fake_time, step=0, n_val=64, **config):
-    """A Clock whose steps start at fake_time.now, with a stand-in run: one CPU rank, a 1000-parameter model."""
+    """A Clock whose steps start at fake_time.now, with a stand-in run: one CPU rank, a 1000-parameter model. Its
+    log-line measures count once the run is past the warm-up steps: call observe_steps with run.step there."""
     cfg = plm.Config(**config).check()
     run = types.SimpleNamespace(step=step, val_tokens=torch.zeros(n_val, 3),
                                 rt=plm.Runtime(0, 0, 1, torch.device("cpu")),
@@ -85,7 +86,8 @@ def take(fake_time, seconds):
 
 def test_validation_comes_every_eval_every_minutes_and_stretches_when_it_is_slow(fake_time):
     clock, run = clock_at_start(fake_time, eval_every_minutes=1.0)
-    clock.observe_steps(10, 0.1)  # quick steps: the first validation's estimate is small
+    run.step = 20
+    clock.observe_steps(run, 10, 0.1)  # quick steps: the first validation's estimate is small
     take(fake_time, 59)
     assert not clock.poll(run).validation
     take(fake_time, 2)
@@ -135,7 +137,8 @@ def test_no_periodic_save_when_checkpoint_every_minutes_is_0(fake_time):
 
 def test_out_of_time_leaves_room_for_a_step_the_last_validation_and_the_last_save(fake_time):
     clock, run = clock_at_start(fake_time, max_minutes=10.0)  # the deadline: start + 600 = steps' start + 570
-    clock.observe_steps(10, 5.0)  # 0.5 s a step, measured at a log line
+    run.step = 20
+    clock.observe_steps(run, 10, 5.0)  # 0.5 s a step, measured at a log line
     with clock.paused_for("validation"):
         take(fake_time, 4)
     with clock.paused_for("checkpoints"):
@@ -148,15 +151,26 @@ def test_out_of_time_leaves_room_for_a_step_the_last_validation_and_the_last_sav
     assert clock.poll(run).out_of_time
 
 
-def test_before_anything_is_measured_the_estimate_is_made_from_the_step_time(fake_time):
-    """No log line, validation or save yet: the mean step so far (its first step compiles: on the safe side), a
-    validation of the val windows at half a step per micro-batch's windows, a save at 200 MB/s of fp32 weights and
-    two moments."""
-    clock, run = clock_at_start(fake_time, max_minutes=10.0, batch_size=16, accumulation_steps=4)
-    take(fake_time, 8)
-    run.step = 4
+def test_the_warm_up_steps_that_compile_do_not_count_in_the_estimates(fake_time):
+    """A GPU run's first step compiles for 30 s and its third captures the graph; then a step takes 0.5 s. A 5-minute
+    budget must not end at step 1 (a step time of 30 s would make a validation of 64 micro-batches' windows look
+    like 15 minutes). After the warm-up: the mean step since, a validation of the val windows at half a step per
+    micro-batch's windows, a save at 200 MB/s of fp32 weights and two moments."""
+    clock, run = clock_at_start(fake_time, n_val=4096, max_minutes=5.0, batch_size=16, accumulation_steps=4)
+    for step, seconds in enumerate([30, 1, 5], 1):  # compile, eager, capture
+        take(fake_time, seconds)
+        run.step = step
+        assert not clock.poll(run).out_of_time
+    assert clock.step_estimate(run) == 0.0
+    for step in range(4, 9):
+        take(fake_time, 0.5)
+        run.step = step
+        clock.poll(run)
+    assert clock.step_estimate(run) == pytest.approx(0.5)
+    clock.observe_steps(run, 8, 36.0 + 2.5)  # a log line over steps 1-8: warm-up included, so not kept
+    assert clock.step_estimate(run) == pytest.approx(0.5)
     n_params = 10 * 100 + 100
-    expected = 2.0 + (64 / 64 * 2.0 / 2 + 1.0) + (12 * n_params / 200e6 + 1.0) + plm.EXIT_SECONDS
+    expected = 0.5 + (4096 / 64 * 0.5 / 2 + 1.0) + (12 * n_params / 200e6 + 1.0) + plm.EXIT_SECONDS
     assert clock.finish_estimate(run) == pytest.approx(expected)
 
 
@@ -176,7 +190,8 @@ def test_max_minutes_counts_from_run_sh_start(monkeypatch):
 def test_the_first_validation_waits_while_its_estimate_is_a_large_share(fake_time):
     """A big model on a CPU: 4096 windows at 2 s a step of 64 windows, about 65 s a validation, waits 65 / 0.025 s."""
     clock, run = clock_at_start(fake_time, n_val=4096, eval_every_minutes=1.0, batch_size=16, accumulation_steps=4)
-    clock.observe_steps(10, 20.0)
+    run.step = 20
+    clock.observe_steps(run, 10, 20.0)
     estimate = clock.validation_estimate(run)
     assert estimate == pytest.approx(4096 / 64 * 2.0 / 2 + 1.0)
     take(fake_time, estimate / plm.MAX_PAUSE_SHARE - 1)
