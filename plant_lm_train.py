@@ -1528,6 +1528,7 @@ def train(cfg, build_model=None):
         elif validation_stalled(run) and run.step > clock.first_step:
             log.info(f"early stop at step {run.step}: {run.evals_since_best} validations in a row without a new "
                      f"best (early_stop_evals = {cfg.early_stop_evals})")
+        stop_loader(run, batches)
         finish_run(run, meter)
     finally:
         log.close()
@@ -1535,6 +1536,14 @@ def train(cfg, build_model=None):
         dist.barrier()
         dist.destroy_process_group()
     return run.val_loss
+
+
+def stop_loader(run, batches):
+    """Shut the loader's workers down now, while the interpreter runs. Left to the interpreter's exit they are
+    joined one after another with a 5 s timeout each: on an H200 the process then ended 20 s after its closing lines,
+    outside max_minutes."""
+    batches.close()
+    run.loader = None  # persistent workers: the DataLoader holds the last reference to its iterator
 
 
 def finish_run(run, meter):
