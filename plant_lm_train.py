@@ -1,7 +1,15 @@
-"""Plant LM: a causal 6-mer language model over the genomes of many plant species.
+"""Plant LM training: a causal 6-mer language model over the genomes of many plant species.
 
-One module, read top-down: Config -> data -> model -> training -> evaluation -> entry point.
-Launch with `bash run.sh` (torchrun); `python plant_lm_train.py --help` lists the subcommands.
+Launch with `bash run.sh` (torchrun, every GPU of the machine) or `python plant_lm_train.py [--field=value ...]`;
+plant_lm_infer.py uses the checkpoints it writes (eval, variants, embed). The module reads top-down:
+
+  Config            the dataclass users edit, and --field=value overrides
+  data              FASTA streaming, tokenizing, chunks, the train/validation split, the data cache, the loader
+  retrieval memory  the index of (context, next 6-mer) counts over the training chunks
+  model             local attention, the bucket memory, PlantLM and its mixture with the retrieval counts
+  training          train() and its loop, then what the loop calls: the optimizer step (and its CUDA graph), log
+                    lines, validation and saves, the wall clock, set-up, checkpoint files, logs and RNG states
+  entry point       main()
 """
 
 import contextlib
@@ -41,8 +49,9 @@ RETRIEVAL_CONTEXT_TOKENS = (2, 3, 4)
 INDEX_KEY_BASES = [6 * (k + 1) for k in RETRIEVAL_CONTEXT_TOKENS]  # context + next 6-mer: 18, 24, 30 bases
 RETRIEVAL_INDEX_FORMAT = 1  # raise when the index's layout changes: cached indexes of another format are rebuilt
 FASTA_SUFFIXES = (".fa", ".fna", ".fasta")
-# The spec's species weights. A species found in data_dir but not named here gets default_species_weight.
-SPEC_SPECIES_WEIGHTS = {"glycine_max": 1.0, "arabidopsis": 0.8, "oryza_sativa": 0.7, "zea_mays": 0.6,
+# The default sampling weights: five crop genomes (soybean, Arabidopsis, rice, maize, grapevine, about 4.5 Gbp in
+# all). A species found in data_dir but not named here gets default_species_weight.
+CROP_SPECIES_WEIGHTS = {"glycine_max": 1.0, "arabidopsis": 0.8, "oryza_sativa": 0.7, "zea_mays": 0.6,
                         "vitis_vinifera": 0.5}
 
 # What a Config field decides, as its dataclass metadata; a resumed run compares the saved Config by these kinds.
@@ -59,7 +68,7 @@ class ConfigError(ValueError):
 class Config:
     # data
     data_dir: str = field(default="data", metadata=RUNTIME)
-    species_distribution: dict = field(default_factory=lambda: dict(SPEC_SPECIES_WEIGHTS))
+    species_distribution: dict = field(default_factory=lambda: dict(CROP_SPECIES_WEIGHTS))
     default_species_weight: float = 1.0  # for a species found in data_dir but missing above
     chunk_size: int = field(default=1_200_000, metadata=SPLIT)  # bases; windows never cross a chunk boundary
     context_size: int = field(default=64, metadata=ARCHITECTURE)  # tokens a sample reads; it predicts 64 next tokens
@@ -603,7 +612,7 @@ def discover_genomes(cfg, warn=print):
             continue
         genomes[species], weights[species] = files, float(weight)
     absent = [s for s, w in cfg.species_distribution.items() if w > 0 and s not in genomes]
-    if absent:  # one line: the spec's default names crops that most users do not train on
+    if absent:  # one line: the default weights name five crops that most users do not train on
         warn(f"note: configured species with no FASTA under {root}/: {', '.join(absent)}")
     if not genomes:
         raise DataError(f"{root}: no usable genomes; {layout}, with at least one species of weight > 0")
@@ -1331,7 +1340,8 @@ class PlantLM(nn.Module):
     of a Dirichlet over the next 6-mer: p <- (count(context, x) + a p(x)) / (count(context) + a), the concentration a
     read from the final hidden state per position and context length. With gate, p <- (1 - g) p + g count(context,
     x) / count(context) for the longest context that occurs, g a learned gate of the hidden state (as kNN-LM).
-    global_memory = buckets: the spec's memory, 4096 rows the attention reads in every layer (BucketAttention).
+    global_memory = buckets: a learned memory of 4096 rows, one per 6-mer, that the attention reads in every layer
+    (BucketAttention); it gained nothing measurable over none and stays selectable.
     """
 
     def __init__(self, cfg, n_species):
