@@ -48,6 +48,11 @@ GLOBAL_MEMORIES = ("retrieval", "buckets", "none")  # see PlantLM and RetrievalI
 RETRIEVAL_CONTEXT_TOKENS = (2, 3, 4)
 INDEX_KEY_BASES = [6 * (k + 1) for k in RETRIEVAL_CONTEXT_TOKENS]  # context + next 6-mer: 18, 24, 30 bases
 RETRIEVAL_INDEX_FORMAT = 1  # raise when the index's layout changes: cached indexes of another format are rebuilt
+# What the index costs per base of training sequence (one strand counted), from the bundled genomes' 8.0 GB over
+# 117 Mbp and a 2 Gbp crop-like set (68 to 86 B/base): resident on the device and on disk, and what its build holds
+# at its peak on the device (bases, both strands' keys, the sort's values and indices, the tables it makes)
+INDEX_BYTES_PER_BASE = 86
+INDEX_BUILD_BYTES_PER_BASE = 96 + INDEX_BYTES_PER_BASE
 FASTA_SUFFIXES = (".fa", ".fna", ".fasta")
 # The default sampling weights: five crop genomes (soybean, Arabidopsis, rice, maize, grapevine, about 4.5 Gbp in
 # all). A species found in data_dir but not named here gets default_species_weight.
@@ -1106,6 +1111,12 @@ def load_or_build_retrieval_index(catalog, cfg, rt, warn=print):
     of the same training chunks is cached there, else built by rank 0 (on its device) and cached."""
     digest = training_chunks_digest(catalog)
     path = retrieval_index_path(cfg.checkpoint_dir, digest)
+    n_bases = sum(c.n_tokens for c in catalog.train_chunks) * BASES_PER_TOKEN
+    problem = index_fit_problem(n_bases, os.path.getsize(path) if os.path.exists(path) else None,
+                                free_device_bytes(rt.device), available_host_bytes(),
+                                free_disk_bytes(cfg.checkpoint_dir))
+    if problem:  # every rank finds the same (one machine kind); a mixed cluster fails on the smallest GPU
+        raise ConfigError(problem)
     if rt.is_main and not os.path.exists(path):
         t_start = time.time()
         built = build_retrieval_index(catalog, cfg, rt.device, digest)
@@ -1119,6 +1130,51 @@ def load_or_build_retrieval_index(catalog, cfg, rt, warn=print):
         raise ConfigError(f"{path}: rank {rt.rank} finds no retrieval index. Rank 0 builds it in checkpoint_dir, "
                           f"which every node must share: set --checkpoint_dir to a folder all nodes see")
     return load_retrieval_index(path, rt.device)
+
+
+def index_fit_problem(n_bases, cached_bytes, free_device, free_host, free_disk):
+    """Why the retrieval index of n_bases of training sequence cannot be built or held here, as one line naming the
+    figures and the ways out; None when it fits. cached_bytes: the size of the cached index, or None if it must be
+    built. The index is not sharded: every GPU holds all of it, and more GPUs do not help."""
+    gb = lambda n: f"{n / 1e9:,.1f} GB"  # noqa: E731
+    resident = cached_bytes if cached_bytes is not None else n_bases * INDEX_BYTES_PER_BASE
+    needs = [("on each GPU" if free_device is not None else "in host memory",
+              resident if cached_bytes is not None else n_bases * INDEX_BUILD_BYTES_PER_BASE,
+              free_device if free_device is not None else free_host)]
+    if cached_bytes is None:
+        needs.append(("on disk in checkpoint_dir", resident, free_disk))
+    short = [f"{gb(need)} {where} ({gb(free)} free)" for where, need, free in needs if need > free]
+    if not short:
+        return None
+    return (f"the retrieval index of {n_bases / 1e9:,.2f} Gbp of training sequence does not fit: it needs "
+            f"{' and '.join(short)}, about {INDEX_BYTES_PER_BASE} bytes per base held and "
+            f"{INDEX_BUILD_BYTES_PER_BASE} while it is built. Ways out: --global_memory=none (no retrieval memory), "
+            f"fewer species or genomes (a species_distribution weight of 0 leaves a species out), or a GPU with more memory (every GPU holds the whole index: more GPUs do not help)")
+
+
+def free_device_bytes(device):
+    """Free memory on the CUDA device, None on the CPU (where host memory is what counts)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def free_disk_bytes(folder):
+    """Free bytes on the file system that holds `folder`, or would hold it once made."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
+
+
+def available_host_bytes():
+    """MemAvailable from /proc/meminfo, or unlimited where there is none (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return math.inf
 
 
 def training_chunks_digest(catalog):

@@ -324,3 +324,38 @@ def test_every_global_memory_trains_resumes_and_evaluates(memory, unique_dir, tm
     overall = re.search(r"^overall\s+([\d,]+)\s+(-[\d.]+)\s+([\d.]+)$", scored.stdout, flags=re.M)
     assert overall and 1.5 < float(overall.group(3)) < 2.5, scored.stdout
     assert ("retrieval index " + str(ckpt["retrieval_index"]) in scored.stderr) == (memory == "retrieval")
+
+
+# ----------------------------------------------------------------------------- checked before it is built
+
+GB = 10**9
+
+
+def test_index_fit_problem_names_the_shortfall_and_the_ways_out():
+    """4.5 Gbp on one H200 (139 GB free): the build needs INDEX_BUILD_BYTES_PER_BASE a base on the GPU."""
+    problem = plm.index_fit_problem(int(4.5e9), None, 139 * GB, 128 * GB, 64 * GB)
+    assert problem.startswith("the retrieval index of 4.50 Gbp of training sequence does not fit: it needs ")
+    assert f"{4.5 * plm.INDEX_BUILD_BYTES_PER_BASE:,.1f} GB on each GPU (139.0 GB free)" in problem
+    assert f"{4.5 * plm.INDEX_BYTES_PER_BASE:,.1f} GB on disk in checkpoint_dir (64.0 GB free)" in problem
+    assert "--global_memory=none" in problem and "fewer species" in problem and "\n" not in problem
+
+
+def test_index_fit_problem_is_none_where_it_fits_and_counts_a_cached_index_by_its_size():
+    bundled = 117_000_000
+    assert plm.index_fit_problem(bundled, None, 139 * GB, 128 * GB, 64 * GB) is None
+    # cached: only its own size must fit on the device, and nothing on disk
+    assert plm.index_fit_problem(bundled, 8 * GB, 9 * GB, 128 * GB, 0) is None
+    assert "8.0 GB on each GPU (7.0 GB free)" in plm.index_fit_problem(bundled, 8 * GB, 7 * GB, 128 * GB, 0)
+    # on the CPU (no device figure) host memory is what counts
+    assert "in host memory" in plm.index_fit_problem(bundled, None, None, 1 * GB, 64 * GB)
+
+
+def test_training_stops_before_building_an_index_that_does_not_fit(unique_dir, tmp_path, monkeypatch):
+    """The check runs before the build, with the real scan's figures: one line, a ConfigError, nothing built."""
+    cfg = retrieval_config(unique_dir, tmp_path)
+    catalog = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
+    monkeypatch.setattr(plm, "available_host_bytes", lambda: 1000)
+    rt = plm.Runtime(0, 0, 1, torch.device("cpu"))
+    with pytest.raises(plm.ConfigError, match=r"does not fit: it needs .* in host memory \(0\.0 GB free\)"):
+        plm.load_or_build_retrieval_index(catalog, cfg, rt, warn=lambda m: None)
+    assert not os.path.exists(cfg.checkpoint_dir)  # nothing was built or written
