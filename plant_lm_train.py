@@ -634,6 +634,7 @@ class GenomeCatalog:
     val_chunks: list
     stats: dict  # species -> FileStats
     skipped: list  # (path, reason)
+    stores: dict = field(default_factory=dict, compare=False)  # label -> its token store in the data cache, if any
 
     def windows(self, chunks, cfg):
         return sum(windows_per_chunk(c.n_tokens, cfg.context_size, cfg.window_stride) for c in chunks)
@@ -708,17 +709,75 @@ def cached(path, key, compute, warn, keep=lambda value: True):
     return value
 
 
-def scan_file(path, species, label, cfg):
-    """One genome file's (bare chunks, FileStats, None, False), or ([], FileStats, why it is skipped, whether that
-    may pass: an I/O error such as EIO or EACCES, not the file's content)."""
+def scan_file(path, species, label, cfg, store_path=None):
+    """One genome file's (bare chunks, FileStats, None, False, its TokenStore or None), or ([], FileStats, why it is
+    skipped, whether that may pass: an I/O error such as EIO or EACCES, not the file's content, None). With
+    store_path, every chunk's tokens are written to a TokenStore there on the way, streamed: one chunk in memory."""
     stats = FileStats()
     try:
-        found = list(chunk_file(path, species, label, cfg, wanted=set(), stats=stats))
+        if store_path is None:
+            found = list(chunk_file(path, species, label, cfg, wanted=set(), stats=stats))
+            store = None
+        else:
+            found, store = write_token_store(chunk_file(path, species, label, cfg, stats=stats), store_path)
         check_looks_like_dna(path, stats)
     except DataError as e:
         transient = isinstance(e.__cause__, OSError) and e.__cause__.errno is not None
-        return [], stats, str(e), transient
-    return found, stats, None, False
+        return [], stats, str(e), transient, None
+    return found, stats, None, False, store
+
+
+# A token store: one genome file's chunks, tokenized, in two flat files of the data cache (6-mer ids as uint16, soft
+# mask bits as uint8, the chunks back to back in file order), so that loader workers map the chunks they own
+# instead of streaming and tokenizing the whole FASTA file on every pass: with many shards most of a file is
+# someone else's. What locates a chunk in them (a plain dict, cheap to hand to workers):
+#   {"tokens": path, "soft_mask": path, "chunks": {key: (offset in tokens, n_tokens, record_id, tail bases)}}
+# (plain ints and tuples: the data cache is read with torch.load(weights_only=True))
+
+def write_token_store(chunks, store_path):
+    """Write the tokenized `chunks` (in file order) to store_path + .tokens / .soft_mask, atomically; returns (the
+    bare chunks, the store's dict)."""
+    found, located, offset = [], {}, 0
+    paths = {"tokens": store_path + ".tokens", "soft_mask": store_path + ".soft_mask"}
+    temporary = {name: f"{path}.tmp{os.getpid()}" for name, path in paths.items()}
+    try:
+        with open(temporary["tokens"], "wb") as tokens, open(temporary["soft_mask"], "wb") as soft_mask:
+            for chunk in chunks:
+                tokens.write(chunk.tokens.astype(np.uint16).tobytes())
+                soft_mask.write(chunk.soft_mask.astype(np.uint8).tobytes())
+                located[chunk.key] = (offset, chunk.n_tokens, chunk.record_id, tuple(chunk.tail.tolist()))
+                offset += chunk.n_tokens
+                found.append(Chunk(key=chunk.key, n_tokens=chunk.n_tokens, record_id=chunk.record_id))
+            for f in (tokens, soft_mask):
+                f.flush()
+                os.fsync(f.fileno())
+        for name in paths:
+            os.replace(temporary[name], paths[name])
+    finally:
+        for path in temporary.values():
+            if os.path.exists(path):
+                os.remove(path)
+    return found, {**paths, "chunks": located}
+
+
+def token_store_holds(store):
+    """Are the store's files there, each of the size its chunks say (a cleaned or half-copied cache is not)?"""
+    n_tokens = sum(n for _, n, _, _ in store["chunks"].values())
+    try:
+        return os.path.getsize(store["tokens"]) == 2 * n_tokens and os.path.getsize(store["soft_mask"]) == n_tokens
+    except OSError:
+        return False
+
+
+def stored_chunks(store, owned):
+    """The owned chunks of a token store, in file order, their tokens and soft masks mapped from its files."""
+    n_tokens = sum(n for _, n, _, _ in store["chunks"].values())
+    tokens = np.memmap(store["tokens"], dtype=np.uint16, mode="r", shape=(n_tokens,))
+    soft_mask = np.memmap(store["soft_mask"], dtype=np.uint8, mode="r", shape=(n_tokens,))
+    for key, (offset, n, record_id, tail) in store["chunks"].items():
+        if key in owned:
+            yield Chunk(key=key, n_tokens=n, record_id=record_id, tokens=tokens[offset:offset + n],
+                        soft_mask=soft_mask[offset:offset + n], tail=np.array(tail, dtype=np.uint8))
 
 
 def file_cache_key(path, species, label, cfg, fields, code):
@@ -731,16 +790,27 @@ def file_cache_key(path, species, label, cfg, fields, code):
 
 
 def cached_scan_file(path, species, label, cfg, cache_dir, warn):
-    """scan_file, answered from the file's entry in cache_dir while its key holds."""
-    def scanned():
-        found, stats, error, transient = scan_file(path, species, label, cfg)
-        return {"chunks": [{f.name: getattr(c, f.name) for f in dataclasses.fields(Chunk)} for c in found],
-                "stats": dataclasses.asdict(stats), "error": error, "transient": transient}
+    """scan_file, answered from the file's entry in cache_dir while its key holds and its token store is whole:
+    (bare chunks, FileStats, error or None, TokenStore or None)."""
     # the entry's name: the label made flat, and a hash of it, since "a__b/g.fa" and "a/b__g.fa" flatten alike
-    name = f"{label.replace(os.sep, '__')}.{hashlib.blake2b(label.encode(), digest_size=4).hexdigest()}.pt"
-    entry = cached(os.path.join(cache_dir, name), file_cache_key(path, species, label, cfg, SCAN_FIELDS, CODE_DIGEST),
-                   scanned, warn, keep=lambda entry: not entry["transient"])  # an I/O error is read again next time
-    return [Chunk(**fields) for fields in entry["chunks"]], FileStats(**entry["stats"]), entry["error"]
+    name = f"{label.replace(os.sep, '__')}.{hashlib.blake2b(label.encode(), digest_size=4).hexdigest()}"
+    entry_path = os.path.join(cache_dir, name + ".pt")
+
+    def scanned():
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            found, stats, error, transient, store = scan_file(path, species, label, cfg, os.path.join(cache_dir, name))
+        except OSError:  # the cache cannot be written (its entry says so below): the loader reads the FASTA file
+            found, stats, error, transient, store = scan_file(path, species, label, cfg)
+        return {"chunks": [{f.name: getattr(c, f.name) for f in dataclasses.fields(Chunk)} for c in found],
+                "stats": dataclasses.asdict(stats), "error": error, "transient": transient, "store": store}
+    key = file_cache_key(path, species, label, cfg, SCAN_FIELDS, CODE_DIGEST)
+    entry = cached(entry_path, key, scanned, warn, keep=lambda entry: not entry["transient"])  # I/O errors: again
+    if entry["store"] is not None and not token_store_holds(entry["store"]):  # the entry outlived its store
+        warn(f"note: {entry_path}: its token store is missing or cut short; scanned again")
+        os.remove(entry_path)
+        entry = cached(entry_path, key, scanned, warn, keep=lambda entry: not entry["transient"])
+    return [Chunk(**fields) for fields in entry["chunks"]], FileStats(**entry["stats"]), entry["error"], entry["store"]
 
 
 def scan_genomes(cfg, warn=print, progress=True, cache_dir=None):
@@ -752,7 +822,7 @@ def scan_genomes(cfg, warn=print, progress=True, cache_dir=None):
     from tqdm import tqdm
     genomes, weights = discover_genomes(cfg, warn)
     species = sorted(genomes)
-    chunks, stats, files, skipped = [], {}, {}, []
+    chunks, stats, files, skipped, stores = [], {}, {}, [], {}
     total_bytes = sum(os.path.getsize(p) for paths in genomes.values() for p in paths)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="scanning genomes", disable=not progress)
     for name in species:
@@ -760,9 +830,11 @@ def scan_genomes(cfg, warn=print, progress=True, cache_dir=None):
         for path in genomes[name]:
             label = os.path.relpath(path, cfg.data_dir)
             if cache_dir is None:
-                found, file_stats, error, _ = scan_file(path, name, label, cfg)
+                found, file_stats, error, _, _ = scan_file(path, name, label, cfg)
             else:
-                found, file_stats, error = cached_scan_file(path, name, label, cfg, cache_dir, warn)
+                found, file_stats, error, store = cached_scan_file(path, name, label, cfg, cache_dir, warn)
+                if store is not None:
+                    stores[label] = store
             bar.update(os.path.getsize(path))
             if error:
                 warn(f"warning: {error}; file skipped")
@@ -784,8 +856,9 @@ def scan_genomes(cfg, warn=print, progress=True, cache_dir=None):
     if not present:
         raise DataError(f"{cfg.data_dir}: no usable sequence in any genome (see the warnings above)")
     train_chunks, val_chunks = split_chunks(chunks, cfg.val_fraction)
-    return GenomeCatalog(species=present, weights=[weights[s] for s in present], files=files, train_chunks=train_chunks, val_chunks=val_chunks,
-                       stats={s: stats[s] for s in present}, skipped=skipped)
+    return GenomeCatalog(species=present, weights=[weights[s] for s in present], files=files,
+                         train_chunks=train_chunks, val_chunks=val_chunks, stats={s: stats[s] for s in present},
+                         skipped=skipped, stores=stores)
 
 
 def assign_chunks(n_chunks, shard, n_shards, epoch, seed, species_id):
@@ -800,8 +873,9 @@ def assign_chunks(n_chunks, shard, n_shards, epoch, seed, species_id):
     return [int(order[shard % n_chunks])]
 
 
-def owned_chunks(files, owned, cfg):
-    """The owned chunks of one species' files, tokenized, in file order.
+def owned_chunks(files, owned, cfg, stores):
+    """The owned chunks of one species' files, tokenized, in file order: mapped from a file's token store where the
+    scan made one (stores: label -> TokenStore), else read from the FASTA file again.
 
     A plain function, not a method: a generator that held its stream would make a reference cycle, and every
     finished epoch's open chunks and gzip readers would then wait for the cycle collector (in the DataLoader
@@ -810,6 +884,9 @@ def owned_chunks(files, owned, cfg):
     name = next(iter(owned))[0]
     for path, label in files:
         if not any(key[1] == label for key in owned):  # no owned chunk in this file: not read at all
+            continue
+        if label in stores:
+            yield from stored_chunks(stores[label], owned)
             continue
         for chunk in chunk_file(path, name, label, cfg, wanted=owned):
             if chunk.tokens is not None:
@@ -821,7 +898,7 @@ def tokenized_chunks(catalog, cfg, chunks):
     for name in catalog.species:
         wanted = {c.key for c in chunks if c.key[0] == name}
         if wanted:
-            yield from owned_chunks(catalog.files.get(name, []), wanted, cfg)
+            yield from owned_chunks(catalog.files.get(name, []), wanted, cfg, catalog.stores)
 
 
 @dataclass
@@ -846,11 +923,12 @@ class SpeciesStream:
     many chunks and consecutive samples are not near-duplicates. A pass ends when every owned window was drawn once.
     """
 
-    def __init__(self, chunks, files, cfg, rng):
+    def __init__(self, chunks, files, cfg, rng, stores):
         self.cfg, self.rng = cfg, rng
         self.owned = {c.key for c in chunks}
         labels = {c.key[1] for c in chunks}
         self.files = [(p, label) for p, label in files if label in labels]
+        self.stores = {label: store for label, store in stores.items() if label in labels}
         self.open, self.source = [], None
 
     def _next_open_chunk(self):
@@ -861,7 +939,7 @@ class SpeciesStream:
         return None
 
     def _new_pass(self):
-        self.source = owned_chunks(self.files, self.owned, self.cfg)
+        self.source = owned_chunks(self.files, self.owned, self.cfg, self.stores)
         self.open = []
         while len(self.open) < self.cfg.open_chunks_per_species and (opened := self._next_open_chunk()):
             self.open.append(opened)
@@ -926,7 +1004,8 @@ class EpochSampler:
                 continue
             mine = assign_chunks(len(chunks), shard, n_shards, epoch, cfg.seed, species_id)
             self.streams.append(SpeciesStream([chunks[i] for i in mine], catalog.files[name], cfg,
-                                              np.random.default_rng([cfg.seed, epoch, shard, 2, species_id])))
+                                              np.random.default_rng([cfg.seed, epoch, shard, 2, species_id]),
+                                              catalog.stores))
         if self.probs.sum() == 0:
             raise DataError(f"{cfg.data_dir}: no training chunks (every chunk went to validation)")
         self.probs /= self.probs.sum()

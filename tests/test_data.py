@@ -553,7 +553,7 @@ def test_windows_of_a_chunk_are_drawn_in_random_order(multi_species_index):
     for key, chunk in full_chunks(index, species, cfg).items():
         for i, row in enumerate(window_rows(chunk.tokens, cfg)):
             start_of[key, row] = i
-    stream = plm.SpeciesStream(chunks, index.files[species], cfg, np.random.default_rng(0))
+    stream = plm.SpeciesStream(chunks, index.files[species], cfg, np.random.default_rng(0), index.stores)
     total = index.windows(chunks, cfg)
     tokens, keys, _ = stream.draw(total)
     order = collections.defaultdict(list)

@@ -7,6 +7,7 @@ import glob
 import os
 import re
 
+import numpy as np
 import pytest
 
 from _helpers import DATA_SHAPE, random_dna, run_train, describe, TINY_ARGS, tiny_config, write_fasta
@@ -195,8 +196,8 @@ def test_training_keeps_the_scan_cache_in_checkpoint_dir(tmp_path):
     proc = run_train([*TINY_ARGS, f"--data_dir={data_dir}", "--max_steps=1", "--species_distribution={}",
                       f"--checkpoint_dir={ckpt}", f"--log_dir={tmp_path / 'logs'}"], cwd=tmp_path)
     assert proc.returncode == 0, describe(proc)
-    assert [re.sub(r"\.[0-9a-f]{8}\.pt$", ".pt", name) for name in sorted(os.listdir(ckpt / "data_cache"))] == [
-        "s__g.fa.pt", "validation.pt"]
+    assert [re.sub(r"\.[0-9a-f]{8}\.", ".", name) for name in sorted(os.listdir(ckpt / "data_cache"))] == [
+        "s__g.fa.pt", "s__g.fa.soft_mask", "s__g.fa.tokens", "validation.pt"]
 
 
 def test_an_io_error_is_not_cached_so_the_file_is_read_again_once_it_is_readable(genomes, tmp_path, monkeypatch):
@@ -237,3 +238,33 @@ def test_files_whose_flattened_names_agree_keep_separate_entries(make_genomes, t
     cold, _ = scan(data_dir, tmp_path / "cache")
     forbid_reading(monkeypatch)
     assert scan(data_dir, tmp_path / "cache")[0] == cold
+
+
+# ----------------------------------------------------------------------------- token stores
+
+def test_token_stores_hold_every_chunk_as_the_fasta_reads_it(genomes, tmp_path):
+    """The loader maps chunks from the scan's token stores: the same tokens, soft masks, tails and record ids, in
+    the same order, as reading the FASTA files again."""
+    stored, _ = scan(genomes, tmp_path / "cache")
+    fresh, _ = scan(genomes, None)
+    assert stored.stores and not fresh.stores
+    cfg = tiny_config(**DATA_SHAPE, data_dir=genomes)
+    everything = stored.train_chunks + stored.val_chunks
+    mapped = list(plm.tokenized_chunks(stored, cfg, everything))
+    read = list(plm.tokenized_chunks(fresh, cfg, everything))
+    assert [c.key for c in mapped] == [c.key for c in read] and len(mapped) == len(everything)
+    for a, b in zip(mapped, read):
+        assert isinstance(a.tokens, np.memmap)
+        assert (a.record_id, a.n_tokens) == (b.record_id, b.n_tokens)
+        assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.soft_mask, b.soft_mask)
+        assert np.array_equal(a.tail, b.tail)
+
+
+def test_a_cut_short_token_store_is_scanned_again(genomes, tmp_path, monkeypatch):
+    cold, _ = scan(genomes, tmp_path / "cache")
+    store = next(iter(cold.stores.values()))
+    with open(store["tokens"], "r+b") as f:
+        f.truncate(10)
+    warm, warnings = scan(genomes, tmp_path / "cache")
+    assert warm == cold and any("token store is missing or cut short" in w for w in warnings), warnings
+    assert plm.token_store_holds(next(iter(warm.stores.values())))
