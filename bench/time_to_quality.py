@@ -5,8 +5,9 @@
 With several GPUs, variants run at the same time, one per GPU (CUDA_VISIBLE_DEVICES); otherwise one after another.
 --concurrent K runs K variants at once whatever the GPUs, sharing them: use it for curves at equal steps only
 (--steps), since a shared GPU slows each variant by what the others do.
-The clock is Config.max_minutes' clock: time in optimizer steps after the first (compilation and validation are
-left out). Writes bench/results/NAME.json and NAME.png (with the Markov floor from markov_baseline.json if there).
+The x axis is the records' train_s: wall seconds in optimizer steps (the first, compiling, step included;
+start-up, validation and saves left out). --minutes is Config.max_minutes, which counts the whole invocation.
+Writes bench/results/NAME.json and NAME.png (with the Markov floor from markov_baseline.json if there).
 """
 
 import argparse
