@@ -799,7 +799,8 @@ def cached_scan_file(path, species, label, cfg, cache_dir, warn):
     def scanned():
         try:
             os.makedirs(cache_dir, exist_ok=True)
-            found, stats, error, transient, store = scan_file(path, species, label, cfg, os.path.join(cache_dir, name))
+            found, stats, error, transient, store = scan_file(path, species, label, cfg,
+                                                              os.path.join(os.path.abspath(cache_dir), name))
         except OSError:  # the cache cannot be written (its entry says so below): the loader reads the FASTA file
             found, stats, error, transient, store = scan_file(path, species, label, cfg)
         return {"chunks": [{f.name: getattr(c, f.name) for f in dataclasses.fields(Chunk)} for c in found],
@@ -808,9 +809,11 @@ def cached_scan_file(path, species, label, cfg, cache_dir, warn):
     entry = cached(entry_path, key, scanned, warn, keep=lambda entry: not entry["transient"])  # I/O errors: again
     if entry["store"] is not None and not token_store_holds(entry["store"]):  # the entry outlived its store
         warn(f"note: {entry_path}: its token store is missing or cut short; scanned again")
-        os.remove(entry_path)
+        with contextlib.suppress(OSError):  # another rank removed it already, or the cache is read-only
+            os.remove(entry_path)
         entry = cached(entry_path, key, scanned, warn, keep=lambda entry: not entry["transient"])
-    return [Chunk(**fields) for fields in entry["chunks"]], FileStats(**entry["stats"]), entry["error"], entry["store"]
+    store = entry["store"] if entry["store"] is not None and token_store_holds(entry["store"]) else None
+    return [Chunk(**fields) for fields in entry["chunks"]], FileStats(**entry["stats"]), entry["error"], store
 
 
 def scan_genomes(cfg, warn=print, progress=True, cache_dir=None):
@@ -1625,10 +1628,11 @@ class PlantLM(nn.Module):
 NATS_PER_TOKEN_TO_BITS_PER_BASE = 1 / (BASES_PER_TOKEN * math.log(2))  # a loss in nats per 6-mer -> bits per base
 
 
-def train(cfg, build_model=None):
-    """Train on cfg.data_dir under torchrun (or as one plain process); returns the last validation loss."""
+def train(cfg, build_model=None, started=None):
+    """Train on cfg.data_dir under torchrun (or as one plain process); returns the last validation loss. max_minutes
+    counts from run.sh's start, else from `started` (main passes the process's start), else from now."""
     cfg.check()
-    clock = Clock(cfg, invocation_start())
+    clock = Clock(cfg, invocation_start(time.time() if started is None else started))
     rt = setup_distributed()
     log = RunLog(cfg, rt)
     try:
@@ -1701,9 +1705,10 @@ def finish_run(run, meter):
         record = write_log_line(run, meter, None)
         if record["bad_step_streak"] >= run.cfg.max_bad_steps:
             raise bad_steps_stop(run, record["bad_step_streak"])
-    if run.validated_at != run.step:
+    validating = run.validated_at != run.step
+    if validating:
         score_validation(run)
-    if run.saved_at != run.step:
+    if validating or run.saved_at != run.step:  # a save made before the last validation lacks its best and count
         save_run(run, "model_latest.pt")
     for line in closing_lines(run):
         run.log.info(line)
@@ -1772,11 +1777,11 @@ def start_run(cfg, rt, log, build_model, clock):
     total_steps = per_epoch * cfg.n_epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.n_epochs)
     run = Run(cfg, rt, log, catalog, build_learner(cfg, rt, len(catalog.species), build_model), val_tokens, val_species,
               val_repeat, per_epoch, total_steps, clock=clock)
-    if cfg.global_memory == "retrieval":
-        run.learner.retrieval_index = load_or_build_retrieval_index(catalog, cfg, rt, warn)
-    if rt.is_main:
+    if rt.is_main:  # before the index's disk check: an interrupted index save leaves gigabytes
         for leftover in remove_stale_temporaries(cfg.checkpoint_dir):
             warn(f"removed {leftover}: the temporary file of a save that was interrupted")
+    if cfg.global_memory == "retrieval":
+        run.learner.retrieval_index = load_or_build_retrieval_index(catalog, cfg, rt, warn)
     resume(run)
     report_start(run)
     log.start_wandb(cfg)
@@ -2255,13 +2260,13 @@ EXIT_SECONDS = 5.0  # from the closing lines to the end of run.sh: loader worker
 CLOCK_WARMUP_STEPS = 3
 
 
-def invocation_start():
-    """When this invocation began: run.sh's start (PLANT_LM_START, which torchrun's restarts inherit), else this
-    process's."""
+def invocation_start(default):
+    """When this invocation began: run.sh's start (PLANT_LM_START, which torchrun's restarts inherit), else
+    `default`."""
     try:
         return float(os.environ["PLANT_LM_START"])
     except (KeyError, ValueError):
-        return PROCESS_START
+        return default
 
 
 def synchronize(device):
@@ -2363,7 +2368,14 @@ class Clock:
         validation_due = now >= self.next_due["validation"] and (
             self.last["validation"] is not None
             or now - self.steps_start >= self.validation_estimate(run) / MAX_PAUSE_SHARE)
-        asks = [now + self.finish_estimate(run) > self.deadline, validation_due, now >= self.next_due["checkpoints"]]
+        checkpoint_due = now >= self.next_due["checkpoints"]
+        if cfg.eval_every:  # step counts override the minutes
+            validation_due = run.step % cfg.eval_every == 0
+        if cfg.checkpoint_every:
+            checkpoint_due = run.step % cfg.checkpoint_every == 0
+        # a validation or save due now must fit too, besides what finishing takes
+        due_now = validation_due * self.validation_estimate(run) + checkpoint_due * self.checkpoint_estimate(run)
+        asks = [now + self.finish_estimate(run) + due_now > self.deadline, validation_due, checkpoint_due]
         if run.rt.distributed:
             if run.step % CLOCK_SYNC_STEPS:
                 asks = [False] * 3
@@ -2372,18 +2384,16 @@ class Clock:
                 dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
                 asks = [bool(flag) for flag in agreed.tolist()]
         out_of_time, validation, checkpoint = asks
-        if cfg.eval_every:  # step counts override the minutes
-            validation = run.step % cfg.eval_every == 0
-        if cfg.checkpoint_every:
-            checkpoint = run.step % cfg.checkpoint_every == 0
+        if out_of_time:  # the run's last validation and save come next, in finish_run
+            validation = checkpoint = False
         return Due(out_of_time, validation, checkpoint)
 
     def finish_estimate(self, run):
         """Seconds that the next step (CLOCK_SYNC_STEPS of them with several ranks), the last validation, the last
-        save and the exit take."""
+        saves (model_best.pt when that validation is a new best, then model_latest.pt) and the exit take."""
         ahead = CLOCK_SYNC_STEPS if run.rt.distributed else 1
-        return ahead * self.step_estimate(run) + self.validation_estimate(run) + self.checkpoint_estimate(run) + \
-            EXIT_SECONDS
+        return ahead * self.step_estimate(run) + self.validation_estimate(run) + \
+            2 * self.checkpoint_estimate(run) + EXIT_SECONDS
 
     def step_estimate(self, run):
         """Wall seconds a step takes: as measured at the last log line, else the mean since the warm-up steps, else
@@ -2560,7 +2570,8 @@ def load_checkpoint(path):
 def find_latest_checkpoint(folder, warn=print):
     """The complete checkpoint with the most optimizer steps; temporary and unreadable files are passed over.
 
-    model_best.pt is a full checkpoint too, so it counts, but a regular checkpoint of the same step is preferred.
+    model_best.pt is a full checkpoint too, so it counts; at the same step model_latest.pt is preferred (a run's last
+    save, after its last validation), then an epoch checkpoint, then model_best.pt.
     """
     if not os.path.isdir(folder):
         return None
@@ -2574,9 +2585,10 @@ def find_latest_checkpoint(folder, warn=print):
         except Exception as e:
             warn(f"warning: {path}: unreadable checkpoint ({type(e).__name__}); passed over")
             continue
-        if latest is None or step > latest[0] or (step == latest[0] and latest[1].endswith("model_best.pt")):
-            latest = (step, path)
-    return latest and latest[1]
+        rank = 2 if name == "model_latest.pt" else 0 if name == "model_best.pt" else 1
+        if latest is None or (step, rank) > latest[:2]:
+            latest = (step, rank, path)
+    return latest and latest[2]
 
 
 def epoch_checkpoints(folder):
@@ -2901,7 +2913,7 @@ def main(argv):
     cfg = None
     try:
         cfg = config_from_args(argv)
-        train(cfg)
+        train(cfg, started=PROCESS_START)
     except (ConfigError, DataError, TrainingStopped) as e:  # ours, with a message that names the cause; the rest
         if is_main:                                         # are bugs and keep their traceback
             print(f"error: {error_message(e)}", file=sys.stderr)

@@ -143,8 +143,9 @@ def test_out_of_time_leaves_room_for_a_step_the_last_validation_and_the_last_sav
         take(fake_time, 4)
     with clock.paused_for("checkpoints"):
         take(fake_time, 2)
-    finish = 0.5 + 4 + 2 + plm.EXIT_SECONDS
+    finish = 0.5 + 4 + 2 * 2 + plm.EXIT_SECONDS  # the last validation, model_best.pt and model_latest.pt
     assert clock.finish_estimate(run) == pytest.approx(finish)
+    clock.next_due = {"validation": math.inf, "checkpoints": math.inf}  # nothing due in the loop meanwhile
     fake_time.now = clock.deadline - finish - 0.01
     assert not clock.poll(run).out_of_time
     take(fake_time, 0.02)
@@ -170,7 +171,7 @@ def test_the_warm_up_steps_that_compile_do_not_count_in_the_estimates(fake_time)
     clock.observe_steps(run, 8, 36.0 + 2.5)  # a log line over steps 1-8: warm-up included, so not kept
     assert clock.step_estimate(run) == pytest.approx(0.5)
     n_params = 10 * 100 + 100
-    expected = 0.5 + (4096 / 64 * 0.5 / 2 + 1.0) + (12 * n_params / 200e6 + 1.0) + plm.EXIT_SECONDS
+    expected = 0.5 + (4096 / 64 * 0.5 / 2 + 1.0) + 2 * (12 * n_params / 200e6 + 1.0) + plm.EXIT_SECONDS
     assert clock.finish_estimate(run) == pytest.approx(expected)
 
 
@@ -182,9 +183,9 @@ def test_without_max_minutes_the_clock_never_stops_a_run(fake_time):
 
 def test_max_minutes_counts_from_run_sh_start(monkeypatch):
     monkeypatch.setenv("PLANT_LM_START", "12345.5")
-    assert plm.invocation_start() == 12345.5
+    assert plm.invocation_start(7.0) == 12345.5
     monkeypatch.delenv("PLANT_LM_START")
-    assert plm.invocation_start() == plm.PROCESS_START
+    assert plm.invocation_start(7.0) == 7.0
 
 
 def test_the_first_validation_waits_while_its_estimate_is_a_large_share(fake_time):
@@ -198,3 +199,22 @@ def test_the_first_validation_waits_while_its_estimate_is_a_large_share(fake_tim
     assert not clock.poll(run).validation
     take(fake_time, 2)
     assert clock.poll(run).validation
+
+
+def test_a_validation_due_at_the_end_is_left_to_the_finish_when_both_do_not_fit(fake_time):
+    """A 10 s validation due with 25 s left: the finish alone (step, validation, two saves, exit) takes about 20 s,
+    the due one on top would overrun, so the run stops now and validates once, in the finish."""
+    clock, run = clock_at_start(fake_time, max_minutes=10.0, eval_every_minutes=1.0)
+    run.step = 20
+    clock.observe_steps(run, 10, 5.0)
+    with clock.paused_for("validation"):
+        take(fake_time, 10)
+    with clock.paused_for("checkpoints"):
+        take(fake_time, 1)
+    clock.next_due["validation"] = -math.inf  # due
+    fake_time.now = clock.deadline - 25
+    due = clock.poll(run)
+    assert due.out_of_time and not due.validation and not due.checkpoint
+    fake_time.now = clock.deadline - 40
+    due = clock.poll(run)
+    assert not due.out_of_time and due.validation

@@ -111,7 +111,7 @@ def test_ctrl_c_with_resume_none_names_the_checkpoint_and_how_to_resume_from_it(
     (tmp_path / "ckpt").mkdir()
     plm.save_checkpoint(str(tmp_path / "ckpt" / "model_latest.pt"), {"model_state_dict": {}, "step": 7})
 
-    def interrupted(cfg):
+    def interrupted(cfg, **_):
         raise KeyboardInterrupt
     monkeypatch.setattr(plm, "train", interrupted)
     monkeypatch.delenv("RESUME", raising=False)
@@ -205,20 +205,20 @@ def test_skipped_steps_stay_out_of_the_logged_training_loss(genome_dir, tmp_path
 # ----------------------------------------------------------------------------- which errors are one line
 
 def test_a_bug_keeps_its_traceback_and_only_our_errors_are_one_line(monkeypatch, capsys):
-    def numpy_bug(cfg):
+    def numpy_bug(cfg, **_):
         raise ValueError("pvals must have at least 1 dimension")
     monkeypatch.setattr(plm, "train", numpy_bug)
     with pytest.raises(ValueError, match="pvals"):
         plm.main(["--max_steps=1"])
     for ours in (plm.ConfigError("Config.d_model = 3: bad"), plm.DataError("x.fa: bad"),
                  plm.TrainingStopped("stopped")):
-        monkeypatch.setattr(plm, "train", lambda cfg, error=ours: (_ for _ in ()).throw(error))
+        monkeypatch.setattr(plm, "train", lambda cfg, error=ours, **_: (_ for _ in ()).throw(error))
         assert plm.main(["--max_steps=1"]) == 2
         assert capsys.readouterr().err == f"error: {ours}\n"
 
 
 def test_an_os_error_outside_our_checks_keeps_its_traceback(monkeypatch):
-    monkeypatch.setattr(plm, "train", lambda cfg: open("/nonexistent/dir/file"))
+    monkeypatch.setattr(plm, "train", lambda cfg, **_: open("/nonexistent/dir/file"))
     with pytest.raises(FileNotFoundError):
         plm.main(["--max_steps=1"])
 
@@ -311,3 +311,15 @@ def test_early_stop_counts_across_a_resume_and_a_rerun_after_it_trains_nothing(g
     assert re.search(r"nothing to train: \S+model_latest\.pt stopped early at step 4, 3 validations after its best",
                      again.stdout), describe(again)
     assert plm.load_checkpoint(str(tmp_path / "ckpt" / "model_latest.pt"))["step"] == 4
+
+
+def test_a_run_that_ends_on_an_epoch_saves_its_last_validation_in_model_latest(genome_dir, tmp_path):
+    """The epoch checkpoint is written before the run's last validation: model_latest.pt, saved after it, holds its
+    best and its early-stop count, and a resume takes it over the epoch checkpoint of the same step."""
+    proc = run_train(args(genome_dir, tmp_path, "--n_epochs=1", "--eval_every=1000"), cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    last = [r for r in read_jsonl(tmp_path / "logs") if "val_loss" in r][-1]
+    latest = plm.load_checkpoint(str(tmp_path / "ckpt" / "model_latest.pt"))
+    assert last["step"] == latest["step"] == 12 and latest["best_val_loss"] == last["best_val_loss"]
+    assert plm.load_checkpoint(str(tmp_path / "ckpt" / "model_epoch_1.pt"))["best_val_loss"] != last["best_val_loss"]
+    assert plm.find_latest_checkpoint(str(tmp_path / "ckpt")).endswith("model_latest.pt")
