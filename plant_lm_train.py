@@ -2360,7 +2360,7 @@ class Clock:
     def poll(self, run):
         """What is due after this step. With several ranks the answer is agreed (the latest of any rank's clock)
         every CLOCK_SYNC_STEPS steps and is 'nothing' between, so every rank validates, saves and stops together."""
-        cfg, now = self.cfg, time.time()
+        now = time.time()
         if self.warm is None and run.step - self.first_step >= CLOCK_WARMUP_STEPS:
             synchronize(run.rt.device)
             self.warm = (time.time(), self.paused())
@@ -2368,11 +2368,7 @@ class Clock:
         validation_due = now >= self.next_due["validation"] and (
             self.last["validation"] is not None
             or now - self.steps_start >= self.validation_estimate(run) / MAX_PAUSE_SHARE)
-        checkpoint_due = now >= self.next_due["checkpoints"]
-        if cfg.eval_every:  # step counts override the minutes
-            validation_due = run.step % cfg.eval_every == 0
-        if cfg.checkpoint_every:
-            checkpoint_due = run.step % cfg.checkpoint_every == 0
+        validation_due, checkpoint_due = self.by_step_counts(run, validation_due, now >= self.next_due["checkpoints"])
         # a validation or save due now must fit too, besides what finishing takes
         due_now = validation_due * self.validation_estimate(run) + checkpoint_due * self.checkpoint_estimate(run)
         asks = [now + self.finish_estimate(run) + due_now > self.deadline, validation_due, checkpoint_due]
@@ -2384,9 +2380,16 @@ class Clock:
                 dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
                 asks = [bool(flag) for flag in agreed.tolist()]
         out_of_time, validation, checkpoint = asks
+        validation, checkpoint = self.by_step_counts(run, validation, checkpoint)  # the same on every rank, every step
         if out_of_time:  # the run's last validation and save come next, in finish_run
             validation = checkpoint = False
         return Due(out_of_time, validation, checkpoint)
+
+    def by_step_counts(self, run, validation, checkpoint):
+        """eval_every and checkpoint_every, when > 0, override what the minutes say."""
+        cfg = self.cfg
+        return (run.step % cfg.eval_every == 0 if cfg.eval_every else validation,
+                run.step % cfg.checkpoint_every == 0 if cfg.checkpoint_every else checkpoint)
 
     def finish_estimate(self, run):
         """Seconds that the next step (CLOCK_SYNC_STEPS of them with several ranks), the last validation, the last
