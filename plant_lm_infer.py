@@ -29,7 +29,7 @@ from plant_lm_train import (BASES_PER_TOKEN, BYTE_CODES, Config, ConfigError, Da
                           prefix_log_probs, read_fasta, retrieval_index_path, token_bases, tokenize,
                           write_atomically)
 
-# ----------------------------------------------------------------------------- scoring: a checkpoint, windows, per-base log-probabilities
+# ----------------------------------------------------------------------------- scoring: windows, per-base log-probs
 
 TARGET_PREFIXES = tuple(range(1, BASES_PER_TOKEN + 1))  # a target 6-mer's first 1..6 bases: scoring base by base
 

@@ -670,11 +670,11 @@ SCAN_FIELDS = ("chunk_size", "context_size")  # every Config field chunk_file re
 
 
 def source_digest(path=__file__):
-    """A hash of this module's source, its Config class's fields left out: an edit to any function, class or constant whose
-    output a cache entry holds invalidates every entry, with no hand-kept list of them to go stale. Config is left
-    out because users edit its defaults, and the fields an entry depends on are in its key by value
-    (SCAN_FIELDS, VALIDATION_FIELDS); its derived properties (window_stride, ...) stay in. Without the source (a build that ships bytecode only) a random value stands
-    in: such a build never reuses an entry, which is the safe side."""
+    """A hash of this module's source, its Config class's fields left out: an edit to any function, class or
+    constant whose output a cache entry holds invalidates every entry, with no hand-kept list of them to go stale.
+    Config is left out because users edit its defaults, and the fields an entry depends on are in its key by value
+    (SCAN_FIELDS, VALIDATION_FIELDS); its derived properties (window_stride, ...) stay in. Without the source (a
+    build that ships bytecode only) a random value stands in: such a build never reuses an entry, the safe side."""
     try:
         with open(path, encoding="utf-8") as f:
             source = f.read()
@@ -731,7 +731,8 @@ def scan_file(path, species, label, cfg, store_path=None):
 # mask bits as uint8, the chunks back to back in file order), so that loader workers map the chunks they own
 # instead of streaming and tokenizing the whole FASTA file on every pass: with many shards most of a file is
 # someone else's. What locates a chunk in them (a plain dict, cheap to hand to workers):
-#   {"tokens": path, "soft_mask": path, "chunks": {key: (offset in tokens, n_tokens, record_id, tail bases)}}
+#   {"tokens": path, "soft_mask": path, "n_tokens": tokens in all,
+#    "chunks": {key: (offset in tokens, n_tokens, record_id, tail bases)}}
 # (plain ints and tuples: the data cache is read with torch.load(weights_only=True))
 
 def write_token_store(chunks, store_path):
@@ -757,12 +758,12 @@ def write_token_store(chunks, store_path):
         for path in temporary.values():
             if os.path.exists(path):
                 os.remove(path)
-    return found, {**paths, "chunks": located}
+    return found, {**paths, "n_tokens": offset, "chunks": located}
 
 
 def token_store_holds(store):
     """Are the store's files there, each of the size its chunks say (a cleaned or half-copied cache is not)?"""
-    n_tokens = sum(n for _, n, _, _ in store["chunks"].values())
+    n_tokens = store["n_tokens"]
     try:
         return os.path.getsize(store["tokens"]) == 2 * n_tokens and os.path.getsize(store["soft_mask"]) == n_tokens
     except OSError:
@@ -771,9 +772,8 @@ def token_store_holds(store):
 
 def stored_chunks(store, owned):
     """The owned chunks of a token store, in file order, their tokens and soft masks mapped from its files."""
-    n_tokens = sum(n for _, n, _, _ in store["chunks"].values())
-    tokens = np.memmap(store["tokens"], dtype=np.uint16, mode="r", shape=(n_tokens,))
-    soft_mask = np.memmap(store["soft_mask"], dtype=np.uint8, mode="r", shape=(n_tokens,))
+    tokens = np.memmap(store["tokens"], dtype=np.uint16, mode="r", shape=(store["n_tokens"],))
+    soft_mask = np.memmap(store["soft_mask"], dtype=np.uint8, mode="r", shape=(store["n_tokens"],))
     for key, (offset, n, record_id, tail) in store["chunks"].items():
         if key in owned:
             yield Chunk(key=key, n_tokens=n, record_id=record_id, tokens=tokens[offset:offset + n],
@@ -1231,7 +1231,8 @@ def index_fit_problem(n_bases, cached_bytes, free_device, free_host, free_disk):
     return (f"the retrieval index of {n_bases / 1e9:,.2f} Gbp of training sequence does not fit: it needs "
             f"{' and '.join(short)}, about {INDEX_BYTES_PER_BASE} bytes per base held and "
             f"{INDEX_BUILD_BYTES_PER_BASE} while it is built. Ways out: --global_memory=none (no retrieval memory), "
-            f"fewer species or genomes (a species_distribution weight of 0 leaves a species out), or a GPU with more memory (every GPU holds the whole index: more GPUs do not help)")
+            f"fewer species or genomes (a species_distribution weight of 0 leaves a species out), or a GPU with "
+            f"more memory (every GPU holds the whole index: more GPUs do not help)")
 
 
 def free_device_bytes(device):
@@ -1698,18 +1699,16 @@ def stop_loader(run, batches):
 def finish_run(run, meter):
     """The run's last log line, validation and model_latest.pt (each unless this step already had it, or no step
     was taken), then the closing lines: the best checkpoint beside the last figure, and where the wall time went."""
-    if run.step == run.clock.first_step:  # resumed at its end, or out of time before a step: nothing new to keep
-        meter.steps = 0
-        run.validated_at = run.saved_at = run.step
-    if meter.steps:
-        record = write_log_line(run, meter, None)
-        if record["bad_step_streak"] >= run.cfg.max_bad_steps:
-            raise bad_steps_stop(run, record["bad_step_streak"])
-    validating = run.validated_at != run.step
-    if validating:
-        score_validation(run)
-    if validating or run.saved_at != run.step:  # a save made before the last validation lacks its best and count
-        save_run(run, "model_latest.pt")
+    if run.step > run.clock.first_step:  # else resumed at its end, or out of time before a step: nothing new to keep
+        if meter.steps:
+            record = write_log_line(run, meter, None)
+            if record["bad_step_streak"] >= run.cfg.max_bad_steps:
+                raise bad_steps_stop(run, record["bad_step_streak"])
+        validating = run.validated_at != run.step
+        if validating:
+            score_validation(run)
+        if validating or run.saved_at != run.step:  # a save made before the last validation lacks its best and count
+            save_run(run, "model_latest.pt")
     for line in closing_lines(run):
         run.log.info(line)
     split, wall = run.clock.split(), run.clock.elapsed()
@@ -2120,7 +2119,8 @@ def score_validation(run):
                                                       zip(run.catalog.species, by_species)},
                      "val_bits_per_base_repeat": by_repeat["repeat"] * to_bits,
                      "val_bits_per_base_nonrepeat": by_repeat["nonrepeat"] * to_bits,
-                     "evals_since_best": run.evals_since_best, "elapsed_s": run.clock.elapsed(), "train_s": run.clock.split()["steps"]})
+                     "evals_since_best": run.evals_since_best, "elapsed_s": run.clock.elapsed(),
+                     "train_s": run.clock.split()["steps"]})
     run.log.info(f"step {run.step}: validation loss {run.val_loss:.4f} nats/token = {run.val_loss * to_bits:.4f} "
                  f"bits/base (best {run.best_val * to_bits:.4f}; repeat targets {by_repeat['repeat'] * to_bits:.4f}, "
                  f"others {by_repeat['nonrepeat'] * to_bits:.4f})")
@@ -2296,11 +2296,13 @@ class Clock:
         self.next_due = {"validation": math.inf, "checkpoints": math.inf}
         self.steps_start = self.first_step = self.step_seconds = self.run = None
         self.warm = None  # (time, paused seconds) when the warm-up steps were done
+        self.checkpoint_guess = None  # seconds, until a save is measured: weights and two AdamW moments at 200 MB/s
 
     def start_steps(self, run):
         """Start-up ends here, and the cadences start."""
         synchronize(run.rt.device)
         self.run, self.first_step, self.steps_start = run, run.step, time.time()
+        self.checkpoint_guess = 12 * sum(p.numel() for p in run.learner.model.parameters()) / 200e6 + 1.0
         self.next_due = {"validation": self.steps_start + 60 * self.cfg.eval_every_minutes,
                          "checkpoints": self.steps_start + 60 * self.cfg.checkpoint_every_minutes
                          if self.cfg.checkpoint_every_minutes else math.inf}
@@ -2370,7 +2372,7 @@ class Clock:
             or now - self.steps_start >= self.validation_estimate(run) / MAX_PAUSE_SHARE)
         validation_due, checkpoint_due = self.by_step_counts(run, validation_due, now >= self.next_due["checkpoints"])
         # a validation or save due now must fit too, besides what finishing takes
-        due_now = validation_due * self.validation_estimate(run) + checkpoint_due * self.checkpoint_estimate(run)
+        due_now = validation_due * self.validation_estimate(run) + checkpoint_due * self.checkpoint_estimate()
         asks = [now + self.finish_estimate(run) + due_now > self.deadline, validation_due, checkpoint_due]
         if run.rt.distributed:
             if run.step % CLOCK_SYNC_STEPS:
@@ -2396,7 +2398,7 @@ class Clock:
         saves (model_best.pt when that validation is a new best, then model_latest.pt) and the exit take."""
         ahead = CLOCK_SYNC_STEPS if run.rt.distributed else 1
         return ahead * self.step_estimate(run) + self.validation_estimate(run) + \
-            2 * self.checkpoint_estimate(run) + EXIT_SECONDS
+            2 * self.checkpoint_estimate() + EXIT_SECONDS
 
     def step_estimate(self, run):
         """Wall seconds a step takes: as measured at the last log line, else the mean since the warm-up steps, else
@@ -2417,11 +2419,9 @@ class Clock:
         cfg = self.cfg
         return len(run.val_tokens) / (cfg.batch_size * cfg.accumulation_steps) * self.step_estimate(run) / 2 + 1.0
 
-    def checkpoint_estimate(self, run):
-        """The last save's seconds, else a guess: weights and two AdamW moments in fp32, at 200 MB/s."""
-        if self.last["checkpoints"] is not None:
-            return self.last["checkpoints"]
-        return 12 * sum(p.numel() for p in run.learner.model.parameters()) / 200e6 + 1.0
+    def checkpoint_estimate(self):
+        """The last save's seconds, else the guess made at start_steps."""
+        return self.checkpoint_guess if self.last["checkpoints"] is None else self.last["checkpoints"]
 
 
 # ----------------------------------------------------------------------------- training: set-up helpers

@@ -461,7 +461,8 @@ def test_discover_gives_unconfigured_species_the_default_weight_and_the_table_sa
     assert weights == {"a": 3.0, "x": 0.5}
     assert genomes["x"] == [os.path.join(root, "x", "x.FNA")]
     assert not warnings, warnings  # no warning per species: the start-up table shows where each weight came from
-    index = plm.GenomeCatalog(species=["a", "x"], weights=[3.0, 0.5], files={}, train_chunks=[], val_chunks=[], stats={}, skipped=[])
+    index = plm.GenomeCatalog(species=["a", "x"], weights=[3.0, 0.5], files={}, train_chunks=[], val_chunks=[],
+                              stats={}, skipped=[])
     table = plm.species_table(index, cfg).splitlines()
     assert re.search(r"0 a\s+3 species_distribution\s+85.7%", table[1]), table
     assert re.search(r"1 x\s+0.5 default_species_weight\s+14.3%", table[2]), table

@@ -27,8 +27,8 @@ import torch
 
 import plant_lm_infer as infer
 import plant_lm_train as plm
-from _helpers import (INFER_SCRIPT, SCRIPT, TESTS, TINY_ARGS, describe, load, motif_genome, read_jsonl, real_slice, run_sh,
-                      run_train, state_differences, tiny_config, train_env, write_fasta)
+from _helpers import (INFER_SCRIPT, SCRIPT, TESTS, TINY_ARGS, describe, load, motif_genome, read_jsonl, real_slice,
+                      run_sh, run_train, state_differences, tiny_config, train_env, write_fasta)
 
 SPECIES_ARG = "--species_distribution=arabidopsis:1,motif:1"
 LEARN = ["--learning_rate=3e-3", "--dropout=0.1"]  # dropout on (default off): resumes must replay its masks too
