@@ -107,9 +107,11 @@ class Config:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     max_bad_steps: int = 10  # consecutive non-finite steps before training stops
-    # stop when this many validations in a row found no new best (0 = never): past its best a small model only
-    # memorizes the training genomes, and model_best.pt already holds the best weights
+    # Early stopping: past its best a small model only memorizes the training genomes, and model_best.pt already
+    # holds the best weights. Stop when this many validations in a row found no new best (0 = never), or when the last
+    # validation lies more than early_stop_rise bits/base above the best (0 = never): over-fitting, not noise
     early_stop_evals: int = field(default=5, metadata=RUNTIME)
+    early_stop_rise: float = field(default=0.003, metadata=RUNTIME)
     seed: int = 1337
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     # runtime
@@ -163,6 +165,7 @@ class Config:
             (self.d_model >= 1, "d_model", "must be >= 1"),
             (self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1"),
             (self.early_stop_evals >= 0, "early_stop_evals", "must be >= 0 (0 = never stop early)"),
+            (0 <= self.early_stop_rise < math.inf, "early_stop_rise", "must be finite and >= 0 (0 = never stop early)"),
             (self.n_heads >= 1 and self.d_model % self.n_heads == 0, "d_model", "must be divisible by n_heads"),
             ((self.d_model // max(self.n_heads, 1)) % 2 == 0, "d_model", "d_model / n_heads must be even (rotary)"),
             (self.batch_size >= 1, "batch_size", "must be >= 1"),
@@ -1676,8 +1679,7 @@ def train(cfg, build_model=None, started=None):
             log.info(f"max_minutes = {cfg.max_minutes} reached at step {run.step}: stopping with time left for the "
                      f"last validation and checkpoint")
         elif validation_stalled(run) and run.step > clock.first_step:
-            log.info(f"early stop at step {run.step}: {run.evals_since_best} validations in a row without a new "
-                     f"best (early_stop_evals = {cfg.early_stop_evals})")
+            log.info(f"early stop at step {run.step}: {validation_stalled(run)}")
         stop_loader(run, batches)
         finish_run(run, meter)
     finally:
@@ -1718,8 +1720,16 @@ def finish_run(run, meter):
 
 
 def validation_stalled(run):
-    """early_stop_evals validations in a row have found no new best."""
-    return bool(run.cfg.early_stop_evals) and run.evals_since_best >= run.cfg.early_stop_evals
+    """Why validation says stop ('' while it does not): early_stop_evals validations in a row without a new best, or
+    the last one more than early_stop_rise bits/base above the best."""
+    cfg = run.cfg
+    if cfg.early_stop_evals and run.evals_since_best >= cfg.early_stop_evals:
+        return (f"{run.evals_since_best} validations in a row without a new best (early_stop_evals = "
+                f"{cfg.early_stop_evals})")
+    if cfg.early_stop_rise and run.bits_above_best > cfg.early_stop_rise:
+        return (f"validation {run.bits_above_best:.4f} bits/base above its best (early_stop_rise = "
+                f"{cfg.early_stop_rise})")
+    return ""
 
 
 def bad_steps_stop(run, streak):
@@ -1751,6 +1761,7 @@ class Run:
     clock: "Clock" = None
     best_step: int = None  # the step of model_best.pt's validation
     evals_since_best: int = 0  # validations since the best one: early_stop_evals' count
+    bits_above_best: float = 0.0  # the last validation's bits/base minus the best's: early_stop_rise's measure
     validated_at: int = None  # steps of this invocation's last validation and last save
     saved_at: int = None
 
@@ -1806,6 +1817,7 @@ def resume(run):
     learner.scaler.load_state_dict(ckpt["scaler_state_dict"])
     run.step, run.best_val, run.resumed_from = ckpt["step"], ckpt["best_val_loss"], path
     run.best_step, run.evals_since_best = ckpt.get("best_step"), ckpt.get("evals_since_best", 0)
+    run.bits_above_best = ckpt.get("bits_above_best", 0.0)
     saved_workers = ckpt["config"].get("num_workers")
     if (ckpt["steps_per_epoch"], ckpt["world_size"], saved_workers) != (run.per_epoch, rt.world_size, cfg.num_workers):
         # Each rank's DataLoader workers own disjoint shards of the chunks, so any of the three reorders the data.
@@ -1825,9 +1837,9 @@ def resume(run):
                      f"further raise --max_steps or --n_epochs and add --resume_with_new_settings=true, or start "
                      f"fresh with --resume=none")
     elif validation_stalled(run):
-        run.log.info(f"nothing to train: {path} stopped early at step {run.step}, {run.evals_since_best} validations "
-                     f"after its best (early_stop_evals = {cfg.early_stop_evals}); to train further raise "
-                     f"--early_stop_evals (0 = never stop early), or start fresh with --resume=none")
+        run.log.info(f"nothing to train: {path} stopped early at step {run.step}: {validation_stalled(run)}; to train "
+                     f"further raise --early_stop_evals or --early_stop_rise (0 = never stop early), or start fresh "
+                     f"with --resume=none")
 
 
 def report_start(run):
@@ -2113,13 +2125,15 @@ def score_validation(run):
         run.best_val, run.best_step = run.val_loss, run.step
     run.evals_since_best = 0 if improved else run.evals_since_best + 1
     to_bits = NATS_PER_TOKEN_TO_BITS_PER_BASE
+    run.bits_above_best = (run.val_loss - run.best_val) * to_bits
     run.log.metrics({"step": run.step, "epoch": run.step / run.per_epoch, "val_loss": run.val_loss,
                      "val_bits_per_base": run.val_loss * to_bits, "best_val_loss": run.best_val,
                      "val_bits_per_base_by_species": {name: loss * to_bits for name, loss in
                                                       zip(run.catalog.species, by_species)},
                      "val_bits_per_base_repeat": by_repeat["repeat"] * to_bits,
                      "val_bits_per_base_nonrepeat": by_repeat["nonrepeat"] * to_bits,
-                     "evals_since_best": run.evals_since_best, "elapsed_s": run.clock.elapsed(),
+                     "evals_since_best": run.evals_since_best, "bits_above_best": run.bits_above_best,
+                     "elapsed_s": run.clock.elapsed(),
                      "train_s": run.clock.split()["steps"]})
     run.log.info(f"step {run.step}: validation loss {run.val_loss:.4f} nats/token = {run.val_loss * to_bits:.4f} "
                  f"bits/base (best {run.best_val * to_bits:.4f}; repeat targets {by_repeat['repeat'] * to_bits:.4f}, "
@@ -2160,7 +2174,8 @@ def save_run(run, name, epoch=None):
                 "epoch": (run.step - 1) // run.per_epoch if epoch is None else epoch, "step": run.step,
                 "config": dataclasses.asdict(run.cfg), "species": run.catalog.species,
                 "steps_per_epoch": run.per_epoch, "world_size": rt.world_size, "best_val_loss": run.best_val,
-                "best_step": run.best_step, "evals_since_best": run.evals_since_best, "rng_states": all_states,
+                "best_step": run.best_step, "evals_since_best": run.evals_since_best,
+                "bits_above_best": run.bits_above_best, "rng_states": all_states,
                 "retrieval_index": learner.retrieval_index and learner.retrieval_index.digest}
             try:
                 save_checkpoint(path, payload)

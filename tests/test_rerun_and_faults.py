@@ -308,9 +308,38 @@ def test_early_stop_counts_across_a_resume_and_a_rerun_after_it_trains_nothing(g
     assert plm.load_checkpoint(str(tmp_path / "ckpt" / "model_latest.pt"))["step"] == 4
     again = run_train(stalled_args(genome_dir, tmp_path, "--max_steps=50"), cwd=tmp_path)
     assert again.returncode == 0, describe(again)
-    assert re.search(r"nothing to train: \S+model_latest\.pt stopped early at step 4, 3 validations after its best",
-                     again.stdout), describe(again)
+    assert re.search(r"nothing to train: \S+model_latest\.pt stopped early at step 4: 3 validations in a row without a "
+                     r"new best", again.stdout), describe(again)
     assert plm.load_checkpoint(str(tmp_path / "ckpt" / "model_latest.pt"))["step"] == 4
+
+
+def test_early_stop_when_validation_rises_early_stop_rise_above_its_best(genome_dir, tmp_path, monkeypatch):
+    """Scripted validation losses (nats/token): best 1.0 at step 2, then 1.01 (0.0024 bits/base above it, under the
+    0.003 allowed) and 1.03 (0.0072 above): the run stops at step 4 on the rise alone (early_stop_evals = 0), with
+    model_best.pt at step 2, and run again it trains nothing, naming the rise kept in model_latest.pt."""
+    losses = [2.0, 1.0, 1.01, 1.03] + [0.5] * 50
+    scored = []
+
+    def scripted_validation_loss(*args, **kwargs):
+        scored.append(losses[len(scored)])
+        return scored[-1], [scored[-1]], {"repeat": scored[-1], "nonrepeat": scored[-1]}
+
+    monkeypatch.setattr(plm, "validation_loss", scripted_validation_loss)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PLANT_LM_START"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = plm.config_from_args(args(genome_dir, tmp_path, "--eval_every=1", "--max_steps=50", "--early_stop_evals=0",
+                                    "--early_stop_rise=0.003"))
+    plm.train(cfg)
+    assert len(scored) == 4
+    assert plm.load_checkpoint(str(tmp_path / "ckpt" / "model_latest.pt"))["step"] == 4
+    assert plm.load_checkpoint(str(tmp_path / "ckpt" / "model_best.pt"))["step"] == 2
+    plm.train(cfg)
+    assert len(scored) == 4  # nothing trained, nothing scored
+    log = "".join(open(path).read() for path in sorted((tmp_path / "logs").glob("training_*.log")))
+    assert "early stop at step 4: validation 0.0072 bits/base above its best (early_stop_rise = 0.003)" in log
+    assert re.search(r"nothing to train: \S+model_latest\.pt stopped early at step 4: validation 0\.0072 bits/base "
+                     r"above its best", log), log[-2000:]
 
 
 def test_a_run_that_ends_on_an_epoch_saves_its_last_validation_in_model_latest(genome_dir, tmp_path):
