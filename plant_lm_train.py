@@ -81,9 +81,11 @@ class Config:
     val_fraction: float = field(default=0.02, metadata=SPLIT)  # fraction of chunks held out, by hash of the chunk
     eval_windows: int = 4096  # fixed validation windows scored at each evaluation (0 = all)
     open_chunks_per_species: int = 16  # chunks each loader worker interleaves, per species
-    # augmentation of the training windows; validation and eval always read frame 0 of the forward strand, unweighted
-    frame_shift: bool = False  # each window starts 0 to 5 bases (at random) after a 6-mer boundary: every frame trains
-    reverse_complement: float = 0.0  # probability that a window is read from the reverse strand
+    # augmentation of the training windows; validation and eval always read frame 0 of the forward strand, unweighted.
+    # Shifts and strands give each epoch windows the model has not seen token for token: over many epochs of a few
+    # genomes they held validation at its low where unaugmented runs over-fit (BENCHMARKS.md, Quality)
+    frame_shift: bool = True  # each window starts 0 to 5 bases (at random) after a 6-mer boundary: every frame trains
+    reverse_complement: float = 0.5  # probability that a window is read from the reverse strand
     repeat_loss_weight: float = 1.0  # loss weight of soft-masked (repeat) targets, the others 1; 1 = unweighted
     num_workers: int = field(default=4, metadata=RUNTIME)  # DataLoader workers per rank
     # model
