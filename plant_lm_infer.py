@@ -71,7 +71,7 @@ def load_for_inference(checkpoint, species, device="auto", warn=print, scoring=T
                           f"{', '.join(names)} (or 'average' for the mean species embedding)")
     retrieval_index = None
     if cfg.global_memory == "retrieval" and scoring:
-        path = retrieval_index_path(os.path.dirname(checkpoint) or ".", ckpt["retrieval_index"])
+        path = retrieval_index_path(os.path.dirname(checkpoint) or ".", ckpt["retrieval_index"], cfg.index_layout)
         if not os.path.exists(path):
             raise ConfigError(f"{checkpoint} reads the retrieval index {path}, which is missing; it is rebuilt "
                               f"by a training run on the same data with --checkpoint_dir set to that folder")

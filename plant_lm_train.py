@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 VOCAB_SIZE = 4**6  # one token per 6-mer (the tokenizer's bit layout fixes the 6; see BASES_PER_TOKEN)
 GLOBAL_MEMORIES = ("retrieval", "buckets", "none")  # see PlantLM and RetrievalIndex
+INDEX_LAYOUTS = ("tables", "suffix_array")  # RetrievalIndex, SuffixIndex
 # The retrieval memory looks up the 2, 3 and 4 tokens (12, 18, 24 bases) before each target, and, because a lookup
 # may reach before the window, every sample then carries that many tokens of the chunk in front of it.
 RETRIEVAL_CONTEXT_TOKENS = (2, 3, 4)
@@ -53,6 +54,12 @@ RETRIEVAL_INDEX_FORMAT = 1  # raise when the index's layout changes: cached inde
 # at its peak on the device (bases, both strands' keys, the sort's values and indices, the tables it makes)
 INDEX_BYTES_PER_BASE = 86
 INDEX_BUILD_BYTES_PER_BASE = 96 + INDEX_BYTES_PER_BASE
+# The same for index_layout = suffix_array (SuffixIndex): 5 B of position per base, 0.25 B of 2-bit text and the chunk
+# ends, held on the device; built on the host (each position's 30-base key, its distance to its chunk's end, the
+# sort's order, the positions, the text) and moved to the device whole
+SUFFIX_INDEX_BYTES_PER_BASE = 5.3
+SUFFIX_INDEX_BUILD_BYTES_PER_BASE = 34
+SUFFIX_KEY_BASES = 30  # a suffix is sorted by its first 30 bases (60 bits): the longest string a lookup asks for
 FASTA_SUFFIXES = (".fa", ".fna", ".fasta")
 # The default sampling weights: five crop genomes (soybean, Arabidopsis, rice, maize, grapevine, about 4.5 Gbp in
 # all). A species found in data_dir but not named here gets default_species_weight.
@@ -98,6 +105,9 @@ class Config:
     global_context: int = 200_000  # tokens after which an observation's weight in the memory falls to 1/e
     global_memory: str = field(default="retrieval", metadata=ARCHITECTURE)  # retrieval | buckets | none
     retrieval_mixing: str = field(default="gate", metadata=ARCHITECTURE)  # gate | dirichlet (retrieval only)
+    # how the retrieval memory's counts are stored: tables (RetrievalIndex: 68-86 B/base, graph-tested on GPUs) or
+    # suffix_array (SuffixIndex: 5.3 B/base, any string length; not yet measured on a GPU)
+    index_layout: str = "tables"
     # optimization
     batch_size: int = 16  # windows per micro-batch per rank
     accumulation_steps: int = 4
@@ -187,6 +197,7 @@ class Config:
             (self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "must be auto, bf16, fp16 or fp32"),
             (self.global_memory in GLOBAL_MEMORIES, "global_memory", "must be retrieval, buckets or none"),
             (self.retrieval_mixing in ("dirichlet", "gate"), "retrieval_mixing", "must be dirichlet or gate"),
+            (self.index_layout in INDEX_LAYOUTS, "index_layout", "must be tables or suffix_array"),
             (self.compile_mode in ("default", "max-autotune", "max-autotune-no-cudagraphs"), "compile_mode",
              "must be default, max-autotune or max-autotune-no-cudagraphs (cuda_graphs captures the whole step)"),
             (not (self.cuda_graphs and self.compile_mode == "max-autotune"), "compile_mode",
@@ -1156,6 +1167,10 @@ class RetrievalIndex:
     def to(self, device):
         return RetrievalIndex([k.to(device) for k in self.keys], [c.to(device) for c in self.cumulative], self.digest)
 
+    def summary(self):
+        return (f"{sum(len(k) for k in self.keys):,} (context, next 6-mer) entries over {len(self.keys)} context "
+                f"lengths")
+
     @torch.no_grad()
     def counts(self, windows, prefix, exclude_self, target_bases=(0, BASES_PER_TOKEN)):
         """windows [B, prefix + T + 1] (-1 before a chunk's start) -> [B, T, O, len(target_bases)] float32: for each
@@ -1193,24 +1208,121 @@ class RetrievalIndex:
         return torch.stack(per_length, 2).float()
 
 
+class SuffixIndex:
+    """The retrieval memory's counts from a suffix array: the same counts() as RetrievalIndex in 5.3 bytes a base.
+
+    The training chunks, one strand, concatenated into a 2-bit text (int64 words of 32 bases, first base highest),
+    and every position of it (5 bytes: low 32 bits, high 8) sorted by the up to 30 bases that follow it inside its
+    chunk, a suffix that reaches its chunk's end sorting before every longer one that shares its bases (the end
+    reads as a letter below A). So the positions where a string of up to 30 bases occurs inside a chunk are one
+    range of the array, found by two binary searches that read each probe's bases from the text; the other strand
+    needs no entries, since a string's count there is the forward count of its reverse complement.
+
+    A string's count is its occurrences lying wholly inside a training chunk, on either strand. RetrievalIndex
+    counts a context only where its next 6 bases fit in the chunk too, so the two differ for occurrences of a
+    context within 6 bases of a chunk's edge, and nowhere else (tested).
+    """
+
+    def __init__(self, text, sa_low, sa_high, block_ends, block_bits, digest):
+        self.text, self.sa_low, self.sa_high, self.block_ends = text, sa_low, sa_high, block_ends
+        self.block_bits, self.digest = block_bits, digest
+        self.n = len(sa_low)
+        self.reverse_complement = torch.from_numpy(REVERSE_COMPLEMENT.astype(np.int64)).to(text.device)
+
+    def to(self, device):
+        return SuffixIndex(self.text.to(device), self.sa_low.to(device), self.sa_high.to(device),
+                           self.block_ends.to(device), self.block_bits, self.digest)
+
+    def summary(self):
+        return f"a suffix array of {self.n:,} positions (index_layout = suffix_array)"
+
+    @torch.no_grad()
+    def counts(self, windows, prefix, exclude_self, target_bases=(0, BASES_PER_TOKEN)):
+        """As RetrievalIndex.counts: [B, T, O, len(target_bases)] float32 counts of each context followed by the
+        target's first j bases, on both strands, leave-one-out in training (exclude_self)."""
+        B, T = windows.shape[0], windows.shape[1] - prefix - 1
+        strings, lengths, known, owns = [], [], [], []
+        for k in RETRIEVAL_CONTEXT_TOKENS:
+            grams = windows.unfold(1, k + 1, 1)[:, prefix + 1 - k:prefix + 1 - k + T]  # [B, T, k + 1]
+            known.append((grams >= 0).all(-1))
+            grams = grams.long().clamp_min(0)
+            forward, reverse = torch.zeros_like(grams[..., 0]), torch.zeros_like(grams[..., 0])
+            flipped = self.reverse_complement[grams.flip(-1)]  # the reverse strand's tokens, in its order
+            for i in range(k + 1):
+                forward = (forward << 12) | grams[..., i]
+                reverse = (reverse << 12) | flipped[..., i]
+            whole = 6 * (k + 1)  # bases of context and target; left-align both strings in SUFFIX_KEY_BASES
+            forward, reverse = forward << 2 * (SUFFIX_KEY_BASES - whole), reverse << 2 * (SUFFIX_KEY_BASES - whole)
+            for j in target_bases:  # the context and the target's first j bases, and its reverse complement:
+                n = whole - BASES_PER_TOKEN + j  # the last n bases of the reverse string
+                strings += [forward & top_bases_mask(n), (reverse << 2 * (whole - n)) & KEY_MASK]
+                lengths += [n, n]
+            owns.append(1 + (flipped == grams).all(-1).long())  # a palindrome also sits on the other strand
+        strings = torch.stack(strings, -1)  # [B, T, 2 * O * J]
+        lengths = torch.tensor(lengths, device=windows.device).expand_as(strings)
+        found = self.occurrences(strings.flatten(), lengths.flatten()).view(B, T, len(known), -1, 2).sum(-1)
+        if exclude_self:
+            found = (found - torch.stack(owns, 2)[..., None]).clamp_min(0)
+        return (found * torch.stack(known, 2)[..., None]).float()
+
+    def occurrences(self, strings, lengths):
+        """Forward-strand occurrences inside a chunk of each string (its `lengths` bases, left-aligned in 60 bits)."""
+        return self.rank(strings, lengths, at_most=True) - self.rank(strings, lengths, at_most=False)
+
+    def rank(self, strings, lengths, at_most):
+        """How many suffixes sort before each string (at_most: before or at, i.e. begin with it), by a binary search
+        of fixed length, so that it runs without a host sync (a captured graph can hold it)."""
+        low = torch.zeros_like(strings)
+        high = torch.full_like(strings, self.n)
+        for _ in range(max(self.n, 1).bit_length()):
+            active = low < high
+            middle = (low + high) >> 1
+            bases, left = self.suffix(middle.clamp_max(self.n - 1))
+            shared = top_bases_mask(torch.minimum(left, lengths))
+            here, wanted = bases & shared, strings & shared
+            before = (here < wanted) | (here == wanted) & (at_most | (left < lengths))
+            low = torch.where(active & before, middle + 1, low)
+            high = torch.where(active & ~before, middle, high)
+        return low
+
+    def suffix(self, rows):
+        """Rows of the suffix array -> (the first 30 bases at that position, left-aligned in 60 bits; how many of them
+        lie in its chunk). Bases past the chunk's end are the next chunk's: the count says how many are its own."""
+        position = (self.sa_high[rows].long() << 32) | (self.sa_low[rows].long() & 0xFFFFFFFF)
+        word, offset = position >> 5, 2 * (position & 31)
+        first, second = self.text[word], self.text[word + 1]
+        bits = (first << offset) | ((second >> 1) >> (63 - offset)) & ((offset * 0 + 1 << offset) - 1)
+        bases = (bits >> 4) & KEY_MASK
+        block = position >> self.block_bits
+        end = torch.where(position < self.block_ends[block], self.block_ends[block], self.block_ends[block + 1])
+        return bases, (end - position).clamp_max(SUFFIX_KEY_BASES)
+
+
+KEY_MASK = (1 << 2 * SUFFIX_KEY_BASES) - 1
+
+
+def top_bases_mask(n):
+    """The bits of the first n bases (a tensor or array of counts) of left-aligned 60-bit strings."""
+    return KEY_MASK ^ ((n * 0 + 1 << 2 * (SUFFIX_KEY_BASES - n)) - 1)
+
+
 def load_or_build_retrieval_index(catalog, cfg, rt, warn=print):
     """The RetrievalIndex of this data set's training chunks, on rt.device: loaded from checkpoint_dir when an index
     of the same training chunks is cached there, else built by rank 0 (on its device) and cached."""
     digest = training_chunks_digest(catalog)
-    path = retrieval_index_path(cfg.checkpoint_dir, digest)
+    path = retrieval_index_path(cfg.checkpoint_dir, digest, cfg.index_layout)
     n_bases = sum(c.n_tokens for c in catalog.train_chunks) * BASES_PER_TOKEN
     problem = index_fit_problem(n_bases, os.path.getsize(path) if os.path.exists(path) else None,
                                 free_device_bytes(rt.device), available_host_bytes(),
-                                free_disk_bytes(cfg.checkpoint_dir))
+                                free_disk_bytes(cfg.checkpoint_dir), cfg.index_layout)
     if problem:  # every rank finds the same (one machine kind); a mixed cluster fails on the smallest GPU
         raise ConfigError(problem)
     if rt.is_main and not os.path.exists(path):
         t_start = time.time()
         built = build_retrieval_index(catalog, cfg, rt.device, digest)
         save_retrieval_index(built, path)
-        entries = sum(len(k) for k in built.keys)
-        warn(f"retrieval index: {entries:,} (context, next 6-mer) entries over {len(RETRIEVAL_CONTEXT_TOKENS)} context "
-             f"lengths, built in {time.time() - t_start:.0f} s, cached as {path} ({os.path.getsize(path) / 1e9:.2f} GB)")
+        warn(f"retrieval index: {built.summary()}, built in {time.time() - t_start:.0f} s, cached as {path} "
+             f"({os.path.getsize(path) / 1e9:.2f} GB, {os.path.getsize(path) / max(n_bases, 1):.2f} bytes per base)")
     if rt.distributed:
         dist.barrier()  # the other ranks wait for rank 0's build
     if not os.path.exists(path):
@@ -1219,23 +1331,29 @@ def load_or_build_retrieval_index(catalog, cfg, rt, warn=print):
     return load_retrieval_index(path, rt.device)
 
 
-def index_fit_problem(n_bases, cached_bytes, free_device, free_host, free_disk):
-    """Why the retrieval index of n_bases of training sequence cannot be built or held here, as one line naming the
-    figures and the ways out; None when it fits. cached_bytes: the size of the cached index, or None if it must be
-    built. The index is not sharded: every GPU holds all of it, and more GPUs do not help."""
+def index_fit_problem(n_bases, cached_bytes, free_device, free_host, free_disk, layout):
+    """Why the retrieval index (of index_layout `layout`) of n_bases of training sequence cannot be built or held
+    here, as one line naming the figures and the ways out; None when it fits. cached_bytes: the size of the cached
+    index, or None if it must be built. Tables are built on the device that holds them, a suffix array on the host.
+    The index is not sharded: every GPU holds all of it, and more GPUs do not help."""
     gb = lambda n: f"{n / 1e9:,.1f} GB"  # noqa: E731
-    resident = cached_bytes if cached_bytes is not None else n_bases * INDEX_BYTES_PER_BASE
-    needs = [("on each GPU" if free_device is not None else "in host memory",
-              resident if cached_bytes is not None else n_bases * INDEX_BUILD_BYTES_PER_BASE,
-              free_device if free_device is not None else free_host)]
+    held, building = ((INDEX_BYTES_PER_BASE, INDEX_BUILD_BYTES_PER_BASE) if layout == "tables" else
+                      (SUFFIX_INDEX_BYTES_PER_BASE, SUFFIX_INDEX_BUILD_BYTES_PER_BASE))
+    resident = cached_bytes if cached_bytes is not None else n_bases * held
+    holder = ("on each GPU", free_device) if free_device is not None else ("in host memory", free_host)
+    needs = [(*holder[:1], resident, holder[1])]
     if cached_bytes is None:
+        builder = holder if layout == "tables" else ("in host memory", free_host)
+        needs = ([(builder[0], n_bases * building, builder[1])] if builder == holder else
+                 [*needs, (builder[0], n_bases * building, builder[1])])
         needs.append(("on disk in checkpoint_dir", resident, free_disk))
     short = [f"{gb(need)} {where} ({gb(free)} free)" for where, need, free in needs if need > free]
     if not short:
         return None
+    smaller = ("--index_layout=suffix_array (about 16 times smaller), " if layout == "tables" else "")
     return (f"the retrieval index of {n_bases / 1e9:,.2f} Gbp of training sequence does not fit: it needs "
-            f"{' and '.join(short)}, about {INDEX_BYTES_PER_BASE} bytes per base held and "
-            f"{INDEX_BUILD_BYTES_PER_BASE} while it is built. Ways out: --global_memory=none (no retrieval memory), "
+            f"{' and '.join(short)}, about {held} bytes per base held and {building} while it is built "
+            f"(index_layout = {layout}). Ways out: {smaller}--global_memory=none (no retrieval memory), "
             f"fewer species or genomes (a species_distribution weight of 0 leaves a species out), or a GPU with "
             f"more memory (every GPU holds the whole index: more GPUs do not help)")
 
@@ -1280,13 +1398,20 @@ def training_chunks_digest(catalog):
 
 
 def build_retrieval_index(catalog, cfg, device, digest):
-    """Read the training chunks once and count their (context, next 6-mer) strings on both strands.
+    """The index of cfg.index_layout over the training chunks, on `device`."""
+    bases = [token_bases(chunk.tokens) for chunk in tokenized_chunks(catalog, cfg, catalog.train_chunks)]
+    if cfg.index_layout == "suffix_array":
+        return build_suffix_index(bases, digest).to(device)
+    return build_count_tables(bases, device, digest)
+
+
+def build_count_tables(bases, device, digest):
+    """Count the training chunks' (context, next 6-mer) strings on both strands (bases: each chunk's 2-bit codes).
 
     One sort serves every context length: each position's longest key is sorted once (see longest_keys); a shorter
     key is its top bits, so that order sorts the shorter keys too, and each length's unique keys and cumulative
     counts are a filter, a shift and the starts of the runs of equal keys.
     """
-    bases = [token_bases(chunk.tokens) for chunk in tokenized_chunks(catalog, cfg, catalog.train_chunks)]
     lengths = [len(b) for b in bases]
     forward = torch.from_numpy(np.concatenate(bases)).to(device)
     reverse = 3 - forward.flip(0)  # the other strand, read 5' to 3': the chunks in reverse order
@@ -1295,6 +1420,51 @@ def build_retrieval_index(catalog, cfg, device, digest):
     del forward, reverse
     keys, cumulative = key_tables(packed)
     return RetrievalIndex(keys, cumulative, digest)
+
+
+def build_suffix_index(bases, digest):
+    """SuffixIndex of the chunks (each an array of 2-bit base codes), built on the host.
+
+    Each position's key is its next 30 bases with those past its chunk's end set to A, and its distance to that end
+    (at most 30); (key, distance) order is the suffix order SuffixIndex describes. Positions with 30 bases left in
+    their chunk, nearly all, are sorted by key alone; the few near a chunk's end are sorted apart and go in front of
+    the first full key that is not smaller."""
+    lengths = np.array([len(b) for b in bases], dtype=np.int64)
+    text = np.concatenate(bases) if bases else np.zeros(0, dtype=np.uint8)
+    n = len(text)
+    if n >= 1 << 40:
+        raise ConfigError(f"index_layout = suffix_array holds positions in 40 bits: {n:,} bases of training chunks "
+                          f"are too many")
+    ends = np.cumsum(lengths)
+    left = np.minimum(np.repeat(ends, lengths) - np.arange(n), SUFFIX_KEY_BASES)
+    padded = np.concatenate([text, np.zeros(SUFFIX_KEY_BASES, dtype=np.uint8)])
+    keys = np.zeros(n, dtype=np.int64)
+    for i in range(SUFFIX_KEY_BASES):
+        keys <<= 2
+        keys |= padded[i:i + n]
+    near_end = np.flatnonzero(left < SUFFIX_KEY_BASES)
+    keys[near_end] &= top_bases_mask(left[near_end])
+    full, near_end_left = np.flatnonzero(left == SUFFIX_KEY_BASES), left[near_end]
+    del left
+    order = np.argsort(keys[full])
+    full, full_keys = full[order], keys[full][order]
+    del order
+    near_end = near_end[np.lexsort((near_end_left, keys[near_end]))]
+    positions = np.insert(full, np.searchsorted(full_keys, keys[near_end], side="left"), near_end)
+    del keys, full, full_keys
+    words = np.zeros((n + 2 * 32 - 1) // 32, dtype=np.uint64)  # one word past the last base's word
+    grouped = np.zeros(len(words) * 32, dtype=np.uint64)
+    grouped[:n] = text
+    grouped = grouped.reshape(-1, 32)
+    for i in range(32):
+        words |= grouped[:, i] << np.uint64(62 - 2 * i)
+    del grouped
+    block_bits = int(np.log2(max(int(lengths.min()) if n else 1, 1)))  # then a block holds at most one chunk end
+    block_starts = np.arange((n >> block_bits) + 2, dtype=np.int64) << block_bits
+    block_ends = np.append(ends, n)[np.searchsorted(ends, block_starts, side="right")]  # first end past its start
+    return SuffixIndex(torch.from_numpy(words.view(np.int64)), torch.from_numpy((positions & 0xFFFFFFFF).astype(
+        np.uint32).view(np.int32)), torch.from_numpy((positions >> 32).astype(np.uint8)),
+        torch.from_numpy(block_ends.astype(np.int64)), block_bits, digest)
 
 
 def key_tables(packed):
@@ -1349,14 +1519,21 @@ def longest_keys(bases, lengths, n_bases):
     return key[fits > 0]
 
 
-def retrieval_index_path(folder, digest):
-    """Where the index of the training chunks with this digest is cached: beside the checkpoints trained with it."""
-    return os.path.join(folder, f"retrieval_index_{digest}.pt")
+def retrieval_index_path(folder, digest, layout):
+    """Where the index (of index_layout `layout`) of the training chunks with this digest is cached: beside the
+    checkpoints trained with it."""
+    return os.path.join(folder, f"retrieval_index_{digest}{'' if layout == 'tables' else '.' + layout}.pt")
 
 
 def save_retrieval_index(retrieval_index, path):
-    write_atomically(path, {"keys": retrieval_index.keys, "cumulative": retrieval_index.cumulative,
-                            "digest": retrieval_index.digest, "context_tokens": list(RETRIEVAL_CONTEXT_TOKENS)})
+    if isinstance(retrieval_index, SuffixIndex):
+        fields = {"layout": "suffix_array", "text": retrieval_index.text, "sa_low": retrieval_index.sa_low,
+                  "sa_high": retrieval_index.sa_high, "block_ends": retrieval_index.block_ends,
+                  "block_bits": retrieval_index.block_bits}
+    else:
+        fields = {"keys": retrieval_index.keys, "cumulative": retrieval_index.cumulative}
+    write_atomically(path, {**fields, "digest": retrieval_index.digest,
+                            "context_tokens": list(RETRIEVAL_CONTEXT_TOKENS)})
 
 
 def load_retrieval_index(path, device):
@@ -1364,6 +1541,9 @@ def load_retrieval_index(path, device):
     if saved.get("context_tokens") != list(RETRIEVAL_CONTEXT_TOKENS):
         raise ConfigError(f"{path}: a retrieval index of other context lengths ({saved.get('context_tokens')}); "
                           f"delete it and it is rebuilt")
+    if saved.get("layout") == "suffix_array":
+        return SuffixIndex(saved["text"], saved["sa_low"], saved["sa_high"], saved["block_ends"],
+                           saved["block_bits"], saved["digest"]).to(device)
     return RetrievalIndex(saved["keys"], saved["cumulative"], saved["digest"]).to(device)
 
 

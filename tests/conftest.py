@@ -178,7 +178,7 @@ def scoring_checkpoints(tmp_path_factory):
             index = plm.scan_genomes(cfg, progress=False)
             digest = plm.training_chunks_digest(index)
             plm.save_retrieval_index(plm.build_retrieval_index(index, cfg, torch.device("cpu"), digest),
-                                     plm.retrieval_index_path(str(root), digest))
+                                     plm.retrieval_index_path(str(root), digest, cfg.index_layout))
         torch.save({"config": dataclasses.asdict(cfg), "species": ["s", "t"], "model_state_dict": model.state_dict(),
                     "retrieval_index": digest}, str(root / "model.pt"))
         made[name] = (str(root / "model.pt"), genome)

@@ -84,8 +84,9 @@ def test_index_counts_agree_with_a_brute_force_count_on_both_strands_and_every_o
         assert checked[(k, 2)] > 0 and checked[(k, 3)] > 0, checked
 
 
-def test_a_training_window_never_retrieves_its_own_target(repeats_dir, tmp_path):
-    cfg = retrieval_config(repeats_dir, tmp_path)
+@pytest.mark.parametrize("layout", plm.INDEX_LAYOUTS)
+def test_a_training_window_never_retrieves_its_own_target(layout, repeats_dir, tmp_path):
+    cfg = retrieval_config(repeats_dir, tmp_path, index_layout=layout)
     index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
     memory = plm.build_retrieval_index(index, cfg, torch.device("cpu"), "test")
     windows = all_windows(index, cfg, index.train_chunks)
@@ -117,12 +118,14 @@ def every_frame_and_strand(index, cfg):
     return torch.from_numpy(np.concatenate(rows).astype(np.int64))
 
 
-def test_shifted_and_reverse_strand_training_windows_leave_out_exactly_their_own_occurrence(repeats_dir, tmp_path):
+@pytest.mark.parametrize("layout", plm.INDEX_LAYOUTS)
+def test_shifted_and_reverse_strand_training_windows_leave_out_exactly_their_own_occurrence(layout, repeats_dir,
+                                                                                           tmp_path):
     """A frame-shifted or reverse-strand window is in the index too, at its own place (the index holds both strands
     at every base offset): each of its (context, target) strings, prefix included, is counted as often as a brute
     force count finds it, at least once, and leave-one-out takes out 1, or 2 for a string that is its own reverse
     complement, leaving exactly what the other copies add."""
-    cfg = retrieval_config(repeats_dir, tmp_path)
+    cfg = retrieval_config(repeats_dir, tmp_path, index_layout=layout)
     index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
     memory = plm.build_retrieval_index(index, cfg, torch.device("cpu"), "test")
     windows = every_frame_and_strand(index, cfg)
@@ -144,6 +147,80 @@ def test_shifted_and_reverse_strand_training_windows_leave_out_exactly_their_own
                 assert (kept[w, t, o] - left_out[w, t, o]).tolist() == [own, own], (k, w, t)
                 owns[own] += 1
     assert set(owns) == {1, 2}, owns  # the planted palindrome is met
+
+
+def whole_occurrences(seqs, n_bases):
+    """Occurrences of each n_bases string lying wholly inside one of seqs, on either strand."""
+    return brute_force_counts(seqs, n_bases)
+
+
+def near_the_end(seqs, n_bases):
+    """Occurrences of each n_bases string, on either strand, with fewer than 6 bases after it on that strand."""
+    counts = collections.Counter()
+    for seq in seqs:
+        for strand in (seq, reverse_complement(seq)):
+            counts.update(strand[i:i + n_bases] for i in range(max(len(strand) - n_bases - 5, 0),
+                                                                len(strand) - n_bases + 1))
+    return counts
+
+
+def test_suffix_array_counts_every_whole_occurrence_of_a_context_and_each_prefix_of_its_target(repeats_dir,
+                                                                                               tmp_path):
+    """index_layout = suffix_array against a brute-force count on both strands, for every window of the training
+    and validation chunks, each context length, and the target's first j = 0..6 bases (what scoring asks for)."""
+    cfg = retrieval_config(repeats_dir, tmp_path, index_layout="suffix_array")
+    index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
+    memory = plm.build_retrieval_index(index, cfg, torch.device("cpu"), "test")
+    assert isinstance(memory, plm.SuffixIndex)
+    seqs = training_sequences(index, cfg)
+    windows = all_windows(index, cfg, index.train_chunks + index.val_chunks)
+    counts = memory.counts(windows, cfg.prefix_tokens, exclude_self=False, target_bases=range(7))
+    truth = {n: whole_occurrences(seqs, n) for n in range(12, 31)}
+    checked = collections.Counter()
+    for o, k in enumerate(plm.RETRIEVAL_CONTEXT_TOKENS):
+        for w, row in enumerate(windows.tolist()):
+            for t in range(cfg.context_size):
+                target = cfg.prefix_tokens + 1 + t
+                if min(row[target - k:target + 1]) < 0:
+                    assert counts[w, t, o].tolist() == [0] * 7
+                    continue
+                string = detokenize(row[target - k:target + 1])
+                expected = [truth[6 * k + j][string[:6 * k + j]] for j in range(7)]
+                assert counts[w, t, o].tolist() == expected, (k, w, t)
+                checked[min(expected[-1], 3)] += 1
+    assert checked[2] > 0 and checked[3] > 0 and checked[0] > 0, checked
+
+
+def test_suffix_array_and_tables_differ_only_by_contexts_next_to_a_chunk_end(repeats_dir, tmp_path):
+    """The tables count a context only where its next 6 bases fit in the chunk too; the suffix array counts every
+    whole occurrence. So a (context, target) count is the same in both, and a context's count differs by exactly
+    its occurrences with fewer than 6 bases after them, on either strand. Besides every window, the queries hold
+    each training chunk's last tokens followed by one more, whose context is the chunk's last bases."""
+    tables_cfg = retrieval_config(repeats_dir, tmp_path)
+    index = plm.scan_genomes(tables_cfg, warn=lambda m: None, progress=False)
+    tables = plm.build_retrieval_index(index, tables_cfg, torch.device("cpu"), "test")
+    suffixes = plm.build_retrieval_index(index, retrieval_config(repeats_dir, tmp_path, index_layout="suffix_array"),
+                                         torch.device("cpu"), "test")
+    span = tables_cfg.prefix_tokens + tables_cfg.context_size + 1
+    past_the_end = [np.append(chunk.tokens[1 - span:], 0).astype(np.int64)
+                    for chunk in plm.tokenized_chunks(index, tables_cfg, index.train_chunks)]
+    windows = torch.cat([all_windows(index, tables_cfg, index.train_chunks + index.val_chunks),
+                         torch.from_numpy(np.stack(past_the_end))])
+    by_tables = tables.counts(windows, tables_cfg.prefix_tokens, exclude_self=False)
+    by_suffixes = suffixes.counts(windows, tables_cfg.prefix_tokens, exclude_self=False)
+    assert torch.equal(by_tables[..., 1], by_suffixes[..., 1])
+    seqs = training_sequences(index, tables_cfg)
+    differs = 0
+    for o, k in enumerate(plm.RETRIEVAL_CONTEXT_TOKENS):
+        edge = near_the_end(seqs, 6 * k)
+        for w, row in enumerate(windows.tolist()):
+            for t in range(tables_cfg.context_size):
+                target = tables_cfg.prefix_tokens + 1 + t
+                if min(row[target - k:target + 1]) >= 0:
+                    extra = edge[detokenize(row[target - k:target])]
+                    assert by_suffixes[w, t, o, 0] - by_tables[w, t, o, 0] == extra, (k, w, t)
+                    differs += extra > 0
+    assert differs > 0  # the data hold such contexts: the difference is exercised
 
 
 def test_validation_windows_are_not_in_the_index(repeats_dir, tmp_path):
@@ -304,9 +381,11 @@ def test_training_on_unique_sequence_learns_nothing_from_its_own_occurrence(uniq
     assert first["loss"] > 8.0, first
 
 
-@pytest.mark.parametrize("memory", plm.GLOBAL_MEMORIES)
-def test_every_global_memory_trains_resumes_and_evaluates(memory, unique_dir, tmp_path):
+@pytest.mark.parametrize("memory,layout", [(memory, "tables") for memory in plm.GLOBAL_MEMORIES] +
+                         [("retrieval", "suffix_array")])
+def test_every_global_memory_trains_resumes_and_evaluates(memory, layout, unique_dir, tmp_path):
     args = [f"--data_dir={unique_dir}", *TINY_ARGS, "--species_distribution=s:1", f"--global_memory={memory}",
+            f"--index_layout={layout}",
             f"--checkpoint_dir={tmp_path / 'ckpt'}", f"--log_dir={tmp_path / 'logs'}", "--val_fraction=0.2"]
     first = run_train([*args, "--max_steps=2"], cwd=tmp_path)
     assert first.returncode == 0, describe(first)
@@ -333,7 +412,7 @@ GB = 10**9
 
 def test_index_fit_problem_names_the_shortfall_and_the_ways_out():
     """4.5 Gbp on one H200 (139 GB free): the build needs INDEX_BUILD_BYTES_PER_BASE a base on the GPU."""
-    problem = plm.index_fit_problem(int(4.5e9), None, 139 * GB, 128 * GB, 64 * GB)
+    problem = plm.index_fit_problem(int(4.5e9), None, 139 * GB, 128 * GB, 64 * GB, "tables")
     assert problem.startswith("the retrieval index of 4.50 Gbp of training sequence does not fit: it needs ")
     assert f"{4.5 * plm.INDEX_BUILD_BYTES_PER_BASE:,.1f} GB on each GPU (139.0 GB free)" in problem
     assert f"{4.5 * plm.INDEX_BYTES_PER_BASE:,.1f} GB on disk in checkpoint_dir (64.0 GB free)" in problem
@@ -342,12 +421,12 @@ def test_index_fit_problem_names_the_shortfall_and_the_ways_out():
 
 def test_index_fit_problem_is_none_where_it_fits_and_counts_a_cached_index_by_its_size():
     bundled = 117_000_000
-    assert plm.index_fit_problem(bundled, None, 139 * GB, 128 * GB, 64 * GB) is None
+    assert plm.index_fit_problem(bundled, None, 139 * GB, 128 * GB, 64 * GB, "tables") is None
     # cached: only its own size must fit on the device, and nothing on disk
-    assert plm.index_fit_problem(bundled, 8 * GB, 9 * GB, 128 * GB, 0) is None
-    assert "8.0 GB on each GPU (7.0 GB free)" in plm.index_fit_problem(bundled, 8 * GB, 7 * GB, 128 * GB, 0)
+    assert plm.index_fit_problem(bundled, 8 * GB, 9 * GB, 128 * GB, 0, "tables") is None
+    assert "8.0 GB on each GPU (7.0 GB free)" in plm.index_fit_problem(bundled, 8 * GB, 7 * GB, 128 * GB, 0, "tables")
     # on the CPU (no device figure) host memory is what counts
-    assert "in host memory" in plm.index_fit_problem(bundled, None, None, 1 * GB, 64 * GB)
+    assert "in host memory" in plm.index_fit_problem(bundled, None, None, 1 * GB, 64 * GB, "tables")
 
 
 def test_training_stops_before_building_an_index_that_does_not_fit(unique_dir, tmp_path, monkeypatch):
@@ -359,3 +438,33 @@ def test_training_stops_before_building_an_index_that_does_not_fit(unique_dir, t
     with pytest.raises(plm.ConfigError, match=r"does not fit: it needs .* in host memory \(0\.0 GB free\)"):
         plm.load_or_build_retrieval_index(catalog, cfg, rt, warn=lambda m: None)
     assert not os.path.exists(cfg.checkpoint_dir)  # nothing was built or written
+
+
+def test_a_suffix_array_fits_where_the_tables_do_not_and_is_built_on_the_host():
+    """4.5 Gbp on one H200: the tables' 387 GB do not fit the GPU, a suffix array's 24 GB do; its build (on the
+    host) does not fit 128 GB of host memory, and the message says so and nothing about the GPU."""
+    tables = plm.index_fit_problem(int(4.5e9), None, 139 * GB, 128 * GB, 64 * GB, "tables")
+    assert "--index_layout=suffix_array" in tables
+    problem = plm.index_fit_problem(int(4.5e9), None, 139 * GB, 128 * GB, 64 * GB, "suffix_array")
+    assert f"{4.5 * plm.SUFFIX_INDEX_BUILD_BYTES_PER_BASE:,.1f} GB in host memory (128.0 GB free)" in problem
+    assert "GPU (" not in problem and "--index_layout" not in problem and "(index_layout = suffix_array)" in problem
+    assert plm.index_fit_problem(int(3e9), None, 139 * GB, 128 * GB, 64 * GB, "suffix_array") is None
+
+
+def test_a_suffix_array_index_is_cached_apart_from_the_tables_and_loaded_again(repeats_dir, tmp_path, monkeypatch):
+    cfg = retrieval_config(repeats_dir, tmp_path, index_layout="suffix_array")
+    rt = plm.Runtime(0, 0, 1, torch.device("cpu"))
+    catalog = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
+    lines = []
+    built = plm.load_or_build_retrieval_index(catalog, cfg, rt, warn=lines.append)
+    path = tmp_path / "ckpt" / f"retrieval_index_{built.digest}.suffix_array.pt"
+    assert path.exists() and not (tmp_path / "ckpt" / f"retrieval_index_{built.digest}.pt").exists()
+    per_base = float(re.search(r"([\d.]+) bytes per base", lines[0]).group(1))
+    assert per_base < 8, lines  # 5.3 at scale; a small file's header weighs more
+
+    def no_build(*args):
+        raise AssertionError("rebuilt an index that is cached")
+    monkeypatch.setattr(plm, "build_retrieval_index", no_build)
+    again = plm.load_or_build_retrieval_index(catalog, cfg, rt, warn=lambda m: None)
+    windows = all_windows(catalog, cfg, catalog.train_chunks)
+    assert torch.equal(again.counts(windows, cfg.prefix_tokens, True), built.counts(windows, cfg.prefix_tokens, True))
