@@ -55,10 +55,10 @@ RETRIEVAL_INDEX_FORMAT = 1  # raise when the index's layout changes: cached inde
 INDEX_BYTES_PER_BASE = 86
 INDEX_BUILD_BYTES_PER_BASE = 96 + INDEX_BYTES_PER_BASE
 # The same for index_layout = suffix_array (SuffixIndex): 5 B of position per base, 0.25 B of 2-bit text and the chunk
-# ends, held on the device; built on the host (each position's 30-base key, its distance to its chunk's end, the
-# sort's order, the positions, the text) and moved to the device whole
+# ends, held on the device (5.26 on the bundled genomes); built on the host (each position's 30-base key, its distance
+# to its chunk's end, the sort's order, the positions, the text: 5.8 GB at the peak for the bundled 117 Mbp)
 SUFFIX_INDEX_BYTES_PER_BASE = 5.3
-SUFFIX_INDEX_BUILD_BYTES_PER_BASE = 34
+SUFFIX_INDEX_BUILD_BYTES_PER_BASE = 50
 SUFFIX_KEY_BASES = 30  # a suffix is sorted by its first 30 bases (60 bits): the longest string a lookup asks for
 FASTA_SUFFIXES = (".fa", ".fna", ".fasta")
 # The default sampling weights: five crop genomes (soybean, Arabidopsis, rice, maize, grapevine, about 4.5 Gbp in
@@ -1221,17 +1221,27 @@ class SuffixIndex:
     A string's count is its occurrences lying wholly inside a training chunk, on either strand. RetrievalIndex
     counts a context only where its next 6 bases fit in the chunk too, so the two differ for occurrences of a
     context within 6 bases of a chunk's edge, and nowhere else (tested).
+
+    With several ranks each holds a slice of the array, 1/ranks of its rows (and all of the text, 0.25 B/base):
+    every rank counts every rank's strings in its slice, and the slices' counts add up (one all_gather and one
+    all_reduce per counts()), so every rank must call counts() as often as the others.
     """
 
-    def __init__(self, text, sa_low, sa_high, block_ends, block_bits, digest):
+    def __init__(self, text, sa_low, sa_high, block_ends, block_bits, digest, ranks=1):
         self.text, self.sa_low, self.sa_high, self.block_ends = text, sa_low, sa_high, block_ends
-        self.block_bits, self.digest = block_bits, digest
-        self.n = len(sa_low)
+        self.block_bits, self.digest, self.ranks = block_bits, digest, ranks
+        self.n = len(sa_low)  # rows of this rank's slice
         self.reverse_complement = torch.from_numpy(REVERSE_COMPLEMENT.astype(np.int64)).to(text.device)
 
     def to(self, device):
         return SuffixIndex(self.text.to(device), self.sa_low.to(device), self.sa_high.to(device),
-                           self.block_ends.to(device), self.block_bits, self.digest)
+                           self.block_ends.to(device), self.block_bits, self.digest, self.ranks)
+
+    def shard(self, rank, ranks):
+        """This index's slice for `rank` of `ranks` (rows rank * n // ranks up to the next rank's first)."""
+        first, last = rank * self.n // ranks, (rank + 1) * self.n // ranks
+        return SuffixIndex(self.text, self.sa_low[first:last], self.sa_high[first:last], self.block_ends,
+                           self.block_bits, self.digest, ranks)
 
     def summary(self):
         return f"a suffix array of {self.n:,} positions (index_layout = suffix_array)"
@@ -1267,6 +1277,22 @@ class SuffixIndex:
 
     def occurrences(self, strings, lengths):
         """Forward-strand occurrences inside a chunk of each string (its `lengths` bases, left-aligned in 60 bits)."""
+        if self.ranks == 1:
+            return self.in_slice(strings, lengths)
+        size = torch.tensor([len(strings)], device=strings.device)
+        dist.all_reduce(size, op=dist.ReduceOp.MAX)  # ranks may ask for different numbers: pad to the largest
+        padded = torch.zeros(2, int(size), dtype=strings.dtype, device=strings.device)
+        padded[0, :len(strings)], padded[1, :len(strings)] = strings, lengths
+        everyone = [torch.empty_like(padded) for _ in range(self.ranks)]
+        dist.all_gather(everyone, padded)
+        everyone = torch.cat(everyone, 1)
+        found = self.in_slice(everyone[0], everyone[1])
+        dist.all_reduce(found)
+        mine = dist.get_rank() * int(size)
+        return found[mine:mine + len(strings)]
+
+    def in_slice(self, strings, lengths):
+        """occurrences() among this rank's rows of the array."""
         return self.rank(strings, lengths, at_most=True) - self.rank(strings, lengths, at_most=False)
 
     def rank(self, strings, lengths, at_most):
@@ -1314,7 +1340,7 @@ def load_or_build_retrieval_index(catalog, cfg, rt, warn=print):
     n_bases = sum(c.n_tokens for c in catalog.train_chunks) * BASES_PER_TOKEN
     problem = index_fit_problem(n_bases, os.path.getsize(path) if os.path.exists(path) else None,
                                 free_device_bytes(rt.device), available_host_bytes(),
-                                free_disk_bytes(cfg.checkpoint_dir), cfg.index_layout)
+                                free_disk_bytes(cfg.checkpoint_dir), cfg.index_layout, rt.world_size)
     if problem:  # every rank finds the same (one machine kind); a mixed cluster fails on the smallest GPU
         raise ConfigError(problem)
     if rt.is_main and not os.path.exists(path):
@@ -1328,20 +1354,20 @@ def load_or_build_retrieval_index(catalog, cfg, rt, warn=print):
     if not os.path.exists(path):
         raise ConfigError(f"{path}: rank {rt.rank} finds no retrieval index. Rank 0 builds it in checkpoint_dir, "
                           f"which every node must share: set --checkpoint_dir to a folder all nodes see")
-    return load_retrieval_index(path, rt.device)
+    return load_retrieval_index(path, rt.device, rt.rank, rt.world_size)
 
 
-def index_fit_problem(n_bases, cached_bytes, free_device, free_host, free_disk, layout):
+def index_fit_problem(n_bases, cached_bytes, free_device, free_host, free_disk, layout, ranks):
     """Why the retrieval index (of index_layout `layout`) of n_bases of training sequence cannot be built or held
     here, as one line naming the figures and the ways out; None when it fits. cached_bytes: the size of the cached
-    index, or None if it must be built. Tables are built on the device that holds them, a suffix array on the host.
-    The index is not sharded: every GPU holds all of it, and more GPUs do not help."""
+    index, or None if it must be built. Tables are built on the device that holds them, and every rank holds them
+    whole; a suffix array is built on the host, and each of `ranks` holds 1/ranks of it (and all of its text)."""
     gb = lambda n: f"{n / 1e9:,.1f} GB"  # noqa: E731
     held, building = ((INDEX_BYTES_PER_BASE, INDEX_BUILD_BYTES_PER_BASE) if layout == "tables" else
                       (SUFFIX_INDEX_BYTES_PER_BASE, SUFFIX_INDEX_BUILD_BYTES_PER_BASE))
     resident = cached_bytes if cached_bytes is not None else n_bases * held
     holder = ("on each GPU", free_device) if free_device is not None else ("in host memory", free_host)
-    needs = [(*holder[:1], resident, holder[1])]
+    needs = [(*holder[:1], resident if layout == "tables" else resident / ranks + n_bases / 4, holder[1])]
     if cached_bytes is None:
         builder = holder if layout == "tables" else ("in host memory", free_host)
         needs = ([(builder[0], n_bases * building, builder[1])] if builder == holder else
@@ -1350,12 +1376,12 @@ def index_fit_problem(n_bases, cached_bytes, free_device, free_host, free_disk, 
     short = [f"{gb(need)} {where} ({gb(free)} free)" for where, need, free in needs if need > free]
     if not short:
         return None
-    smaller = ("--index_layout=suffix_array (about 16 times smaller), " if layout == "tables" else "")
+    ways = ("--index_layout=suffix_array (about 16 times smaller, and shared out over the GPUs), " if layout ==
+            "tables" else "more GPUs (each holds its share of a suffix array), ")
     return (f"the retrieval index of {n_bases / 1e9:,.2f} Gbp of training sequence does not fit: it needs "
             f"{' and '.join(short)}, about {held} bytes per base held and {building} while it is built "
-            f"(index_layout = {layout}). Ways out: {smaller}--global_memory=none (no retrieval memory), "
-            f"fewer species or genomes (a species_distribution weight of 0 leaves a species out), or a GPU with "
-            f"more memory (every GPU holds the whole index: more GPUs do not help)")
+            f"(index_layout = {layout}). Ways out: {ways}--global_memory=none (no retrieval memory), fewer species "
+            f"or genomes (a species_distribution weight of 0 leaves a species out), or a GPU with more memory")
 
 
 def free_device_bytes(device):
@@ -1536,14 +1562,17 @@ def save_retrieval_index(retrieval_index, path):
                             "context_tokens": list(RETRIEVAL_CONTEXT_TOKENS)})
 
 
-def load_retrieval_index(path, device):
+def load_retrieval_index(path, device, rank=0, ranks=1):
+    """The cached index at `path` on `device`; of a suffix array, only rank's slice of `ranks` (the tables are held
+    whole by every rank)."""
     saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if saved.get("context_tokens") != list(RETRIEVAL_CONTEXT_TOKENS):
         raise ConfigError(f"{path}: a retrieval index of other context lengths ({saved.get('context_tokens')}); "
                           f"delete it and it is rebuilt")
     if saved.get("layout") == "suffix_array":
-        return SuffixIndex(saved["text"], saved["sa_low"], saved["sa_high"], saved["block_ends"],
-                           saved["block_bits"], saved["digest"]).to(device)
+        whole = SuffixIndex(saved["text"], saved["sa_low"], saved["sa_high"], saved["block_ends"],
+                            saved["block_bits"], saved["digest"])
+        return (whole.shard(rank, ranks) if ranks > 1 else whole).to(device)  # memory-mapped: only the slice is read
     return RetrievalIndex(saved["keys"], saved["cumulative"], saved["digest"]).to(device)
 
 
@@ -2411,10 +2440,11 @@ def validation_loss(model, tokens, species, repeat, cfg, rt, autocast_dtype, ret
     over the targets whose repeat flag is set and the others ({"repeat", "nonrepeat"}; nan where there are none);
     every rank scores its share, then all-reduce.
 
-    `model` is the bare module, not the DDP wrapper, so a rank with fewer rows joins no collective but the final
-    sum. It runs eagerly, eval_batch_size windows at a time: a few large forward passes cost less than compiling
-    another shape, and than many training-sized ones. Validation chunks are not in the retrieval index: nothing is
-    left out.
+    `model` is the bare module, not the DDP wrapper, so a rank with fewer rows joins no collective of the model's.
+    Every rank makes the same number of passes all the same (the last may hold no rows): a sharded SuffixIndex
+    answers each pass's counts with collectives. It runs eagerly, eval_batch_size windows at a time: a few large
+    forward passes cost less than compiling another shape, and than many training-sized ones. Validation chunks are
+    not in the retrieval index: nothing is left out.
     """
     was_training = model.training
     model.eval()
@@ -2422,12 +2452,15 @@ def validation_loss(model, tokens, species, repeat, cfg, rt, autocast_dtype, ret
     n_species = int(species.max()) + 1 if len(species) else 1  # the same on every rank: all rows are everywhere
     # per species: nats, targets, and the same over repeat targets
     totals = torch.zeros(n_species, 4, dtype=torch.float64, device=rt.device)
-    for start in range(0, len(mine), cfg.eval_batch_size):
+    most_rows = -(-len(tokens) // rt.world_size)  # the largest rank's share
+    for start in range(0, most_rows, cfg.eval_batch_size):
         rows = mine[start:start + cfg.eval_batch_size]
         batch = tokens[rows].to(rt.device)
         targets = batch[:, cfg.prefix_tokens + 1:]
         memory = {} if retrieval_index is None else {
             "retrieval": retrieval_index.counts(batch, cfg.prefix_tokens, exclude_self=False)}
+        if not len(rows):
+            continue
         with torch.autocast(rt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             nats, _ = model(batch[:, cfg.prefix_tokens:-1], species[rows].to(rt.device), targets, reduction="none",
                             **memory)

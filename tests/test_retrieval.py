@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import plant_lm_train as plm
-from _helpers import (INFER_SCRIPT, TINY_ARGS, describe, detokenize, random_dna, read_jsonl, reverse_complement,
-                      run_train, tiny_config, write_fasta)
+from _helpers import (INFER_SCRIPT, TESTS, TINY_ARGS, describe, detokenize, random_dna, read_jsonl,
+                      reverse_complement, run_train, tiny_config, write_fasta)
 
 def retrieval_config(data_dir, tmp_path, **overrides):
     return tiny_config(data_dir=data_dir, global_memory="retrieval", checkpoint_dir=str(tmp_path / "ckpt"),
@@ -223,6 +223,28 @@ def test_suffix_array_and_tables_differ_only_by_contexts_next_to_a_chunk_end(rep
     assert differs > 0  # the data hold such contexts: the difference is exercised
 
 
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_a_suffix_array_shared_out_over_gloo_ranks_counts_what_the_whole_one_does(ranks, repeats_dir, tmp_path):
+    """Each rank holds 1/ranks of the array's rows and counts its own windows (a different number on each rank):
+    every count, kept and left out, is bit-equal to the unsharded index's (tests/shard_worker.py)."""
+    proc = run_train([], cwd=tmp_path, nproc=ranks, timeout=120, script=os.path.join(TESTS, "shard_worker.py"),
+                     script_args=[str(tmp_path), repeats_dir])
+    assert proc.returncode == 0, describe(proc)
+    cfg = retrieval_config(repeats_dir, tmp_path, index_layout="suffix_array")
+    catalog = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
+    whole = plm.build_retrieval_index(catalog, cfg, torch.device("cpu"), "test")
+    windows = all_windows(catalog, cfg, catalog.train_chunks + catalog.val_chunks)
+    kept = whole.counts(windows, cfg.prefix_tokens, exclude_self=False, target_bases=range(7))
+    left_out = whole.counts(windows, cfg.prefix_tokens, exclude_self=True)
+    sizes = set()
+    for rank in range(ranks):
+        part = torch.load(tmp_path / f"counts_rank{rank}.pt", weights_only=True)
+        assert torch.equal(part["kept"], kept[part["rows"]]) and torch.equal(part["left_out"], left_out[part["rows"]])
+        assert abs(part["slice_rows"] - whole.n / ranks) <= 1
+        sizes.add(len(part["rows"]))
+    assert len(sizes) == ranks  # every rank asked for a different number of counts
+
+
 def test_validation_windows_are_not_in_the_index(repeats_dir, tmp_path):
     cfg = retrieval_config(repeats_dir, tmp_path, val_fraction=0.2)
     index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
@@ -412,7 +434,7 @@ GB = 10**9
 
 def test_index_fit_problem_names_the_shortfall_and_the_ways_out():
     """4.5 Gbp on one H200 (139 GB free): the build needs INDEX_BUILD_BYTES_PER_BASE a base on the GPU."""
-    problem = plm.index_fit_problem(int(4.5e9), None, 139 * GB, 128 * GB, 64 * GB, "tables")
+    problem = plm.index_fit_problem(int(4.5e9), None, 139 * GB, 128 * GB, 64 * GB, "tables", 1)
     assert problem.startswith("the retrieval index of 4.50 Gbp of training sequence does not fit: it needs ")
     assert f"{4.5 * plm.INDEX_BUILD_BYTES_PER_BASE:,.1f} GB on each GPU (139.0 GB free)" in problem
     assert f"{4.5 * plm.INDEX_BYTES_PER_BASE:,.1f} GB on disk in checkpoint_dir (64.0 GB free)" in problem
@@ -421,12 +443,13 @@ def test_index_fit_problem_names_the_shortfall_and_the_ways_out():
 
 def test_index_fit_problem_is_none_where_it_fits_and_counts_a_cached_index_by_its_size():
     bundled = 117_000_000
-    assert plm.index_fit_problem(bundled, None, 139 * GB, 128 * GB, 64 * GB, "tables") is None
+    assert plm.index_fit_problem(bundled, None, 139 * GB, 128 * GB, 64 * GB, "tables", 1) is None
     # cached: only its own size must fit on the device, and nothing on disk
-    assert plm.index_fit_problem(bundled, 8 * GB, 9 * GB, 128 * GB, 0, "tables") is None
-    assert "8.0 GB on each GPU (7.0 GB free)" in plm.index_fit_problem(bundled, 8 * GB, 7 * GB, 128 * GB, 0, "tables")
+    assert plm.index_fit_problem(bundled, 8 * GB, 9 * GB, 128 * GB, 0, "tables", 1) is None
+    assert "8.0 GB on each GPU (7.0 GB free)" in plm.index_fit_problem(bundled, 8 * GB, 7 * GB, 128 * GB, 0, "tables",
+                                                                        1)
     # on the CPU (no device figure) host memory is what counts
-    assert "in host memory" in plm.index_fit_problem(bundled, None, None, 1 * GB, 64 * GB, "tables")
+    assert "in host memory" in plm.index_fit_problem(bundled, None, None, 1 * GB, 64 * GB, "tables", 1)
 
 
 def test_training_stops_before_building_an_index_that_does_not_fit(unique_dir, tmp_path, monkeypatch):
@@ -442,13 +465,23 @@ def test_training_stops_before_building_an_index_that_does_not_fit(unique_dir, t
 
 def test_a_suffix_array_fits_where_the_tables_do_not_and_is_built_on_the_host():
     """4.5 Gbp on one H200: the tables' 387 GB do not fit the GPU, a suffix array's 24 GB do; its build (on the
-    host) does not fit 128 GB of host memory, and the message says so and nothing about the GPU."""
-    tables = plm.index_fit_problem(int(4.5e9), None, 139 * GB, 128 * GB, 64 * GB, "tables")
+    host, in one piece) does not fit 128 GB of host memory, and the message says so and nothing about the GPU."""
+    tables = plm.index_fit_problem(int(4.5e9), None, 139 * GB, 128 * GB, 64 * GB, "tables", 1)
     assert "--index_layout=suffix_array" in tables
-    problem = plm.index_fit_problem(int(4.5e9), None, 139 * GB, 128 * GB, 64 * GB, "suffix_array")
+    problem = plm.index_fit_problem(int(4.5e9), None, 139 * GB, 128 * GB, 64 * GB, "suffix_array", 1)
     assert f"{4.5 * plm.SUFFIX_INDEX_BUILD_BYTES_PER_BASE:,.1f} GB in host memory (128.0 GB free)" in problem
     assert "GPU (" not in problem and "--index_layout" not in problem and "(index_layout = suffix_array)" in problem
-    assert plm.index_fit_problem(int(3e9), None, 139 * GB, 128 * GB, 64 * GB, "suffix_array") is None
+    assert plm.index_fit_problem(int(2e9), None, 139 * GB, 128 * GB, 64 * GB, "suffix_array", 1) is None
+
+
+def test_each_rank_needs_room_for_its_share_of_a_suffix_array_only():
+    """A cached 50 Gbp suffix array (265 GB) on 80 GB cards: 8 ranks hold 33 GB of it each, plus the 12.5 GB text,
+    and fit; one does not. The tables are held whole by every rank, however many."""
+    cached = int(50e9 * plm.SUFFIX_INDEX_BYTES_PER_BASE)
+    assert plm.index_fit_problem(int(50e9), cached, 80 * GB, 1000 * GB, 0, "suffix_array", 8) is None
+    assert "GB on each GPU (80.0 GB free)" in plm.index_fit_problem(int(50e9), cached, 80 * GB, 1000 * GB, 0,
+                                                                     "suffix_array", 1)
+    assert plm.index_fit_problem(int(1e9), 86 * GB, 80 * GB, 1000 * GB, 0, "tables", 8) is not None
 
 
 def test_a_suffix_array_index_is_cached_apart_from_the_tables_and_loaded_again(repeats_dir, tmp_path, monkeypatch):
