@@ -55,10 +55,11 @@ RETRIEVAL_INDEX_FORMAT = 1  # raise when the index's layout changes: cached inde
 INDEX_BYTES_PER_BASE = 86
 INDEX_BUILD_BYTES_PER_BASE = 96 + INDEX_BYTES_PER_BASE
 # The same for index_layout = suffix_array (SuffixIndex): 5 B of position per base, 0.25 B of 2-bit text and the chunk
-# ends, held on the device (5.26 on the bundled genomes); built on the host (each position's 30-base key, its distance
-# to its chunk's end, the sort's order, the positions, the text: 5.8 GB at the peak for the bundled 117 Mbp)
+# ends, held on the device (5.26 on the bundled genomes); built on the host a bucket at a time (the chunks' bases, the
+# text, each position's bucket, the array, one bucket's keys and order: 1.7 GB at the peak for the bundled 117 Mbp,
+# the process's own memory included)
 SUFFIX_INDEX_BYTES_PER_BASE = 5.3
-SUFFIX_INDEX_BUILD_BYTES_PER_BASE = 50
+SUFFIX_INDEX_BUILD_BYTES_PER_BASE = 15
 SUFFIX_KEY_BASES = 30  # a suffix is sorted by its first 30 bases (60 bits): the longest string a lookup asks for
 FASTA_SUFFIXES = (".fa", ".fna", ".fasta")
 # The default sampling weights: five crop genomes (soybean, Arabidopsis, rice, maize, grapevine, about 4.5 Gbp in
@@ -1312,19 +1313,22 @@ class SuffixIndex:
         return low
 
     def suffix(self, rows):
-        """Rows of the suffix array -> (the first 30 bases at that position, left-aligned in 60 bits; how many of them
-        lie in its chunk). Bases past the chunk's end are the next chunk's: the count says how many are its own."""
-        position = (self.sa_high[rows].long() << 32) | (self.sa_low[rows].long() & 0xFFFFFFFF)
-        word, offset = position >> 5, 2 * (position & 31)
-        first, second = self.text[word], self.text[word + 1]
-        bits = (first << offset) | ((second >> 1) >> (63 - offset)) & ((offset * 0 + 1 << offset) - 1)
-        bases = (bits >> 4) & KEY_MASK
-        block = position >> self.block_bits
-        end = torch.where(position < self.block_ends[block], self.block_ends[block], self.block_ends[block + 1])
-        return bases, (end - position).clamp_max(SUFFIX_KEY_BASES)
+        """Rows of the suffix array -> suffix_keys of their positions."""
+        return suffix_keys(self, (self.sa_high[rows].long() << 32) | (self.sa_low[rows].long() & 0xFFFFFFFF))
 
 
 KEY_MASK = (1 << 2 * SUFFIX_KEY_BASES) - 1
+
+
+def suffix_keys(index, position):
+    """Positions in a SuffixIndex's text -> (the 30 bases from each, left-aligned in 60 bits; how many of them lie
+    in its chunk). Bases past the chunk's end are the next chunk's: the count says how many are its own."""
+    word, offset = position >> 5, 2 * (position & 31)
+    first, second = index.text[word], index.text[word + 1]
+    bits = (first << offset) | ((second >> 1) >> (63 - offset)) & ((offset * 0 + 1 << offset) - 1)
+    block = position >> index.block_bits
+    end = torch.where(position < index.block_ends[block], index.block_ends[block], index.block_ends[block + 1])
+    return (bits >> 4) & KEY_MASK, (end - position).clamp_max(SUFFIX_KEY_BASES)
 
 
 def top_bases_mask(n):
@@ -1427,7 +1431,7 @@ def build_retrieval_index(catalog, cfg, device, digest):
     """The index of cfg.index_layout over the training chunks, on `device`."""
     bases = [token_bases(chunk.tokens) for chunk in tokenized_chunks(catalog, cfg, catalog.train_chunks)]
     if cfg.index_layout == "suffix_array":
-        return build_suffix_index(bases, digest).to(device)
+        return build_suffix_index(bases, digest, progress=True).to(device)
     return build_count_tables(bases, device, digest)
 
 
@@ -1448,49 +1452,57 @@ def build_count_tables(bases, device, digest):
     return RetrievalIndex(keys, cumulative, digest)
 
 
-def build_suffix_index(bases, digest):
-    """SuffixIndex of the chunks (each an array of 2-bit base codes), built on the host.
+def build_suffix_index(bases, digest, progress=False):
+    """SuffixIndex of the chunks (a list of arrays of 2-bit base codes, emptied here), built on the host a bucket at
+    a time.
 
     Each position's key is its next 30 bases with those past its chunk's end set to A, and its distance to that end
-    (at most 30); (key, distance) order is the suffix order SuffixIndex describes. Positions with 30 bases left in
-    their chunk, nearly all, are sorted by key alone; the few near a chunk's end are sorted apart and go in front of
-    the first full key that is not smaller."""
+    (at most 30); (key, distance) order is the suffix order SuffixIndex describes. Positions are taken in
+    SUFFIX_BUCKETS buckets by their key's first 3 bases, and each bucket is sorted apart and written to its rows, so
+    that the build holds the text, the array and one bucket: about 9 bytes a base at its peak."""
+    from tqdm import tqdm
     lengths = np.array([len(b) for b in bases], dtype=np.int64)
     text = np.concatenate(bases) if bases else np.zeros(0, dtype=np.uint8)
+    bases.clear()  # the chunks are in text now: at crop scale each copy is gigabytes
     n = len(text)
     if n >= 1 << 40:
         raise ConfigError(f"index_layout = suffix_array holds positions in 40 bits: {n:,} bases of training chunks "
                           f"are too many")
     ends = np.cumsum(lengths)
-    left = np.minimum(np.repeat(ends, lengths) - np.arange(n), SUFFIX_KEY_BASES)
-    padded = np.concatenate([text, np.zeros(SUFFIX_KEY_BASES, dtype=np.uint8)])
-    keys = np.zeros(n, dtype=np.int64)
-    for i in range(SUFFIX_KEY_BASES):
-        keys <<= 2
-        keys |= padded[i:i + n]
-    near_end = np.flatnonzero(left < SUFFIX_KEY_BASES)
-    keys[near_end] &= top_bases_mask(left[near_end])
-    full, near_end_left = np.flatnonzero(left == SUFFIX_KEY_BASES), left[near_end]
-    del left
-    order = np.argsort(keys[full])
-    full, full_keys = full[order], keys[full][order]
-    del order
-    near_end = near_end[np.lexsort((near_end_left, keys[near_end]))]
-    positions = np.insert(full, np.searchsorted(full_keys, keys[near_end], side="left"), near_end)
-    del keys, full, full_keys
     words = np.zeros((n + 2 * 32 - 1) // 32, dtype=np.uint64)  # one word past the last base's word
-    grouped = np.zeros(len(words) * 32, dtype=np.uint64)
-    grouped[:n] = text
-    grouped = grouped.reshape(-1, 32)
     for i in range(32):
-        words |= grouped[:, i] << np.uint64(62 - 2 * i)
-    del grouped
+        column = np.zeros(len(words), dtype=np.uint64)
+        column[:len(text[i::32])] = text[i::32]
+        words |= column << np.uint64(62 - 2 * i)
     block_bits = int(np.log2(max(int(lengths.min()) if n else 1, 1)))  # then a block holds at most one chunk end
     block_starts = np.arange((n >> block_bits) + 2, dtype=np.int64) << block_bits
     block_ends = np.append(ends, n)[np.searchsorted(ends, block_starts, side="right")]  # first end past its start
-    return SuffixIndex(torch.from_numpy(words.view(np.int64)), torch.from_numpy((positions & 0xFFFFFFFF).astype(
-        np.uint32).view(np.int32)), torch.from_numpy((positions >> 32).astype(np.uint8)),
-        torch.from_numpy(block_ends.astype(np.int64)), block_bits, digest)
+    index = SuffixIndex(torch.from_numpy(words.view(np.int64)), torch.zeros(n, dtype=torch.int32),
+                        torch.zeros(n, dtype=torch.uint8), torch.from_numpy(block_ends.astype(np.int64)), block_bits,
+                        digest)
+    bucket = np.zeros(n, dtype=np.uint8)  # the first 3 bases, A past the chunk's end
+    for i in range(3):
+        bucket <<= 2
+        bucket[:n - i] |= text[i:]
+    for gap in (1, 2):  # the last 2 positions of each chunk: bases of the next chunk set to A
+        at = ends[lengths >= gap] - gap
+        bucket[at] &= np.uint8(0x3F ^ ((1 << 2 * (3 - gap)) - 1))
+    del text
+    row = 0
+    for code in tqdm(range(SUFFIX_BUCKETS), desc="suffix array", unit="bucket", disable=not progress):
+        positions = torch.from_numpy(np.flatnonzero(bucket == code))
+        keys, left = suffix_keys(index, positions)
+        keys &= top_bases_mask(left)
+        # within a bucket the first 3 bases are equal: the other 54 bits of the key and 5 of distance make one key
+        order = torch.argsort(((keys & ((1 << 54) - 1)) << 5) | left)
+        positions = positions[order]
+        index.sa_low[row:row + len(positions)] = (positions & 0xFFFFFFFF).to(torch.int32)
+        index.sa_high[row:row + len(positions)] = (positions >> 32).to(torch.uint8)
+        row += len(positions)
+    return index
+
+
+SUFFIX_BUCKETS = 64  # buckets of the build: positions by their first 3 bases
 
 
 def key_tables(packed):

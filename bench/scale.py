@@ -17,7 +17,9 @@
    every worker streams every file and keeps only its chunks), and a 4-worker DataLoader's windows/s and worker
    peak RSS and private memory on the bundled genomes and on the big set: should not depend on genome size.
 5. retrieval: step 3 with global_memory=retrieval on the index set, cold (builds and saves the index; its log line
-   has the build time and size) and warm; then that index's size, keys per base and counts() calls/s on a batch.
+   has the build time and size) and warm; then that index's size, bytes per base and counts() calls/s on a batch.
+   --index-layout picks the layout; with suffix_array (about 5.3 bytes a base) --index-gbp 0 measures the index of
+   the --gbp set itself: python bench/scale.py --gbp 4.5 --index-gbp 0 --index-layout suffix_array
 Trainer arguments after the script's own (e.g. --d_model=128 --n_layers=2 on a CPU) go to every run.sh call.
 """
 
@@ -331,13 +333,13 @@ def loader_rate(index, cfg, seconds, workers):
 
 # ----------------------------------------------------------------------------- retrieval index
 
-def retrieval_stage(index_dir, ckpt, seconds):
-    """The index the cold retrieval run built (its log line gives the build time): size on disk, entries per base
+def retrieval_stage(index_dir, ckpt, seconds, layout):
+    """The index the cold retrieval run built (its log line gives the build time): size on disk, bytes per base
     and counts() calls/s on a batch of 4096 training windows, on the GPU if there is one."""
     import torch
-    cfg = plm.Config(data_dir=index_dir).check()
+    cfg = plm.Config(data_dir=index_dir, index_layout=layout).check()
     index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False, cache_dir=os.path.join(ckpt, "data_cache"))
-    path = os.path.join(ckpt, f"retrieval_index_{plm.training_chunks_digest(index)}.pt")
+    path = plm.retrieval_index_path(ckpt, plm.training_chunks_digest(index), layout)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
     memory = plm.load_retrieval_index(path, device)
@@ -352,10 +354,9 @@ def retrieval_stage(index_dir, ckpt, seconds):
             torch.cuda.synchronize()
     rate = calls / (time.time() - started)
     train_bases = sum(c.n_tokens for c in index.train_chunks) * plm.BASES_PER_TOKEN
-    keys = sum(len(k) for k in memory.keys)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "train_bases": train_bases, "bytes_on_disk": os.path.getsize(path),
-            "bytes_per_base": os.path.getsize(path) / train_bases, "keys_per_base": keys / train_bases,
+    return {"device": name, "index_layout": layout, "index": memory.summary(), "train_bases": train_bases,
+            "bytes_on_disk": os.path.getsize(path), "bytes_per_base": os.path.getsize(path) / train_bases,
             "load_s": loaded, "counts_calls_per_s": rate, "batch_windows": 4096,
             "lookups_per_s": rate * 4096 * cfg.context_size * len(plm.RETRIEVAL_CONTEXT_TOKENS)}
 
@@ -365,7 +366,8 @@ def retrieval_stage(index_dir, ckpt, seconds):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gbp", type=float, default=3.0)
-    parser.add_argument("--index-gbp", type=float, default=0.5)
+    parser.add_argument("--index-gbp", type=float, default=0.5, help="0: the index of the --gbp set itself")
+    parser.add_argument("--index-layout", default="tables", choices=["tables", "suffix_array"])
     parser.add_argument("--divergence", type=float, default=0.03, help="SNP rate per base (indels a tenth of it)")
     parser.add_argument("--out", default="/tmp/plant_lm_scale")
     parser.add_argument("--results", default=os.path.join(HERE, "results", "scale.json"))
@@ -388,10 +390,11 @@ def main():
 
     global SOURCES
     SOURCES = load_sources(os.path.join(REPO, "data"))
-    big, index_dir = os.path.join(args.out, "data"), os.path.join(args.out, "index_data")
+    big = os.path.join(args.out, "data")
+    index_dir = os.path.join(args.out, "index_data") if args.index_gbp else big
     save("generate", {"data": generate(big, args.gbp, args.divergence, args.seed, args.processes),
                       "index_data": generate(index_dir, args.index_gbp, args.divergence, args.seed + 1,
-                                             args.processes)})
+                                             args.processes) if args.index_gbp else "the --gbp set"})
     SOURCES = None
     cfg = plm.Config(data_dir=big).check()
     index, scanned = scan_stage(cfg, os.path.join(args.out, "scan_cache"))
@@ -403,7 +406,8 @@ def main():
         shutil.rmtree(ckpt, ignore_errors=True)
         for start in ("cold", "warm"):  # cold: no data cache (nor retrieval index) in checkpoint_dir yet
             runs[f"{label}_{start}"] = time_run_sh(data_dir, ckpt, os.path.join(args.out, "logs"), args.steps,
-                                                   [f"--global_memory={memory}", *trainer_args], args.run_timeout_s)
+                                                   [f"--global_memory={memory}", f"--index_layout={args.index_layout}",
+                                                    *trainer_args], args.run_timeout_s)
             save("first_step", runs)
     time_runs("none", big, os.path.join(args.out, "ckpt_none"), "none")
 
@@ -417,7 +421,7 @@ def main():
 
     ckpt = os.path.join(args.out, "ckpt_retrieval")
     time_runs("retrieval_on_index_data", index_dir, ckpt, "retrieval")
-    save("retrieval", retrieval_stage(index_dir, ckpt, args.loader_s))
+    save("retrieval", retrieval_stage(index_dir, ckpt, args.loader_s, args.index_layout))
 
 
 if __name__ == "__main__":
