@@ -1267,10 +1267,9 @@ class SuffixIndex:
             for j in target_bases:  # the context and the target's first j bases, and its reverse complement:
                 n = whole - BASES_PER_TOKEN + j  # the last n bases of the reverse string
                 strings += [forward & top_bases_mask(n), (reverse << 2 * (whole - n)) & KEY_MASK]
-                lengths += [n, n]
+                lengths += [torch.full_like(forward, n)] * 2  # made on the device: a captured step copies nothing
             owns.append(1 + (flipped == grams).all(-1).long())  # a palindrome also sits on the other strand
-        strings = torch.stack(strings, -1)  # [B, T, 2 * O * J]
-        lengths = torch.tensor(lengths, device=windows.device).expand_as(strings)
+        strings, lengths = torch.stack(strings, -1), torch.stack(lengths, -1)  # [B, T, 2 * O * J]
         found = self.occurrences(strings.flatten(), lengths.flatten()).view(B, T, len(known), -1, 2).sum(-1)
         if exclude_self:
             found = (found - torch.stack(owns, 2)[..., None]).clamp_min(0)
