@@ -1270,7 +1270,8 @@ class SuffixIndex:
                 lengths += [torch.full_like(forward, n)] * 2  # made on the device: a captured step copies nothing
             owns.append(1 + (flipped == grams).all(-1).long())  # a palindrome also sits on the other strand
         strings, lengths = torch.stack(strings, -1), torch.stack(lengths, -1)  # [B, T, 2 * O * J]
-        found = self.occurrences(strings.flatten(), lengths.flatten()).view(B, T, len(known), -1, 2).sum(-1)
+        found = self.occurrences(strings.flatten(), lengths.flatten()).view(B, T, len(known), len(target_bases), 2)
+        found = found.sum(-1)
         if exclude_self:
             found = (found - torch.stack(owns, 2)[..., None]).clamp_min(0)
         return (found * torch.stack(known, 2)[..., None]).float()
@@ -1292,7 +1293,9 @@ class SuffixIndex:
         return found[mine:mine + len(strings)]
 
     def in_slice(self, strings, lengths):
-        """occurrences() among this rank's rows of the array."""
+        """occurrences() among this rank's rows of the array (none: more ranks than rows)."""
+        if not self.n:
+            return torch.zeros_like(strings)
         return self.rank(strings, lengths, at_most=True) - self.rank(strings, lengths, at_most=False)
 
     def rank(self, strings, lengths, at_most):
@@ -1352,6 +1355,7 @@ def load_or_build_retrieval_index(catalog, cfg, rt, warn=print):
         save_retrieval_index(built, path)
         warn(f"retrieval index: {built.summary()}, built in {time.time() - t_start:.0f} s, cached as {path} "
              f"({os.path.getsize(path) / 1e9:.2f} GB, {os.path.getsize(path) / max(n_bases, 1):.2f} bytes per base)")
+        del built  # loaded again below, as this rank's share: never two copies on the device
     if rt.distributed:
         dist.barrier()  # the other ranks wait for rank 0's build
     if not os.path.exists(path):
@@ -1427,10 +1431,11 @@ def training_chunks_digest(catalog):
 
 
 def build_retrieval_index(catalog, cfg, device, digest):
-    """The index of cfg.index_layout over the training chunks, on `device`."""
+    """The index of cfg.index_layout over the training chunks: tables built on `device`, a suffix array on the host
+    (load_retrieval_index moves it, or a rank's slice of it, to the device: no GPU holds more than its slice)."""
     bases = [token_bases(chunk.tokens) for chunk in tokenized_chunks(catalog, cfg, catalog.train_chunks)]
     if cfg.index_layout == "suffix_array":
-        return build_suffix_index(bases, digest, progress=True).to(device)
+        return build_suffix_index(bases, digest, progress=True)
     return build_count_tables(bases, device, digest)
 
 

@@ -5,8 +5,9 @@
 
 Every rank gets the suffix array of DATA_DIR's training chunks through load_or_build_retrieval_index (rank 0
 builds it into OUTDIR/ckpt, every rank keeps its slice) and counts its own rows of all the chunks' windows:
-rank r every world-th window from window r, less its last r, so the ranks ask for different numbers of counts. It
-writes counts_rank{r}.pt: its rows, its counts kept and left out, and its slice's number of rows.
+rank r every world-th window from window r, less its last r, so the ranks ask for different numbers of counts;
+then its first 3 rows again, but the last rank none (as validation's last pass can leave a rank). It writes
+counts_rank{r}.pt: its rows, its counts kept and left out, the second call's, and its slice's number of rows.
 """
 
 import os
@@ -35,7 +36,8 @@ def main(outdir, data_dir):
     mine = torch.from_numpy(windows.astype(np.int64))[rows]
     torch.save({"rows": rows, "slice_rows": index.n,
                 "kept": index.counts(mine, cfg.prefix_tokens, exclude_self=False, target_bases=range(7)),
-                "left_out": index.counts(mine, cfg.prefix_tokens, exclude_self=True)},
+                "left_out": index.counts(mine, cfg.prefix_tokens, exclude_self=True),
+                "few": index.counts(mine[:0 if rank == world - 1 else 3], cfg.prefix_tokens, exclude_self=False)},
                os.path.join(outdir, f"counts_rank{rank}.pt"))
     dist.destroy_process_group()
 

@@ -240,6 +240,8 @@ def test_a_suffix_array_shared_out_over_gloo_ranks_counts_what_the_whole_one_doe
     for rank in range(ranks):
         part = torch.load(tmp_path / f"counts_rank{rank}.pt", weights_only=True)
         assert torch.equal(part["kept"], kept[part["rows"]]) and torch.equal(part["left_out"], left_out[part["rows"]])
+        few = 0 if rank == ranks - 1 else 3  # a rank with no windows still takes part in the others' lookups
+        assert torch.equal(part["few"], kept[part["rows"][:few], ..., ::6])
         assert abs(part["slice_rows"] - whole.n / ranks) <= 1
         sizes.add(len(part["rows"]))
     assert len(sizes) == ranks  # every rank asked for a different number of counts
@@ -472,6 +474,20 @@ def test_a_suffix_array_fits_where_the_tables_do_not_and_is_built_on_the_host():
     problem = plm.index_fit_problem(int(10e9), None, 139 * GB, 128 * GB, 64 * GB, "suffix_array", 1)
     assert f"{10 * plm.SUFFIX_INDEX_BUILD_BYTES_PER_BASE:,.1f} GB in host memory (128.0 GB free)" in problem
     assert "GPU (" not in problem and "--index_layout" not in problem and "(index_layout = suffix_array)" in problem
+
+
+@pytest.mark.parametrize("layout", plm.INDEX_LAYOUTS)
+def test_an_empty_batch_has_empty_counts_and_a_slice_without_rows_counts_nothing(layout, repeats_dir, tmp_path):
+    """Validation's last pass can leave a rank without windows; more ranks than rows leave a slice empty."""
+    cfg = retrieval_config(repeats_dir, tmp_path, index_layout=layout)
+    catalog = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
+    memory = plm.build_retrieval_index(catalog, cfg, torch.device("cpu"), "test")
+    windows = all_windows(catalog, cfg, catalog.train_chunks)
+    empty = memory.counts(windows[:0], cfg.prefix_tokens, exclude_self=False)
+    assert empty.shape == (0, cfg.context_size, len(plm.RETRIEVAL_CONTEXT_TOKENS), 2)
+    if layout == "suffix_array":
+        nothing = memory.shard(0, memory.n + 1)  # the first of n + 1 slices: no rows
+        assert nothing.n == 0 and not nothing.in_slice(windows[0], torch.full_like(windows[0], 12)).any()
 
 
 def test_each_rank_needs_room_for_its_share_of_a_suffix_array_only():
