@@ -36,6 +36,13 @@ def repeats_dir(tmp_path_factory):
     return str(root)
 
 
+def built_index(data_dir, tmp_path, **overrides):
+    """(cfg, catalog, the retrieval index of its training chunks, built on the CPU) for retrieval_config(...)."""
+    cfg = retrieval_config(data_dir, tmp_path, **overrides)
+    catalog = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
+    return cfg, catalog, plm.build_retrieval_index(catalog, cfg, torch.device("cpu"), "test")
+
+
 def training_sequences(index, cfg):
     """The bases of every training chunk, as str."""
     return [detokenize(chunk.tokens) for chunk in plm.tokenized_chunks(index, cfg, index.train_chunks)]
@@ -57,9 +64,7 @@ def all_windows(index, cfg, chunks):
 
 
 def test_index_counts_agree_with_a_brute_force_count_on_both_strands_and_every_offset(repeats_dir, tmp_path):
-    cfg = retrieval_config(repeats_dir, tmp_path)
-    index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
-    memory = plm.build_retrieval_index(index, cfg, torch.device("cpu"), "test")
+    cfg, index, memory = built_index(repeats_dir, tmp_path)
     seqs = training_sequences(index, cfg)
     windows = all_windows(index, cfg, index.train_chunks + index.val_chunks)
     counts = memory.counts(windows, cfg.prefix_tokens, exclude_self=False)
@@ -86,9 +91,7 @@ def test_index_counts_agree_with_a_brute_force_count_on_both_strands_and_every_o
 
 @pytest.mark.parametrize("layout", plm.INDEX_LAYOUTS)
 def test_a_training_window_never_retrieves_its_own_target(layout, repeats_dir, tmp_path):
-    cfg = retrieval_config(repeats_dir, tmp_path, index_layout=layout)
-    index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
-    memory = plm.build_retrieval_index(index, cfg, torch.device("cpu"), "test")
+    cfg, index, memory = built_index(repeats_dir, tmp_path, index_layout=layout)
     windows = all_windows(index, cfg, index.train_chunks)
     kept = memory.counts(windows, cfg.prefix_tokens, exclude_self=False)
     left_out = memory.counts(windows, cfg.prefix_tokens, exclude_self=True)
@@ -125,9 +128,7 @@ def test_shifted_and_reverse_strand_training_windows_leave_out_exactly_their_own
     at every base offset): each of its (context, target) strings, prefix included, is counted as often as a brute
     force count finds it, at least once, and leave-one-out takes out 1, or 2 for a string that is its own reverse
     complement, leaving exactly what the other copies add."""
-    cfg = retrieval_config(repeats_dir, tmp_path, index_layout=layout)
-    index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
-    memory = plm.build_retrieval_index(index, cfg, torch.device("cpu"), "test")
+    cfg, index, memory = built_index(repeats_dir, tmp_path, index_layout=layout)
     windows = every_frame_and_strand(index, cfg)
     kept = memory.counts(windows, cfg.prefix_tokens, exclude_self=False)
     left_out = memory.counts(windows, cfg.prefix_tokens, exclude_self=True)
@@ -168,9 +169,7 @@ def test_suffix_array_counts_every_whole_occurrence_of_a_context_and_each_prefix
                                                                                                tmp_path):
     """index_layout = suffix_array against a brute-force count on both strands, for every window of the training
     and validation chunks, each context length, and the target's first j = 0..6 bases (what scoring asks for)."""
-    cfg = retrieval_config(repeats_dir, tmp_path, index_layout="suffix_array")
-    index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
-    memory = plm.build_retrieval_index(index, cfg, torch.device("cpu"), "test")
+    cfg, index, memory = built_index(repeats_dir, tmp_path, index_layout="suffix_array")
     assert isinstance(memory, plm.SuffixIndex)
     seqs = training_sequences(index, cfg)
     windows = all_windows(index, cfg, index.train_chunks + index.val_chunks)
@@ -248,9 +247,7 @@ def test_a_suffix_array_shared_out_over_gloo_ranks_counts_what_the_whole_one_doe
 
 
 def test_validation_windows_are_not_in_the_index(repeats_dir, tmp_path):
-    cfg = retrieval_config(repeats_dir, tmp_path, val_fraction=0.2)
-    index = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
-    memory = plm.build_retrieval_index(index, cfg, torch.device("cpu"), "test")
+    cfg, index, memory = built_index(repeats_dir, tmp_path, val_fraction=0.2)
     train_strings = brute_force_counts(training_sequences(index, cfg), 30)
     windows = all_windows(index, cfg, index.val_chunks)
     counts = memory.counts(windows, cfg.prefix_tokens, exclude_self=False)
@@ -479,9 +476,7 @@ def test_a_suffix_array_fits_where_the_tables_do_not_and_is_built_on_the_host():
 @pytest.mark.parametrize("layout", plm.INDEX_LAYOUTS)
 def test_an_empty_batch_has_empty_counts_and_a_slice_without_rows_counts_nothing(layout, repeats_dir, tmp_path):
     """Validation's last pass can leave a rank without windows; more ranks than rows leave a slice empty."""
-    cfg = retrieval_config(repeats_dir, tmp_path, index_layout=layout)
-    catalog = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
-    memory = plm.build_retrieval_index(catalog, cfg, torch.device("cpu"), "test")
+    cfg, catalog, memory = built_index(repeats_dir, tmp_path, index_layout=layout)
     windows = all_windows(catalog, cfg, catalog.train_chunks)
     empty = memory.counts(windows[:0], cfg.prefix_tokens, exclude_self=False)
     assert empty.shape == (0, cfg.context_size, len(plm.RETRIEVAL_CONTEXT_TOKENS), 2)
