@@ -1,6 +1,7 @@
 """Does a CUDA-graphed training step (Config.cuda_graphs) train exactly like the plain one? GPU only.
 
     python bench/graph_equivalence.py [--steps 20] [--field=value ...]   -> bench/results/graph_equivalence.json
+    (with --index_layout=suffix_array: graph_equivalence_suffix_array.json, the suffix array's lookups captured)
 Three learners from the same initial weights and the same RNG state, at the default Config in fp32 (compiled,
 retrieval memory, dropout 0.1) unless overridden, take the same --steps optimizer steps on the same batches: two
 plain (cuda_graphs=false: how far two identical plain runs already differ, the floor) and one graphed (two eager
@@ -39,7 +40,9 @@ def main():
         species = torch.randint(0, 3, (cfg.accumulation_steps, cfg.batch_size), generator=g)
         batches.append((tokens.to(torch.int16), species, torch.zeros(tokens.shape, dtype=torch.bool)))
     retrieval_index = None
-    if cfg.global_memory == "retrieval":
+    if cfg.global_memory == "retrieval" and cfg.index_layout == "suffix_array":
+        retrieval_index = plm.build_suffix_index([plm.token_bases(genome.numpy())], "synthetic").to(rt.device)
+    elif cfg.global_memory == "retrieval":
         bases = torch.from_numpy(plm.token_bases(genome.numpy())).to(rt.device)
         retrieval_index = plm.RetrievalIndex(*plm.key_tables(plm.longest_keys(bases, [len(bases)], plm.INDEX_KEY_BASES)),
                                           "synthetic").to(rt.device)
@@ -67,7 +70,8 @@ def main():
               "graphed_vs_plain": compare(runs["graphed"]["params"], runs["plain"]["params"]),
               "plain_vs_plain": compare(runs["plain_again"]["params"], runs["plain"]["params"]),
               "runs": {k: {kk: vv for kk, vv in v.items() if kk != "params"} for k, v in runs.items()}}
-    write_result(os.path.join(RESULTS, "graph_equivalence.json"), result)
+    suffix = "" if cfg.index_layout == "tables" else f"_{cfg.index_layout}"
+    write_result(os.path.join(RESULTS, f"graph_equivalence{suffix}.json"), result)
     print(json.dumps({k: result[k] for k in ("graphed_vs_plain", "plain_vs_plain")}, indent=1))
     print("losses plain  ", " ".join(f"{x:.6f}" for x in runs["plain"]["losses"][-5:]))
     print("losses graphed", " ".join(f"{x:.6f}" for x in runs["graphed"]["losses"][-5:]))
