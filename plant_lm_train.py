@@ -1225,7 +1225,8 @@ class SuffixIndex:
 
     With several ranks each holds a slice of the array, 1/ranks of its rows (and all of the text, 0.25 B/base):
     every rank counts every rank's strings in its slice, and the slices' counts add up (one all_gather and one
-    all_reduce per counts()), so every rank must call counts() as often as the others.
+    all_reduce per counts(), and no host sync), so every rank must call counts() as often as the others, with
+    windows of the same shape.
     """
 
     def __init__(self, text, sa_low, sa_high, block_ends, block_bits, digest, ranks=1):
@@ -1280,16 +1281,13 @@ class SuffixIndex:
         """Forward-strand occurrences inside a chunk of each string (its `lengths` bases, left-aligned in 60 bits)."""
         if self.ranks == 1:
             return self.in_slice(strings, lengths)
-        size = torch.tensor([len(strings)], device=strings.device)
-        dist.all_reduce(size, op=dist.ReduceOp.MAX)  # ranks may ask for different numbers: pad to the largest
-        padded = torch.zeros(2, int(size), dtype=strings.dtype, device=strings.device)
-        padded[0, :len(strings)], padded[1, :len(strings)] = strings, lengths
-        everyone = [torch.empty_like(padded) for _ in range(self.ranks)]
-        dist.all_gather(everyone, padded)
+        asked = torch.stack([strings, lengths])  # the same shape on every rank (the class's contract)
+        everyone = [torch.empty_like(asked) for _ in range(self.ranks)]
+        dist.all_gather(everyone, asked)
         everyone = torch.cat(everyone, 1)
         found = self.in_slice(everyone[0], everyone[1])
         dist.all_reduce(found)
-        mine = dist.get_rank() * int(size)
+        mine = dist.get_rank() * len(strings)
         return found[mine:mine + len(strings)]
 
     def in_slice(self, strings, lengths):
@@ -2457,8 +2455,8 @@ def validation_loss(model, tokens, species, repeat, cfg, rt, autocast_dtype, ret
     every rank scores its share, then all-reduce.
 
     `model` is the bare module, not the DDP wrapper, so a rank with fewer rows joins no collective of the model's.
-    Every rank makes the same number of passes all the same (the last may hold no rows): a sharded SuffixIndex
-    answers each pass's counts with collectives. It runs eagerly, eval_batch_size windows at a time: a few large
+    Every rank makes the same passes all the same, its retrieval lookups padded to the same number of windows (the
+    last pass may hold fewer rows, or none): a sharded SuffixIndex answers each pass's counts with collectives. It runs eagerly, eval_batch_size windows at a time: a few large
     forward passes cost less than compiling another shape, and than many training-sized ones. Validation chunks are
     not in the retrieval index: nothing is left out.
     """
@@ -2473,8 +2471,11 @@ def validation_loss(model, tokens, species, repeat, cfg, rt, autocast_dtype, ret
         rows = mine[start:start + cfg.eval_batch_size]
         batch = tokens[rows].to(rt.device)
         targets = batch[:, cfg.prefix_tokens + 1:]
-        memory = {} if retrieval_index is None else {
-            "retrieval": retrieval_index.counts(batch, cfg.prefix_tokens, exclude_self=False)}
+        memory = {}
+        if retrieval_index is not None:  # as many windows as every other rank looks up in this pass: -1 rows pad
+            asked = torch.cat([batch, batch.new_full((min(cfg.eval_batch_size, most_rows - start) - len(rows),
+                                                      batch.shape[1]), -1)])
+            memory["retrieval"] = retrieval_index.counts(asked, cfg.prefix_tokens, exclude_self=False)[:len(rows)]
         if not len(rows):
             continue
         with torch.autocast(rt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

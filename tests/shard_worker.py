@@ -4,10 +4,9 @@
         tests/shard_worker.py OUTDIR DATA_DIR
 
 Every rank gets the suffix array of DATA_DIR's training chunks through load_or_build_retrieval_index (rank 0
-builds it into OUTDIR/ckpt, every rank keeps its slice) and counts its own rows of all the chunks' windows:
-rank r every world-th window from window r, less its last r, so the ranks ask for different numbers of counts;
-then its first 3 rows again, but the last rank none (as validation's last pass can leave a rank). It writes
-counts_rank{r}.pt: its rows, its counts kept and left out, the second call's, and its slice's number of rows.
+builds it into OUTDIR/ckpt, every rank keeps its slice) and counts its own rows of all the chunks' windows,
+as many on every rank: rank r every world-th window from window r. It writes counts_rank{r}.pt: its rows, its
+counts kept and left out, and its slice's number of rows.
 """
 
 import os
@@ -32,12 +31,11 @@ def main(outdir, data_dir):
     windows = np.concatenate([plm.window_tokens(c.tokens, plm.window_starts(c.n_tokens, cfg.context_size,
                                                                             cfg.window_stride), cfg)
                               for c in plm.tokenized_chunks(catalog, cfg, catalog.train_chunks + catalog.val_chunks)])
-    rows = torch.arange(rank, len(windows), world)[:len(windows) // world - rank]
+    rows = torch.arange(rank, len(windows), world)[:len(windows) // world]
     mine = torch.from_numpy(windows.astype(np.int64))[rows]
     torch.save({"rows": rows, "slice_rows": index.n,
                 "kept": index.counts(mine, cfg.prefix_tokens, exclude_self=False, target_bases=range(7)),
-                "left_out": index.counts(mine, cfg.prefix_tokens, exclude_self=True),
-                "few": index.counts(mine[:0 if rank == world - 1 else 3], cfg.prefix_tokens, exclude_self=False)},
+                "left_out": index.counts(mine, cfg.prefix_tokens, exclude_self=True)},
                os.path.join(outdir, f"counts_rank{rank}.pt"))
     dist.destroy_process_group()
 

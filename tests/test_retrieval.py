@@ -224,8 +224,8 @@ def test_suffix_array_and_tables_differ_only_by_contexts_next_to_a_chunk_end(rep
 
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_a_suffix_array_shared_out_over_gloo_ranks_counts_what_the_whole_one_does(ranks, repeats_dir, tmp_path):
-    """Each rank holds 1/ranks of the array's rows and counts its own windows (a different number on each rank):
-    every count, kept and left out, is bit-equal to the unsharded index's (tests/shard_worker.py)."""
+    """Each rank holds 1/ranks of the array's rows and counts its own windows: every count, kept and left out, is
+    bit-equal to the unsharded index's (tests/shard_worker.py)."""
     proc = run_train([], cwd=tmp_path, nproc=ranks, timeout=120, script=os.path.join(TESTS, "shard_worker.py"),
                      script_args=[str(tmp_path), repeats_dir])
     assert proc.returncode == 0, describe(proc)
@@ -235,15 +235,13 @@ def test_a_suffix_array_shared_out_over_gloo_ranks_counts_what_the_whole_one_doe
     windows = all_windows(catalog, cfg, catalog.train_chunks + catalog.val_chunks)
     kept = whole.counts(windows, cfg.prefix_tokens, exclude_self=False, target_bases=range(7))
     left_out = whole.counts(windows, cfg.prefix_tokens, exclude_self=True)
-    sizes = set()
+    rows = set()
     for rank in range(ranks):
         part = torch.load(tmp_path / f"counts_rank{rank}.pt", weights_only=True)
         assert torch.equal(part["kept"], kept[part["rows"]]) and torch.equal(part["left_out"], left_out[part["rows"]])
-        few = 0 if rank == ranks - 1 else 3  # a rank with no windows still takes part in the others' lookups
-        assert torch.equal(part["few"], kept[part["rows"][:few], ..., ::6])
         assert abs(part["slice_rows"] - whole.n / ranks) <= 1
-        sizes.add(len(part["rows"]))
-    assert len(sizes) == ranks  # every rank asked for a different number of counts
+        rows.update(part["rows"].tolist())
+    assert len(rows) > len(windows) - ranks  # between them the ranks asked for nearly every window
 
 
 def test_validation_windows_are_not_in_the_index(repeats_dir, tmp_path):
