@@ -55,11 +55,11 @@ RETRIEVAL_INDEX_FORMAT = 1  # raise when the index's layout changes: cached inde
 INDEX_BYTES_PER_BASE = 86
 INDEX_BUILD_BYTES_PER_BASE = 96 + INDEX_BYTES_PER_BASE
 # The same for index_layout = suffix_array (SuffixIndex): 5 B of position per base, 0.25 B of 2-bit text and the chunk
-# ends, held on the device (5.26 on the bundled genomes); built on the host a bucket at a time (the chunks' bases, the
-# text, each position's bucket, the array, one bucket's keys and order: 1.7 GB at the peak for the bundled 117 Mbp,
-# the process's own memory included)
+# ends, held on the device (5.26 on the bundled genomes); built on the host a group of positions at a time (the
+# chunks' bases, the text, each position's group, the array, one group's keys and order: 1.82 GB at the peak for the
+# bundled 117 Mbp, the process's own memory included)
 SUFFIX_INDEX_BYTES_PER_BASE = 5.3
-SUFFIX_INDEX_BUILD_BYTES_PER_BASE = 15
+SUFFIX_INDEX_BUILD_BYTES_PER_BASE = 16
 SUFFIX_KEY_BASES = 30  # a suffix is sorted by its first 30 bases (60 bits): the longest string a lookup asks for
 FASTA_SUFFIXES = (".fa", ".fna", ".fasta")
 # The default sampling weights: five crop genomes (soybean, Arabidopsis, rice, maize, grapevine, about 4.5 Gbp in
@@ -1239,7 +1239,7 @@ class SuffixIndex:
         return SuffixIndex(self.text.to(device), self.sa_low.to(device), self.sa_high.to(device),
                            self.block_ends.to(device), self.block_bits, self.digest, self.ranks)
 
-    def shard(self, rank, ranks):
+    def slice_for(self, rank, ranks):
         """This index's slice for `rank` of `ranks` (rows rank * n // ranks up to the next rank's first)."""
         first, last = rank * self.n // ranks, (rank + 1) * self.n // ranks
         return SuffixIndex(self.text, self.sa_low[first:last], self.sa_high[first:last], self.block_ends,
@@ -1294,9 +1294,10 @@ class SuffixIndex:
         """occurrences() among this rank's rows of the array (none: more ranks than rows)."""
         if not self.n:
             return torch.zeros_like(strings)
-        return self.rank(strings, lengths, at_most=True) - self.rank(strings, lengths, at_most=False)
+        return (self.suffixes_before(strings, lengths, at_most=True) -
+                self.suffixes_before(strings, lengths, at_most=False))
 
-    def rank(self, strings, lengths, at_most):
+    def suffixes_before(self, strings, lengths, at_most):
         """How many suffixes sort before each string (at_most: before or at, i.e. begin with it), by a binary search
         of fixed length, so that it runs without a host sync (a captured graph can hold it)."""
         low = torch.zeros_like(strings)
@@ -1337,8 +1338,9 @@ def top_bases_mask(n):
 
 
 def load_or_build_retrieval_index(catalog, cfg, rt, warn=print):
-    """The RetrievalIndex of this data set's training chunks, on rt.device: loaded from checkpoint_dir when an index
-    of the same training chunks is cached there, else built by rank 0 (on its device) and cached."""
+    """The retrieval index (of cfg.index_layout) of this data set's training chunks, on rt.device: loaded from
+    checkpoint_dir when an index of the same training chunks is cached there, else built by rank 0 (tables on its
+    device, a suffix array on the host) and cached; of a suffix array each rank loads its slice."""
     digest = training_chunks_digest(catalog)
     path = retrieval_index_path(cfg.checkpoint_dir, digest, cfg.index_layout)
     n_bases = sum(c.n_tokens for c in catalog.train_chunks) * BASES_PER_TOKEN
@@ -1372,7 +1374,8 @@ def index_fit_problem(n_bases, cached_bytes, free_device, free_host, free_disk, 
                       (SUFFIX_INDEX_BYTES_PER_BASE, SUFFIX_INDEX_BUILD_BYTES_PER_BASE))
     resident = cached_bytes if cached_bytes is not None else n_bases * held
     holder = ("on each GPU", free_device) if free_device is not None else ("in host memory", free_host)
-    needs = [(*holder[:1], resident if layout == "tables" else resident / ranks + n_bases / 4, holder[1])]
+    text = n_bases / 4  # a suffix array's 2-bit text, which every rank holds whole beside its slice of the rest
+    needs = [(*holder[:1], resident if layout == "tables" else (resident - text) / ranks + text, holder[1])]
     if cached_bytes is None:
         builder = holder if layout == "tables" else ("in host memory", free_host)
         needs = ([(builder[0], n_bases * building, builder[1])] if builder == holder else
@@ -1455,13 +1458,14 @@ def build_count_tables(bases, device, digest):
 
 
 def build_suffix_index(bases, digest, progress=False):
-    """SuffixIndex of the chunks (a list of arrays of 2-bit base codes, emptied here), built on the host a bucket at
-    a time.
+    """SuffixIndex of the chunks (a list of arrays of 2-bit base codes, emptied here), built on the host a group of
+    positions at a time.
 
     Each position's key is its next 30 bases with those past its chunk's end set to A, and its distance to that end
     (at most 30); (key, distance) order is the suffix order SuffixIndex describes. Positions are taken in
-    SUFFIX_BUCKETS buckets by their key's first 3 bases, and each bucket is sorted apart and written to its rows, so
-    that the build holds the text, the array and one bucket: about 9 bytes a base at its peak."""
+    SUFFIX_GROUPS groups by their key's first 3 bases, and each group is sorted apart and written to its rows, so
+    that the build holds the text, the array and one group: about 16 bytes a base at its peak, with the process's
+    own memory (SUFFIX_INDEX_BUILD_BYTES_PER_BASE)."""
     from tqdm import tqdm
     lengths = np.array([len(b) for b in bases], dtype=np.int64)
     text = np.concatenate(bases) if bases else np.zeros(0, dtype=np.uint8)
@@ -1482,20 +1486,20 @@ def build_suffix_index(bases, digest, progress=False):
     index = SuffixIndex(torch.from_numpy(words.view(np.int64)), torch.zeros(n, dtype=torch.int32),
                         torch.zeros(n, dtype=torch.uint8), torch.from_numpy(block_ends.astype(np.int64)), block_bits,
                         digest)
-    bucket = np.zeros(n, dtype=np.uint8)  # the first 3 bases, A past the chunk's end
+    group = np.zeros(n, dtype=np.uint8)  # the first 3 bases, A past the chunk's end
     for i in range(3):
-        bucket <<= 2
-        bucket[:n - i] |= text[i:]
+        group <<= 2
+        group[:n - i] |= text[i:]
     for gap in (1, 2):  # the last 2 positions of each chunk: bases of the next chunk set to A
         at = ends[lengths >= gap] - gap
-        bucket[at] &= np.uint8(0x3F ^ ((1 << 2 * (3 - gap)) - 1))
+        group[at] &= np.uint8(0x3F ^ ((1 << 2 * (3 - gap)) - 1))
     del text
     row = 0
-    for code in tqdm(range(SUFFIX_BUCKETS), desc="suffix array", unit="bucket", disable=not progress):
-        positions = torch.from_numpy(np.flatnonzero(bucket == code))
+    for code in tqdm(range(SUFFIX_GROUPS), desc="suffix array", unit="group", disable=not progress):
+        positions = torch.from_numpy(np.flatnonzero(group == code))
         keys, left = suffix_keys(index, positions)
         keys &= top_bases_mask(left)
-        # within a bucket the first 3 bases are equal: the other 54 bits of the key and 5 of distance make one key
+        # within a group the first 3 bases are equal: the other 54 bits of the key and 5 of distance make one key
         order = torch.argsort(((keys & ((1 << 54) - 1)) << 5) | left)
         positions = positions[order]
         index.sa_low[row:row + len(positions)] = (positions & 0xFFFFFFFF).to(torch.int32)
@@ -1504,7 +1508,7 @@ def build_suffix_index(bases, digest, progress=False):
     return index
 
 
-SUFFIX_BUCKETS = 64  # buckets of the build: positions by their first 3 bases
+SUFFIX_GROUPS = 64  # the build's groups of positions: by their first 3 bases
 
 
 def key_tables(packed):
@@ -1586,7 +1590,7 @@ def load_retrieval_index(path, device, rank=0, ranks=1):
     if saved.get("layout") == "suffix_array":
         whole = SuffixIndex(saved["text"], saved["sa_low"], saved["sa_high"], saved["block_ends"],
                             saved["block_bits"], saved["digest"])
-        return (whole.shard(rank, ranks) if ranks > 1 else whole).to(device)  # memory-mapped: only the slice is read
+        return (whole.slice_for(rank, ranks) if ranks > 1 else whole).to(device)  # memory-mapped: reads its slice
     return RetrievalIndex(saved["keys"], saved["cumulative"], saved["digest"]).to(device)
 
 
@@ -2456,9 +2460,9 @@ def validation_loss(model, tokens, species, repeat, cfg, rt, autocast_dtype, ret
 
     `model` is the bare module, not the DDP wrapper, so a rank with fewer rows joins no collective of the model's.
     Every rank makes the same passes all the same, its retrieval lookups padded to the same number of windows (the
-    last pass may hold fewer rows, or none): a sharded SuffixIndex answers each pass's counts with collectives. It runs eagerly, eval_batch_size windows at a time: a few large
-    forward passes cost less than compiling another shape, and than many training-sized ones. Validation chunks are
-    not in the retrieval index: nothing is left out.
+    last pass may hold fewer rows, or none): a sharded SuffixIndex answers each pass's counts with collectives. It
+    runs eagerly, eval_batch_size windows at a time: a few large forward passes cost less than compiling another
+    shape, and than many training-sized ones. Validation chunks are not in the retrieval index: nothing is left out.
     """
     was_training = model.training
     model.eval()

@@ -87,8 +87,8 @@ def build(args, device):
     plm.save_retrieval_index(index, args.to)
     print(json.dumps({"training_bases": n_bases, "build_s": seconds, "file_bytes": os.path.getsize(args.to),
                       "bytes_per_base": os.path.getsize(args.to) / n_bases, "summary": index.summary(),
-                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                      "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}))
+                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # ru_maxrss: KiB
+                      "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}))
 
 
 if __name__ == "__main__":

@@ -367,7 +367,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gbp", type=float, default=3.0)
     parser.add_argument("--index-gbp", type=float, default=0.5, help="0: the index of the --gbp set itself")
-    parser.add_argument("--index-layout", default="tables", choices=["tables", "suffix_array"])
+    parser.add_argument("--index-layout", default="tables", choices=plm.INDEX_LAYOUTS)
     parser.add_argument("--divergence", type=float, default=0.03, help="SNP rate per base (indels a tenth of it)")
     parser.add_argument("--out", default="/tmp/plant_lm_scale")
     parser.add_argument("--results", default=os.path.join(HERE, "results", "scale.json"))

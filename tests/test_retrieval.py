@@ -479,7 +479,7 @@ def test_an_empty_batch_has_empty_counts_and_a_slice_without_rows_counts_nothing
     empty = memory.counts(windows[:0], cfg.prefix_tokens, exclude_self=False)
     assert empty.shape == (0, cfg.context_size, len(plm.RETRIEVAL_CONTEXT_TOKENS), 2)
     if layout == "suffix_array":
-        nothing = memory.shard(0, memory.n + 1)  # the first of n + 1 slices: no rows
+        nothing = memory.slice_for(0, memory.n + 1)  # the first of n + 1 slices: no rows
         assert nothing.n == 0 and not nothing.in_slice(windows[0], torch.full_like(windows[0], 12)).any()
 
 
