@@ -1189,9 +1189,7 @@ class RetrievalIndex:
         B, T = windows.shape[0], windows.shape[1] - prefix - 1
         per_length = []
         for k, keys, cumulative in zip(RETRIEVAL_CONTEXT_TOKENS, self.keys, self.cumulative):
-            grams = windows.unfold(1, k + 1, 1)[:, prefix + 1 - k:prefix + 1 - k + T]  # [B, T, k + 1]: context, target
-            known = (grams >= 0).all(-1)  # the context lies within the chunk
-            grams = grams.long().clamp_min(0)
+            grams, known = context_grams(windows, prefix, k)
             key = torch.zeros(B, T, dtype=torch.int64, device=windows.device)
             for i in range(k + 1):
                 key = (key << 12) | grams[..., i]
@@ -1207,6 +1205,14 @@ class RetrievalIndex:
                 found = (found - own[..., None]).clamp_min(0)
             per_length.append(found * known[..., None])
         return torch.stack(per_length, 2).float()
+
+
+def context_grams(windows, prefix, k):
+    """windows [B, prefix + T + 1] -> the k context tokens and the target of each of the T targets [B, T, k + 1]
+    (int64, -1 read as 0), and whether the context lies within the chunk [B, T]."""
+    T = windows.shape[1] - prefix - 1
+    grams = windows.unfold(1, k + 1, 1)[:, prefix + 1 - k:prefix + 1 - k + T]
+    return grams.long().clamp_min(0), (grams >= 0).all(-1)
 
 
 class SuffixIndex:
@@ -1255,9 +1261,8 @@ class SuffixIndex:
         B, T = windows.shape[0], windows.shape[1] - prefix - 1
         strings, lengths, known, owns = [], [], [], []
         for k in RETRIEVAL_CONTEXT_TOKENS:
-            grams = windows.unfold(1, k + 1, 1)[:, prefix + 1 - k:prefix + 1 - k + T]  # [B, T, k + 1]
-            known.append((grams >= 0).all(-1))
-            grams = grams.long().clamp_min(0)
+            grams, in_chunk = context_grams(windows, prefix, k)
+            known.append(in_chunk)
             forward, reverse = torch.zeros_like(grams[..., 0]), torch.zeros_like(grams[..., 0])
             flipped = self.reverse_complement[grams.flip(-1)]  # the reverse strand's tokens, in its order
             for i in range(k + 1):
@@ -1372,14 +1377,17 @@ def index_fit_problem(n_bases, cached_bytes, free_device, free_host, free_disk, 
     gb = lambda n: f"{n / 1e9:,.1f} GB"  # noqa: E731
     held, building = ((INDEX_BYTES_PER_BASE, INDEX_BUILD_BYTES_PER_BASE) if layout == "tables" else
                       (SUFFIX_INDEX_BYTES_PER_BASE, SUFFIX_INDEX_BUILD_BYTES_PER_BASE))
-    resident = cached_bytes if cached_bytes is not None else n_bases * held
-    holder = ("on each GPU", free_device) if free_device is not None else ("in host memory", free_host)
-    text = n_bases / 4  # a suffix array's 2-bit text, which every rank holds whole beside its slice of the rest
-    needs = [(*holder[:1], resident if layout == "tables" else (resident - text) / ranks + text, holder[1])]
-    if cached_bytes is None:
-        builder = holder if layout == "tables" else ("in host memory", free_host)
-        needs = ([(builder[0], n_bases * building, builder[1])] if builder == holder else
-                 [*needs, (builder[0], n_bases * building, builder[1])])
+    built = cached_bytes is None
+    resident = n_bases * held if built else cached_bytes
+    where, free = ("on each GPU", free_device) if free_device is not None else ("in host memory", free_host)
+    if layout == "tables":  # built where they are held, and the build holds more than its result
+        needs = [(where, n_bases * building if built else resident, free)]
+    else:  # every rank holds the 2-bit text whole, beside its slice of the rest; the build is on the host, where
+        text = n_bases / 4  # on the CPU the result is held too, and the build's peak is the larger
+        needs = [] if built and free_device is None else [(where, (resident - text) / ranks + text, free)]
+        if built:
+            needs.append(("in host memory", n_bases * building, free_host))
+    if built:
         needs.append(("on disk in checkpoint_dir", resident, free_disk))
     short = [f"{gb(need)} {where} ({gb(free)} free)" for where, need, free in needs if need > free]
     if not short:
@@ -1907,8 +1915,8 @@ def train(cfg, build_model=None, started=None):
         if due.out_of_time:
             log.info(f"max_minutes = {cfg.max_minutes} reached at step {run.step}: stopping with time left for the "
                      f"last validation and checkpoint")
-        elif validation_stalled(run) and run.step > clock.first_step:
-            log.info(f"early stop at step {run.step}: {validation_stalled(run)}")
+        elif (why := validation_stalled(run)) and run.step > clock.first_step:
+            log.info(f"early stop at step {run.step}: {why}")
         stop_loader(run, batches)
         finish_run(run, meter)
     finally:
@@ -2839,9 +2847,9 @@ def find_latest_checkpoint(folder, warn=print):
         except Exception as e:
             warn(f"warning: {path}: unreadable checkpoint ({type(e).__name__}); passed over")
             continue
-        rank = 2 if name == "model_latest.pt" else 0 if name == "model_best.pt" else 1
-        if latest is None or (step, rank) > latest[:2]:
-            latest = (step, rank, path)
+        preference = 2 if name == "model_latest.pt" else 0 if name == "model_best.pt" else 1
+        if latest is None or (step, preference) > latest[:2]:
+            latest = (step, preference, path)
     return latest and latest[2]
 
 

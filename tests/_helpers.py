@@ -183,6 +183,13 @@ def describe(proc):
     return f"exit {proc.returncode}\n--- stdout (tail)\n{proc.stdout[-3000:]}\n--- stderr (tail)\n{proc.stderr[-5000:]}"
 
 
+def all_windows(catalog, cfg, chunks):
+    """Every window (with its prefix) of the given chunks of a scan, as one int64 tensor."""
+    rows = [plm.window_tokens(chunk.tokens, plm.window_starts(chunk.n_tokens, cfg.context_size, cfg.window_stride), cfg)
+            for chunk in plm.tokenized_chunks(catalog, cfg, chunks)]
+    return torch.from_numpy(np.concatenate(rows).astype(np.int64))
+
+
 # ----------------------------------------------------------------------------- outputs
 
 def read_jsonl(log_dir):

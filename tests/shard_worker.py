@@ -12,11 +12,10 @@ counts kept and left out, and its slice's number of rows.
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from _helpers import tiny_config
+from _helpers import all_windows, tiny_config
 import plant_lm_train as plm  # _helpers puts the repository on sys.path
 
 
@@ -28,11 +27,9 @@ def main(outdir, data_dir):
     catalog = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
     index = plm.load_or_build_retrieval_index(catalog, cfg, plm.Runtime(rank, rank, world, torch.device("cpu")),
                                               warn=lambda m: None)
-    windows = np.concatenate([plm.window_tokens(c.tokens, plm.window_starts(c.n_tokens, cfg.context_size,
-                                                                            cfg.window_stride), cfg)
-                              for c in plm.tokenized_chunks(catalog, cfg, catalog.train_chunks + catalog.val_chunks)])
+    windows = all_windows(catalog, cfg, catalog.train_chunks + catalog.val_chunks)
     rows = torch.arange(rank, len(windows), world)[:len(windows) // world]
-    mine = torch.from_numpy(windows.astype(np.int64))[rows]
+    mine = windows[rows]
     torch.save({"rows": rows, "slice_rows": index.n,
                 "kept": index.counts(mine, cfg.prefix_tokens, exclude_self=False, target_bases=range(7)),
                 "left_out": index.counts(mine, cfg.prefix_tokens, exclude_self=True)},

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import plant_lm_train as plm
-from _helpers import (INFER_SCRIPT, TESTS, TINY_ARGS, describe, detokenize, random_dna, read_jsonl,
+from _helpers import (INFER_SCRIPT, TESTS, TINY_ARGS, all_windows, describe, detokenize, random_dna, read_jsonl,
                       reverse_complement, run_train, tiny_config, write_fasta)
 
 def retrieval_config(data_dir, tmp_path, **overrides):
@@ -54,13 +54,6 @@ def brute_force_counts(seqs, n_bases):
         for strand in (seq, reverse_complement(seq)):
             counts.update(strand[i:i + n_bases] for i in range(len(strand) - n_bases + 1))
     return counts
-
-
-def all_windows(index, cfg, chunks):
-    """Every window (with its prefix) of the given chunks, as one int64 tensor."""
-    rows = [plm.window_tokens(chunk.tokens, plm.window_starts(chunk.n_tokens, cfg.context_size, cfg.window_stride), cfg)
-            for chunk in plm.tokenized_chunks(index, cfg, chunks)]
-    return torch.from_numpy(np.concatenate(rows).astype(np.int64))
 
 
 def test_index_counts_agree_with_a_brute_force_count_on_both_strands_and_every_offset(repeats_dir, tmp_path):
