@@ -25,7 +25,9 @@ import os
 import platform
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -2800,25 +2802,47 @@ def save_checkpoint(path, payload):
 
 def write_atomically(path, payload, save=None, what="checkpoint"):
     """save(payload, file) (torch.save by default) to a temporary file in the same directory, fsync, rename: the
-    file exists only when whole."""
+    file exists only when whole. Ctrl-C waits for the write (interrupts_deferred)."""
     folder = os.path.dirname(path) or "."
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as f:
-            (save or torch.save)(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        with interrupts_deferred():
+            os.makedirs(folder, exist_ok=True)
+            with open(tmp, "wb") as f:
+                (save or torch.save)(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise OSError(e.errno, f"cannot write {what} {path}: {e.strerror or e}; the previous {what} is kept") from e
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """A SIGINT (Ctrl-C, or torchrun passing one on) that arrives inside the block acts when the block ends: one that
+    lands inside torch.save loses the file being written, and its zip writer then raises an unrelated error."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread receives Python signals
+        yield
+        return
+    arrived = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: arrived.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if arrived and callable(previous):
+        previous(signal.SIGINT, arrived[0])
 
 
 def load_checkpoint(path):

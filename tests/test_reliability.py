@@ -181,6 +181,27 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_loadable(t
     assert plm.find_latest_checkpoint(str(path.parent), warn=lambda m: None) == str(path)
 
 
+def test_ctrl_c_during_a_save_waits_for_the_whole_checkpoint_then_interrupts(tmp_path, monkeypatch):
+    """A SIGINT that lands inside torch.save (Ctrl-C, or torchrun passing one on) once cut the checkpoint off and
+    torch's zip writer replaced the KeyboardInterrupt with an unrelated RuntimeError and a traceback."""
+    cfg = tiny_config()
+    path = str(tmp_path / "ckpt" / "model_latest.pt")
+    real_save = torch.save
+
+    def interrupted_save(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the Python handler runs at the next bytecode boundary: inside the save
+        real_save(obj, f)
+
+    monkeypatch.setattr(plm.torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        plm.save_checkpoint(path, tiny_payload(cfg, step=3))
+    monkeypatch.setattr(plm.torch, "save", real_save)
+    assert plm.load_checkpoint(path)["step"] == 3
+    assert os.listdir(tmp_path / "ckpt") == ["model_latest.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_leftover_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     folder = tmp_path / "ckpt"
     folder.mkdir()
