@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 # ----------------------------------------------------------------------------- Config
 
 VOCAB_SIZE = 4**6  # one token per 6-mer (the tokenizer's bit layout fixes the 6; see BASES_PER_TOKEN)
-GLOBAL_MEMORIES = ("retrieval", "buckets", "none")  # see PlantLM and RetrievalIndex
+GLOBAL_MEMORIES = ("retrieval", "neighbours", "buckets", "none")  # see PlantLM, RetrievalIndex and SuffixIndex
 INDEX_LAYOUTS = ("tables", "suffix_array")  # RetrievalIndex, SuffixIndex
 # The retrieval memory looks up the 2, 3 and 4 tokens (12, 18, 24 bases) before each target, and, because a lookup
 # may reach before the window, every sample then carries that many tokens of the chunk in front of it.
@@ -63,6 +63,16 @@ INDEX_BUILD_BYTES_PER_BASE = 96 + INDEX_BYTES_PER_BASE
 SUFFIX_INDEX_BYTES_PER_BASE = 5.3
 SUFFIX_INDEX_BUILD_BYTES_PER_BASE = 16
 SUFFIX_KEY_BASES = 30  # a suffix is sorted by its first 30 bases (60 bits): the longest string a lookup asks for
+# global_memory = neighbours (SuffixIndex.neighbours): before each target, the last NEIGHBOUR_SEED_BASES bases are
+# looked up on both strands, and NEIGHBOUR_SLOTS of their occurrences (spread over the suffix array's range, from
+# NEIGHBOUR_CANDIDATES a strand, the window's own chunk left out in training) are followed from there on, through
+# substitutions, until a new lookup finds them again. Each slot gives the model its homolog's 6 bases aligned to the
+# input token and the 6 aligned to the target.
+NEIGHBOUR_SEED_BASES = 24
+NEIGHBOUR_SLOTS = 4
+NEIGHBOUR_CANDIDATES = 4
+NEIGHBOUR_AGES = 8  # the model reads a slot's age as none, 0, 1, ... 5, or 6 and more tokens
+NEIGHBOUR_FEATURES = 12 * 5 + 6 + NEIGHBOUR_AGES  # per slot: 12 bases one-hot, 6 agreements, age (neighbour_input)
 FASTA_SUFFIXES = (".fa", ".fna", ".fasta")
 # The default sampling weights: five crop genomes (soybean, Arabidopsis, rice, maize, grapevine, about 4.5 Gbp in
 # all). A species found in data_dir but not named here gets default_species_weight.
@@ -106,7 +116,8 @@ class Config:
     local_attn_window: int = field(default=32, metadata=ARCHITECTURE)  # keys per query, its own position included
     n_buckets: int = field(default=VOCAB_SIZE, metadata=ARCHITECTURE)  # rows of the bucket memory, one per 6-mer
     global_context: int = 200_000  # tokens after which an observation's weight in the memory falls to 1/e
-    global_memory: str = field(default="retrieval", metadata=ARCHITECTURE)  # retrieval | buckets | none
+    # retrieval | neighbours (retrieval, and the homologs' aligned bases as input) | buckets | none
+    global_memory: str = field(default="retrieval", metadata=ARCHITECTURE)
     retrieval_mixing: str = field(default="gate", metadata=ARCHITECTURE)  # gate | dirichlet (retrieval only)
     # how the retrieval memory's counts are stored: tables (RetrievalIndex: 68-86 B/base, graph-tested on GPUs) or
     # suffix_array (SuffixIndex: 5.3 B/base, any string length; not yet measured on a GPU)
@@ -160,7 +171,12 @@ class Config:
     @property
     def prefix_tokens(self):
         """Tokens of the chunk each sample carries in front of its window: what the retrieval lookups need."""
-        return max(RETRIEVAL_CONTEXT_TOKENS) if self.global_memory == "retrieval" else 0
+        return max(RETRIEVAL_CONTEXT_TOKENS) if self.retrieves else 0
+
+    @property
+    def retrieves(self):
+        """Whether the model reads the retrieval index: its counts (retrieval), and its homologs (neighbours)."""
+        return self.global_memory in ("retrieval", "neighbours")
 
     @property
     def window_bases(self):
@@ -198,7 +214,10 @@ class Config:
             (self.keep_epoch_checkpoints >= 0, "keep_epoch_checkpoints", "must be >= 0 (0 keeps all)"),
             (0 <= self.dropout < 1, "dropout", "must be in [0, 1)"),
             (self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "must be auto, bf16, fp16 or fp32"),
-            (self.global_memory in GLOBAL_MEMORIES, "global_memory", "must be retrieval, buckets or none"),
+            (self.global_memory in GLOBAL_MEMORIES, "global_memory", "must be retrieval, neighbours, buckets or none"),
+            (self.global_memory != "neighbours" or self.index_layout == "suffix_array", "global_memory",
+             "neighbours reads the homologs' positions, which only index_layout = suffix_array holds: set "
+             "--index_layout=suffix_array"),
             (self.retrieval_mixing in ("dirichlet", "gate"), "retrieval_mixing", "must be dirichlet or gate"),
             (self.index_layout in INDEX_LAYOUTS, "index_layout", "must be tables or suffix_array"),
             (self.compile_mode in ("default", "max-autotune", "max-autotune-no-cudagraphs"), "compile_mode",
@@ -1056,7 +1075,8 @@ class GenomeStream(IterableDataset):
     """The training stream of one rank, epoch after epoch, without end: one item per STEPS_PER_ITEM optimizer steps.
 
     An item holds whole steps (tokens [S, A, B, prefix + context + 1] int16, species [S, A, B], the tokens' repeat
-    flags [S, A, B, prefix + context + 1] bool; S steps of A = accumulation_steps micro-batches), so the main
+    flags [S, A, B, prefix + context + 1] bool, each window's chunk [S, A, B] as its number in the retrieval index's
+    text, text_chunk_numbers; S steps of A = accumulation_steps micro-batches), so the main
     process pays one hand-over and one host-to-device copy setup per S steps (loader_steps splits them again). Steps
     are grouped by absolute step number, group g = steps [g S, (g + 1) S), and group g comes from shard
     g mod n_workers of this rank: a DataLoader polls its workers round-robin from worker 0, so worker w serves the
@@ -1067,6 +1087,7 @@ class GenomeStream(IterableDataset):
     def __init__(self, catalog, cfg, rank, world_size, steps_per_epoch, start_step=0):
         self.catalog, self.cfg, self.rank, self.world_size = catalog, cfg, rank, world_size
         self.per_epoch, self.start = steps_per_epoch, start_step
+        self.chunk_numbers = text_chunk_numbers(catalog)
 
     def __iter__(self):
         worker = get_worker_info()
@@ -1084,9 +1105,10 @@ class GenomeStream(IterableDataset):
                     # fast-forward past the steps this shard served earlier in the epoch (a resume mid-epoch)
                     for _ in range(shard_steps_before(step, epoch * self.per_epoch, role, n_workers)):
                         sampler.next_batch(micro * batch_size)
-                tokens, species, _, repeat = sampler.next_batch(micro * batch_size)
+                tokens, species, keys, repeat = sampler.next_batch(micro * batch_size)
+                chunks = np.array([self.chunk_numbers[key] for key in keys])
                 steps.append((tokens.reshape(micro, batch_size, -1), species.reshape(micro, batch_size),
-                              repeat.reshape(micro, batch_size, -1)))
+                              repeat.reshape(micro, batch_size, -1), chunks.reshape(micro, batch_size)))
             yield tuple(torch.from_numpy(np.stack(part)) for part in zip(*steps))
             group += n_workers
 
@@ -1103,7 +1125,7 @@ def shard_steps_before(step, epoch_start, role, n_workers):
 
 def loader_steps(batches):
     """An iterator over GenomeStream items (from a DataLoader), one optimizer step at a time: (tokens, species,
-    repeat flags) views of the item, in pinned memory when the item is."""
+    repeat flags, chunk numbers) views of the item, in pinned memory when the item is."""
     for item in batches:
         yield from zip(*item)
 
@@ -1242,6 +1264,8 @@ class SuffixIndex:
         self.block_bits, self.digest, self.ranks = block_bits, digest, ranks
         self.n = len(sa_low)  # rows of this rank's slice
         self.reverse_complement = torch.from_numpy(REVERSE_COMPLEMENT.astype(np.int64)).to(text.device)
+        # every chunk's end: a block holds at most one, and it is the first end past its start (build_suffix_index)
+        self.chunk_ends = torch.unique(block_ends)
 
     def to(self, device):
         return SuffixIndex(self.text.to(device), self.sa_low.to(device), self.sa_high.to(device),
@@ -1283,6 +1307,76 @@ class SuffixIndex:
         if exclude_self:
             found = (found - torch.stack(owns, 2)[..., None]).clamp_min(0)
         return (found * torch.stack(known, 2)[..., None]).float()
+
+    @torch.no_grad()
+    def neighbours(self, windows, prefix, chunks=None):
+        """global_memory = neighbours: for each of the T targets of windows [B, prefix + T + 1] (-1 where there is
+        no token), NEIGHBOUR_SLOTS homologs from the training chunks, as (bases [B, T, S, 12] int64: each slot's 6
+        bases aligned to the input token, then the 6 aligned to the target, in the window's strand, 4 where the slot
+        has no homolog or its homolog's chunk has ended; age [B, T, S] int64: tokens since the lookup that found it,
+        -1 for none).
+
+        Before each target the last NEIGHBOUR_SEED_BASES bases are looked up on both strands. Of each strand's range
+        of the array, NEIGHBOUR_CANDIDATES rows spread evenly over it are read (the first rows of a range would all
+        continue with the smallest bases), and the first NEIGHBOUR_SLOTS of them, the strands in turn, fill the
+        slots. A slot whose lookup finds nothing (a substitution among the last 24 bases) keeps following the
+        homolog it had, 6 bases a token, so the model reads on through substitutions and finds the homolog again
+        24 bases after an indel. chunks [B] (training): each window's chunk as its number in the text (-1: none);
+        occurrences in that chunk are left out, so that training sees what validation sees. Every rank needs the
+        whole array (no collectives)."""
+        if self.ranks != 1:
+            raise ValueError("SuffixIndex.neighbours reads positions from the whole array, not a rank's slice")
+        B, T = windows.shape[0], windows.shape[1] - prefix - 1
+        if not self.n:
+            return (windows.new_full((B, T, NEIGHBOUR_SLOTS, 2 * BASES_PER_TOKEN), 4, dtype=torch.int64),
+                    windows.new_full((B, T, NEIGHBOUR_SLOTS), -1, dtype=torch.int64))
+        k = NEIGHBOUR_SEED_BASES // BASES_PER_TOKEN
+        context = windows.unfold(1, k, 1)[:, prefix + 1 - k:prefix + 1 - k + T].long()  # the k tokens before each
+        known = (context >= 0).all(-1)
+        context = context.clamp_min(0)
+        flipped = self.reverse_complement[context.flip(-1)]
+        forward, reverse = torch.zeros_like(context[..., 0]), torch.zeros_like(context[..., 0])
+        for i in range(k):
+            forward = (forward << 12) | context[..., i]
+            reverse = (reverse << 12) | flipped[..., i]
+        strings = torch.stack([forward, reverse], -1) << 2 * (SUFFIX_KEY_BASES - NEIGHBOUR_SEED_BASES)
+        lengths = torch.full_like(strings, NEIGHBOUR_SEED_BASES)
+        first = self.suffixes_before(strings, lengths, at_most=False)  # [B, T, 2]: each strand's range of rows
+        found = self.suffixes_before(strings, lengths, at_most=True) - first
+        pick = torch.arange(NEIGHBOUR_CANDIDATES, device=windows.device)
+        rows = first[..., None] + pick * found[..., None] // NEIGHBOUR_CANDIDATES  # [B, T, 2, C]
+        valid = (pick < found[..., None]) & known[..., None, None]
+        rows = rows.clamp(0, max(self.n - 1, 0))
+        at = (self.sa_high[rows].long() << 32) | (self.sa_low[rows].long() & 0xFFFFFFFF) if self.n else rows
+        chunk = torch.searchsorted(self.chunk_ends, at, right=True)
+        if chunks is not None:
+            valid &= chunk != chunks.view(B, 1, 1, 1)
+        # the text position aligned with the target's first base, and which way the window's bases run there:
+        # after the seed on the forward strand; on the reverse, the seed's reverse complement starts at `at`, and
+        # the window's next base pairs with the base before it
+        strand = torch.tensor([1, -1], device=windows.device).view(1, 1, 2, 1)
+        anchor = torch.where(strand > 0, at + NEIGHBOUR_SEED_BASES, at - 1)
+        take = lambda x: x.transpose(2, 3).flatten(2)  # noqa: E731  [B, T, 2, C] -> [B, T, C * 2], strands in turn
+        valid, anchor, chunk, direction = take(valid), take(anchor), take(chunk), take(strand.expand_as(anchor))
+        order = torch.sort((~valid).to(torch.uint8), dim=-1, stable=True).indices[..., :NEIGHBOUR_SLOTS]
+        valid, anchor, chunk, direction = (x.gather(-1, order) for x in (valid, anchor, chunk, direction))
+        # each slot follows the homolog of its latest lookup that found one
+        steps = torch.arange(T, device=windows.device).view(1, T, 1)
+        seeded = torch.cummax(torch.where(valid, steps, -1), dim=1).values  # [B, T, S]
+        age = torch.where(seeded >= 0, steps - seeded, -1)
+        since = seeded.clamp_min(0)
+        anchor, chunk, direction = (x.gather(1, since) for x in (anchor, chunk, direction))
+        anchor = anchor + direction * BASES_PER_TOKEN * age
+        offsets = torch.arange(-BASES_PER_TOKEN, BASES_PER_TOKEN, device=windows.device)
+        position = anchor[..., None] + direction[..., None] * offsets  # [B, T, S, 12]
+        chunk = chunk[..., None]
+        start = torch.where(chunk > 0, self.chunk_ends[(chunk - 1).clamp_min(0)], 0)
+        inside = (age[..., None] >= 0) & (position >= start) & (position < self.chunk_ends[chunk.clamp_max(
+            len(self.chunk_ends) - 1)])
+        position = position.clamp(0, max(len(self.text) * 32 - 1, 0))
+        bases = (self.text[position >> 5] >> (62 - 2 * (position & 31))) & 3
+        bases = torch.where(direction[..., None] > 0, bases, 3 - bases)
+        return torch.where(inside, bases, 4), age
 
     def occurrences(self, strings, lengths):
         """Forward-strand occurrences inside a chunk of each string (its `lengths` bases, left-aligned in 60 bits)."""
@@ -1347,13 +1441,15 @@ def top_bases_mask(n):
 def load_or_build_retrieval_index(catalog, cfg, rt, warn=print):
     """The retrieval index (of cfg.index_layout) of this data set's training chunks, on rt.device: loaded from
     checkpoint_dir when an index of the same training chunks is cached there, else built by rank 0 (tables on its
-    device, a suffix array on the host) and cached; of a suffix array each rank loads its slice."""
+    device, a suffix array on the host) and cached; of a suffix array each rank loads its slice, or with
+    global_memory = neighbours all of it (neighbours reads positions from the whole array)."""
     digest = training_chunks_digest(catalog)
+    slices = 1 if cfg.global_memory == "neighbours" else rt.world_size
     path = retrieval_index_path(cfg.checkpoint_dir, digest, cfg.index_layout)
     n_bases = sum(c.n_tokens for c in catalog.train_chunks) * BASES_PER_TOKEN
     problem = index_fit_problem(n_bases, os.path.getsize(path) if os.path.exists(path) else None,
                                 free_device_bytes(rt.device), available_host_bytes(),
-                                free_disk_bytes(cfg.checkpoint_dir), cfg.index_layout, rt.world_size)
+                                free_disk_bytes(cfg.checkpoint_dir), cfg.index_layout, slices)
     if problem:  # every rank finds the same (one machine kind); a mixed cluster fails on the smallest GPU
         raise ConfigError(problem)
     if rt.is_main and not os.path.exists(path):
@@ -1368,7 +1464,7 @@ def load_or_build_retrieval_index(catalog, cfg, rt, warn=print):
     if not os.path.exists(path):
         raise ConfigError(f"{path}: rank {rt.rank} finds no retrieval index. Rank 0 builds it in checkpoint_dir, "
                           f"which every node must share: set --checkpoint_dir to a folder all nodes see")
-    return load_retrieval_index(path, rt.device, rt.rank, rt.world_size)
+    return load_retrieval_index(path, rt.device, rt.rank % slices, slices)
 
 
 def index_fit_problem(n_bases, cached_bytes, free_device, free_host, free_disk, layout, ranks):
@@ -1444,10 +1540,25 @@ def training_chunks_digest(catalog):
 def build_retrieval_index(catalog, cfg, device, digest):
     """The index of cfg.index_layout over the training chunks: tables built on `device`, a suffix array on the host
     (load_retrieval_index moves it, or a rank's slice of it, to the device: no GPU holds more than its slice)."""
-    bases = [token_bases(chunk.tokens) for chunk in tokenized_chunks(catalog, cfg, catalog.train_chunks)]
+    keys, bases = [], []
+    for chunk in tokenized_chunks(catalog, cfg, catalog.train_chunks):
+        keys.append(chunk.key)
+        bases.append(token_bases(chunk.tokens))
+    numbers = text_chunk_numbers(catalog)
+    if [numbers.get(key) for key in keys] != list(range(len(numbers))):  # what the loader tells neighbours
+        raise RuntimeError("the training chunks were read in another order than text_chunk_numbers gives")
     if cfg.index_layout == "suffix_array":
         return build_suffix_index(bases, digest, progress=True)
     return build_count_tables(bases, device, digest)
+
+
+def text_chunk_numbers(catalog):
+    """Each training chunk's number in the order the index concatenates them (tokenized_chunks: species, files,
+    then place in the file): a SuffixIndex's text holds chunk i between chunk_ends[i - 1] and chunk_ends[i]."""
+    species = {name: i for i, name in enumerate(catalog.species)}
+    files = {(name, label): i for name, pairs in catalog.files.items() for i, (_, label) in enumerate(pairs)}
+    order = sorted(catalog.train_chunks, key=lambda c: (species[c.key[0]], files[c.key[0], c.key[1]], c.key[2:]))
+    return {chunk.key: i for i, chunk in enumerate(order)}
 
 
 def build_count_tables(bases, device, digest):
@@ -1721,6 +1832,9 @@ class PlantLM(nn.Module):
     of a Dirichlet over the next 6-mer: p <- (count(context, x) + a p(x)) / (count(context) + a), the concentration a
     read from the final hidden state per position and context length. With gate, p <- (1 - g) p + g count(context,
     x) / count(context) for the longest context that occurs, g a learned gate of the hidden state (as kNN-LM).
+    global_memory = neighbours: the same smoothing by counts, and each position reads the homologs that
+    SuffixIndex.neighbours found for it: their bases aligned to the input token and to the target, added to its input
+    (neighbour_input): a cross-attention whose alignment the index gives.
     global_memory = buckets: a learned memory of 4096 rows, one per 6-mer, that the attention reads in every layer
     (BucketAttention); it gained nothing measurable over none and stays selectable.
     """
@@ -1742,14 +1856,17 @@ class PlantLM(nn.Module):
         # the decayed count of those observations. Both are state, not parameters: saved, never trained.
         self.register_buffer("bucket_memory", torch.zeros(cfg.n_buckets, cfg.d_model))
         self.register_buffer("bucket_weight", torch.zeros(cfg.n_buckets))
-        if cfg.global_memory == "retrieval":  # per position, one value per context length (see mixed_log_probs)
+        if cfg.retrieves:  # per position, one value per context length (see mixed_log_probs)
             self.retrieval_head = nn.Linear(cfg.d_model, len(RETRIEVAL_CONTEXT_TOKENS))
+        if cfg.global_memory == "neighbours":
+            self.neighbour_features = nn.Linear(NEIGHBOUR_FEATURES, cfg.d_model)
+            self.neighbour_copy = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self._window_biases = {}
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):  # GPT-2: residual projections scaled by depth
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
-        if cfg.global_memory == "retrieval":  # start from one pseudo-count per context (dirichlet), or g = 0.12 (gate)
+        if cfg.retrieves:  # start from one pseudo-count per context (dirichlet), or g = 0.12 (gate)
             nn.init.zeros_(self.retrieval_head.weight)
             nn.init.constant_(self.retrieval_head.bias, 0.0 if cfg.retrieval_mixing == "dirichlet" else -2.0)
 
@@ -1770,12 +1887,16 @@ class PlantLM(nn.Module):
             self._window_biases[key] = torch.zeros(T, T, device=device).masked_fill(~seen, -math.inf)
         return self._window_biases[key]
 
-    def forward(self, tokens, species, targets=None, retrieval=None, reduction="mean"):
+    def forward(self, tokens, species, targets=None, retrieval=None, neighbours=None, reduction="mean"):
         """Logits [B, T, V] and the final hidden states; with targets, the fp32 cross-entropy in nats (the mean over
         targets that are not -100, or per target with reduction='none') in place of the logits. `retrieval` is
-        RetrievalIndex.counts for the targets, required with global_memory = retrieval."""
+        RetrievalIndex.counts for the targets, required with targets and global_memory = retrieval or neighbours;
+        `neighbours` is SuffixIndex.neighbours for them, required with global_memory = neighbours."""
         B, T = tokens.shape
-        x = self.dropout(self.token_embedding(tokens) + self.species_embedding(species)[:, None, :])
+        x = self.token_embedding(tokens) + self.species_embedding(species)[:, None, :]
+        if self.cfg.global_memory == "neighbours":
+            x = x + self.neighbour_input(tokens, *neighbours)
+        x = self.dropout(x)
         rotary = (self.rotary_cos[:T], self.rotary_sin[:T])
         window_bias = self.window_bias(T, tokens.device)
         memory = self.memory_rows() if self.cfg.global_memory == "buckets" else None
@@ -1786,12 +1907,27 @@ class PlantLM(nn.Module):
         if targets is None:
             return logits, hidden.detach()
         log_p = prefix_log_probs(logits, targets, (BASES_PER_TOKEN,))
-        if self.cfg.global_memory == "retrieval":
+        if self.cfg.retrieves:
             log_p = self.mixed_log_probs(log_p, hidden, retrieval)
         nats = torch.where(targets != -100, -log_p[..., 0], 0.0)
         if reduction == "none":
             return nats, hidden.detach()
         return nats.sum() / (targets != -100).sum().clamp_min(1), hidden.detach()
+
+    def neighbour_input(self, tokens, bases, age):
+        """What the homologs add to each position's input, summed over the slots (SuffixIndex.neighbours: bases
+        [B, T, S, 12], age [B, T, S]): their aligned bases (one-hot, with none as a fifth letter), which of their 6
+        bases at the input token agree with the token's own, and how many tokens ago their lookup found them,
+        through one linear map; and the token embedding of their 6 bases at the target through another, because the
+        tied output head then scores that 6-mer up, so that copying the homolog is one step for the model."""
+        shifts = 2 * torch.arange(BASES_PER_TOKEN - 1, -1, -1, device=tokens.device)  # first base highest
+        own = (tokens[..., None, None] >> shifts) & 3  # the input token's bases [B, T, 1, 6]
+        features = torch.cat([F.one_hot(bases, 5).flatten(-2), (bases[..., :BASES_PER_TOKEN] == own).long(),
+                               F.one_hot(age.clamp(-1, NEIGHBOUR_AGES - 2) + 1, NEIGHBOUR_AGES)], -1)
+        target = bases[..., BASES_PER_TOKEN:]
+        copied = self.token_embedding((target.clamp_max(3) << shifts).sum(-1))
+        copied = copied * (target < 4).all(-1, keepdim=True)
+        return (self.neighbour_features(features.to(copied.dtype)) + self.neighbour_copy(copied)).sum(2)
 
     def mixed_log_probs(self, log_p, hidden, retrieval):
         """The LM's log-probabilities of the targets' first j bases, log_p [B, T, P] (prefix_log_probs), smoothed by
@@ -1862,6 +1998,8 @@ class PlantLM(nn.Module):
         if cfg.global_memory == "buckets":
             per_token += L * 4 * cfg.n_buckets * d
             per_forward = L * 2 * cfg.n_buckets * d * 2 * d
+        if cfg.global_memory == "neighbours":  # neighbour_input's two maps, per slot
+            per_token += NEIGHBOUR_SLOTS * 2 * (NEIGHBOUR_FEATURES + d) * d
         # the memory's key/value projection reads a buffer: its backward is the weight gradient only (1x, not 2x)
         return 3 * per_token * n_tokens + 2 * per_forward * batch_forwards
 
@@ -1889,9 +2027,9 @@ def train(cfg, build_model=None, started=None):
         while run.step < run.total_steps and not due.out_of_time and not validation_stalled(run):
             bar = bar or epoch_progress_bar(run)
             with clock.waiting_for_data():
-                step_tokens, step_species, step_repeat = next(batches)
+                step_tokens, step_species, step_repeat, step_chunks = next(batches)
             result = train_step(run.learner, step_tokens, step_species, step_repeat,
-                                lr_at(run.step, cfg, run.total_steps))
+                                lr_at(run.step, cfg, run.total_steps), step_chunks)
             run.step += 1
             meter.add(result)
             bar.update(1)
@@ -2029,7 +2167,7 @@ def start_run(cfg, rt, log, build_model, clock):
     if rt.is_main:  # before the index's disk check: an interrupted index save leaves gigabytes
         for leftover in remove_stale_temporaries(cfg.checkpoint_dir):
             warn(f"removed {leftover}: the temporary file of a save that was interrupted")
-    if cfg.global_memory == "retrieval":
+    if cfg.retrieves:
         run.learner.retrieval_index = load_or_build_retrieval_index(catalog, cfg, rt, warn)
     resume(run)
     report_start(run)
@@ -2159,19 +2297,20 @@ def build_learner(cfg, rt, n_species, build_model=None):
     return learner
 
 
-def train_step(learner, step_tokens, step_species, step_repeat, lr):
+def train_step(learner, step_tokens, step_species, step_repeat, lr, step_chunks=None):
     """One optimizer step: forward and backward over the accumulation micro-batches, clip, optimizer, memory update,
-    bad-step accounting. step_tokens [A, B, prefix + context + 1], step_species [A, B] and step_repeat (the tokens'
-    repeat flags) as the loader yields them. Replays the learner's StepGraph when it has one, else runs
+    bad-step accounting. step_tokens [A, B, prefix + context + 1], step_species [A, B], step_repeat (the tokens'
+    repeat flags) and step_chunks [A, B] (each window's chunk, its number in the index's text) as the loader yields
+    them; without step_chunks, neighbours may come from a window's own chunk. Replays the learner's StepGraph when it has one, else runs
     step_on_device directly: the same work either way. Returns device tensors and never waits for the device."""
     learner.lr.fill_(lr)
-    batch = (step_tokens, step_species, step_repeat)
+    batch = (step_tokens, step_species, step_repeat) + (() if step_chunks is None else (step_chunks,))
     if learner.graph is not None:
         return learner.graph.step(batch)
     return step_on_device(learner, *(t.to(learner.rt.device, non_blocking=True) for t in batch))
 
 
-def step_on_device(learner, step_tokens, step_species, step_repeat):
+def step_on_device(learner, step_tokens, step_species, step_repeat, step_chunks=None):
     """train_step's work once its inputs are on the device: only device work, so that a CUDA graph can hold it."""
     cfg, rt, model = learner.cfg, learner.rt, learner.model
     for group in learner.optimizer.param_groups:
@@ -2194,6 +2333,9 @@ def step_on_device(learner, step_tokens, step_species, step_repeat):
         weights = step_weights[micro, :, cfg.prefix_tokens + 1:]
         memory = {} if learner.retrieval_index is None else {  # leave-one-out: a window never retrieves itself
             "retrieval": learner.retrieval_index.counts(windows, cfg.prefix_tokens, exclude_self=True)}
+        if cfg.global_memory == "neighbours":  # nor reads its own chunk
+            memory["neighbours"] = learner.retrieval_index.neighbours(
+                windows, cfg.prefix_tokens, None if step_chunks is None else step_chunks[micro])
         syncs_gradients = micro == cfg.accumulation_steps - 1
         # gradients are all-reduced only on the last micro-batch; no_sync must wrap the forward too
         with learner.wrapped.no_sync() if rt.distributed and not syncs_gradients else contextlib.nullcontext():
@@ -2490,6 +2632,8 @@ def validation_loss(model, tokens, species, repeat, cfg, rt, autocast_dtype, ret
             asked = torch.cat([batch, batch.new_full((min(cfg.eval_batch_size, most_rows - start) - len(rows),
                                                       batch.shape[1]), -1)])
             memory["retrieval"] = retrieval_index.counts(asked, cfg.prefix_tokens, exclude_self=False)[:len(rows)]
+            if cfg.global_memory == "neighbours":
+                memory["neighbours"] = tuple(x[:len(rows)] for x in retrieval_index.neighbours(asked, cfg.prefix_tokens))
         if not len(rows):
             continue
         with torch.autocast(rt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
