@@ -47,7 +47,8 @@ class Inference:
 def load_for_inference(checkpoint, species, device="auto", warn=print, scoring=True):
     """The checkpoint's model for `species` (a name it was trained on, or 'average': the mean species embedding),
     on `device` ('auto': a GPU when there is one), with its memory: the frozen bucket memory in its weights, or, for
-    scoring, the retrieval index of its training chunks, cached beside it (hidden states never read it)."""
+    scoring, the retrieval index of its training chunks, cached beside it (the hidden states of global_memory =
+    retrieval never read it; those of neighbours do)."""
     try:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else \
             torch.device(device)
@@ -70,7 +71,7 @@ def load_for_inference(checkpoint, species, device="auto", warn=print, scoring=T
         raise ConfigError(f"species {species!r} is unknown to {checkpoint}; known species: "
                           f"{', '.join(names)} (or 'average' for the mean species embedding)")
     retrieval_index = None
-    if cfg.global_memory == "retrieval" and scoring:
+    if cfg.retrieves and (scoring or cfg.global_memory == "neighbours"):
         path = retrieval_index_path(os.path.dirname(checkpoint) or ".", ckpt["retrieval_index"], cfg.index_layout)
         if not os.path.exists(path):
             raise ConfigError(f"{checkpoint} reads the retrieval index {path}, which is missing; it is rebuilt "
@@ -141,13 +142,21 @@ def window_base_log_probs(inference, rows):
     inputs, targets = rows[:, cfg.prefix_tokens:-1].clamp_min(0), rows[:, cfg.prefix_tokens + 1:]
     targets = torch.where(targets >= 0, targets, -100)  # padding: right of every real token, so it changes none
     species = torch.full((len(rows),), inference.species_id, device=inference.device)
-    logits, hidden = model(inputs, species)
+    logits, hidden = model(inputs, species, neighbours=window_neighbours(inference, rows))
     log_p = prefix_log_probs(logits, targets, TARGET_PREFIXES)
     if inference.retrieval_index is not None:
         counts = inference.retrieval_index.counts(rows, cfg.prefix_tokens, exclude_self=False,
                                                target_bases=(0,) + TARGET_PREFIXES)
         log_p = model.mixed_log_probs(log_p, hidden, counts)
     return torch.diff(log_p, dim=-1, prepend=torch.zeros_like(log_p[..., :1])).double().cpu().numpy()
+
+
+def window_neighbours(inference, rows):
+    """SuffixIndex.neighbours of rows [B, prefix + T + 1] as training reads them (None unless global_memory =
+    neighbours). Nothing is left out: the training chunks are the index, and what is scored is not one of them."""
+    if inference.cfg.global_memory != "neighbours":
+        return None
+    return inference.retrieval_index.neighbours(rows, inference.cfg.prefix_tokens)
 
 
 def windowed(pieces, windows_of, width, batch_size, score_batch):
@@ -663,17 +672,19 @@ def embed_regions(inference, sequences, batch_size=64, per_token=False):
             for i, (start, end) in enumerate(cuts or [(0, 0)]):
                 yield (key, start, i == max(len(cuts), 1) - 1), codes[start:end]
 
-    def windows_of(codes):
+    def windows_of(codes):  # each row carries prefix_tokens of the piece before its window, as training's do
         tokens = tokenize(codes).astype(np.int64)
         for start, length, owned in covering_windows(len(tokens), cfg.context_size, cfg.window_stride):
-            yield tokens[start:start + length], start, owned
+            yield np.concatenate([np.full(max(0, cfg.prefix_tokens - start), -1),
+                                  tokens[max(0, start - cfg.prefix_tokens):start + length]]), start, owned
 
     def run(rows, windows):  # only the rows each window owns leave the batch
         hidden = window_hidden_states(inference, rows)
         return [h[:len(owned)][owned] for h, (_, _, owned) in zip(hidden, windows)]
 
     total, count, kept, starts = np.zeros(cfg.d_model), 0, [], []
-    for (key, offset, last), _, windows in windowed(pieces(), windows_of, cfg.context_size, batch_size, run):
+    width = cfg.prefix_tokens + cfg.context_size
+    for (key, offset, last), _, windows in windowed(pieces(), windows_of, width, batch_size, run):
         for (_, start, owned), hidden in windows:
             total += hidden.sum(0, dtype=np.float64)
             count += len(hidden)
@@ -690,10 +701,13 @@ def embed_regions(inference, sequences, batch_size=64, per_token=False):
 
 @torch.no_grad()
 def window_hidden_states(inference, rows):
-    """rows [B, T] int64 (-1 padding on the right) -> the final hidden states [B, T, d_model], float32 numpy."""
+    """rows [B, prefix + T] int64 (-1 where there is no token) -> the final hidden states at the T tokens after the
+    prefix [B, T, d_model], float32 numpy."""
     rows = rows.to(inference.device)
     species = torch.full((len(rows),), inference.species_id, device=inference.device)
-    _, hidden = inference.model(rows.clamp_min(0), species)
+    # neighbours are looked up per target: a -1 target after the last token makes each of the T tokens an input
+    neighbours = window_neighbours(inference, torch.cat([rows, rows.new_full((len(rows), 1), -1)], 1))
+    _, hidden = inference.model(rows[:, inference.cfg.prefix_tokens:].clamp_min(0), species, neighbours=neighbours)
     return hidden.float().cpu().numpy()
 
 

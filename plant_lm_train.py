@@ -64,13 +64,15 @@ SUFFIX_INDEX_BYTES_PER_BASE = 5.3
 SUFFIX_INDEX_BUILD_BYTES_PER_BASE = 16
 SUFFIX_KEY_BASES = 30  # a suffix is sorted by its first 30 bases (60 bits): the longest string a lookup asks for
 # global_memory = neighbours (SuffixIndex.neighbours): before each target, the last NEIGHBOUR_SEED_BASES bases are
-# looked up on both strands, and NEIGHBOUR_SLOTS of their occurrences (spread over the suffix array's range, from
-# NEIGHBOUR_CANDIDATES a strand, the window's own chunk left out in training) are followed from there on, through
-# substitutions, until a new lookup finds them again. Each slot gives the model its homolog's 6 bases aligned to the
-# input token and the 6 aligned to the target.
-NEIGHBOUR_SEED_BASES = 24
+# looked up on both strands, NEIGHBOUR_HITS occurrences a strand (the window's own chunk left out in training). Each
+# hit of the last NEIGHBOUR_LOOKBACK lookups is followed on to the target, through the substitutions that stop the
+# lookups after it, and the NEIGHBOUR_SLOTS homologs found most recently give the model their 6 bases aligned to the
+# input token and the 6 aligned to the target. 18 bases: at 93 % identity an exact 24-mer starts at 18 % of the bases
+# and an 18-mer at 27 %, while 4.5 Gbp on two strands hold a random 18-mer 0.13 times.
+NEIGHBOUR_SEED_BASES = 18
+NEIGHBOUR_HITS = 4
+NEIGHBOUR_LOOKBACK = 16
 NEIGHBOUR_SLOTS = 4
-NEIGHBOUR_CANDIDATES = 4
 NEIGHBOUR_AGES = 8  # the model reads a slot's age as none, 0, 1, ... 5, or 6 and more tokens
 NEIGHBOUR_FEATURES = 12 * 5 + 6 + NEIGHBOUR_AGES  # per slot: 12 bases one-hot, 6 agreements, age (neighbour_input)
 FASTA_SUFFIXES = (".fa", ".fna", ".fasta")
@@ -1313,24 +1315,62 @@ class SuffixIndex:
         """global_memory = neighbours: for each of the T targets of windows [B, prefix + T + 1] (-1 where there is
         no token), NEIGHBOUR_SLOTS homologs from the training chunks, as (bases [B, T, S, 12] int64: each slot's 6
         bases aligned to the input token, then the 6 aligned to the target, in the window's strand, 4 where the slot
-        has no homolog or its homolog's chunk has ended; age [B, T, S] int64: tokens since the lookup that found it,
-        -1 for none).
+        has no homolog or its homolog's chunk has ended; age [B, T, S] int64: tokens since the lookup that last
+        found it, -1 for none).
 
-        Before each target the last NEIGHBOUR_SEED_BASES bases are looked up on both strands. Of each strand's range
-        of the array, NEIGHBOUR_CANDIDATES rows spread evenly over it are read (the first rows of a range would all
-        continue with the smallest bases), and the first NEIGHBOUR_SLOTS of them, the strands in turn, fill the
-        slots. A slot whose lookup finds nothing (a substitution among the last 24 bases) keeps following the
-        homolog it had, 6 bases a token, so the model reads on through substitutions and finds the homolog again
-        24 bases after an indel. chunks [B] (training): each window's chunk as its number in the text (-1: none);
-        occurrences in that chunk are left out, so that training sees what validation sees. Every rank needs the
-        whole array (no collectives)."""
+        Before each target the last NEIGHBOUR_SEED_BASES bases are looked up on both strands, and of each strand's
+        range of the array NEIGHBOUR_HITS rows spread evenly over it are read (the first rows of a range would all
+        continue with the smallest bases). Every hit of the last NEIGHBOUR_LOOKBACK lookups is followed on, 6 bases
+        a token, to where it aligns with this target: a homolog found once is read on through the substitutions
+        that stop the next lookups, and found again 18 bases after an indel. Hits that align to the same place are
+        one homolog; the slots take the most recently found ones. chunks [B] (training): each window's chunk as its
+        number in the text (-1: none); hits there are left out, so that training sees what validation sees. Every
+        rank needs the whole array (no collectives)."""
         if self.ranks != 1:
             raise ValueError("SuffixIndex.neighbours reads positions from the whole array, not a rank's slice")
         B, T = windows.shape[0], windows.shape[1] - prefix - 1
         if not self.n:
             return (windows.new_full((B, T, NEIGHBOUR_SLOTS, 2 * BASES_PER_TOKEN), 4, dtype=torch.int64),
                     windows.new_full((B, T, NEIGHBOUR_SLOTS), -1, dtype=torch.int64))
-        k = NEIGHBOUR_SEED_BASES // BASES_PER_TOKEN
+        anchor, direction, valid, chunk = self.seed_hits(windows, prefix, chunks)  # [B, T, H], H = 2 hits a strand
+        # every hit of the last NEIGHBOUR_LOOKBACK targets' lookups, carried to this target: [B, T, H * L]
+        L = NEIGHBOUR_LOOKBACK
+        lag = torch.arange(L, device=windows.device)
+        carried = lambda x: F.pad(x, (0, 0, L - 1, 0)).unfold(1, L, 1).flip(-1)  # noqa: E731  [B, T, H, L], lag 0 first
+        anchor = (carried(anchor) + carried(direction) * BASES_PER_TOKEN * lag).flatten(2)
+        valid, chunk, direction = (carried(x).flatten(2) for x in (valid.long(), chunk, direction))
+        valid = valid.bool()
+        age = lag.repeat(2 * NEIGHBOUR_HITS)  # the flattened order: hit-major, lag-minor
+        # one homolog per (place, strand): of hits that align alike, the youngest; then the youngest homologs
+        place = torch.where(valid, (anchor << 1 | (direction > 0)) << 7 | age, torch.iinfo(torch.int64).max)
+        place, order = torch.sort(place, dim=-1)
+        first = torch.ones_like(valid)
+        first[..., 1:] = (place[..., 1:] >> 7) != (place[..., :-1] >> 7)
+        keep = first & (place != torch.iinfo(torch.int64).max)
+        age = age[order]
+        youngest = torch.sort(torch.where(keep, age, L), dim=-1, stable=True)
+        pick = order.gather(-1, youngest.indices[..., :NEIGHBOUR_SLOTS])
+        anchor, chunk, direction = (x.gather(-1, pick) for x in (anchor, chunk, direction))
+        age = torch.where(youngest.values[..., :NEIGHBOUR_SLOTS] < L, youngest.values[..., :NEIGHBOUR_SLOTS], -1)
+        offsets = torch.arange(-BASES_PER_TOKEN, BASES_PER_TOKEN, device=windows.device)
+        position = anchor[..., None] + direction[..., None] * offsets  # [B, T, S, 12]
+        chunk = chunk[..., None]
+        start = torch.where(chunk > 0, self.chunk_ends[(chunk - 1).clamp_min(0)], 0)
+        inside = (age[..., None] >= 0) & (position >= start) & (position < self.chunk_ends[chunk])
+        position = position.clamp(0, len(self.text) * 32 - 1)
+        bases = (self.text[position >> 5] >> (62 - 2 * (position & 31))) & 3
+        bases = torch.where(direction[..., None] > 0, bases, 3 - bases)
+        return torch.where(inside, bases, 4), age
+
+    def seed_hits(self, windows, prefix, chunks):
+        """neighbours' lookups: for each target, NEIGHBOUR_HITS rows of each strand's range for the
+        NEIGHBOUR_SEED_BASES bases before it, the strands in turn, as (anchor, direction, valid, chunk)
+        [B, T, 2 * hits]: the text position aligned with the target's first base (after the seed on the forward
+        strand; on the reverse, the seed's reverse complement starts at the hit, and the window's next base pairs
+        with the base before it), which way the window's bases run there (1, -1), whether the row is a hit (outside
+        the window's own chunk), and the hit's chunk."""
+        B, T = windows.shape[0], windows.shape[1] - prefix - 1
+        k = -(-NEIGHBOUR_SEED_BASES // BASES_PER_TOKEN)  # tokens that hold the seed
         context = windows.unfold(1, k, 1)[:, prefix + 1 - k:prefix + 1 - k + T].long()  # the k tokens before each
         known = (context >= 0).all(-1)
         context = context.clamp_min(0)
@@ -1339,44 +1379,26 @@ class SuffixIndex:
         for i in range(k):
             forward = (forward << 12) | context[..., i]
             reverse = (reverse << 12) | flipped[..., i]
-        strings = torch.stack([forward, reverse], -1) << 2 * (SUFFIX_KEY_BASES - NEIGHBOUR_SEED_BASES)
+        # the seed: the last NEIGHBOUR_SEED_BASES bases, and their reverse complement, left-aligned
+        extra = k * BASES_PER_TOKEN - NEIGHBOUR_SEED_BASES
+        forward = (forward & ((1 << 2 * NEIGHBOUR_SEED_BASES) - 1)) << 2 * (SUFFIX_KEY_BASES - NEIGHBOUR_SEED_BASES)
+        reverse = (reverse >> 2 * extra) << 2 * (SUFFIX_KEY_BASES - NEIGHBOUR_SEED_BASES)
+        strings = torch.stack([forward, reverse], -1)
         lengths = torch.full_like(strings, NEIGHBOUR_SEED_BASES)
         first = self.suffixes_before(strings, lengths, at_most=False)  # [B, T, 2]: each strand's range of rows
         found = self.suffixes_before(strings, lengths, at_most=True) - first
-        pick = torch.arange(NEIGHBOUR_CANDIDATES, device=windows.device)
-        rows = first[..., None] + pick * found[..., None] // NEIGHBOUR_CANDIDATES  # [B, T, 2, C]
+        pick = torch.arange(NEIGHBOUR_HITS, device=windows.device)
+        spread = found[..., None].clamp_min(NEIGHBOUR_HITS)  # a range of fewer rows is read from its start
+        rows = (first[..., None] + pick * spread // NEIGHBOUR_HITS).clamp_max(self.n - 1)  # [B, T, 2, H]
         valid = (pick < found[..., None]) & known[..., None, None]
-        rows = rows.clamp(0, max(self.n - 1, 0))
-        at = (self.sa_high[rows].long() << 32) | (self.sa_low[rows].long() & 0xFFFFFFFF) if self.n else rows
+        at = (self.sa_high[rows].long() << 32) | (self.sa_low[rows].long() & 0xFFFFFFFF)
         chunk = torch.searchsorted(self.chunk_ends, at, right=True)
         if chunks is not None:
             valid &= chunk != chunks.view(B, 1, 1, 1)
-        # the text position aligned with the target's first base, and which way the window's bases run there:
-        # after the seed on the forward strand; on the reverse, the seed's reverse complement starts at `at`, and
-        # the window's next base pairs with the base before it
-        strand = torch.tensor([1, -1], device=windows.device).view(1, 1, 2, 1)
-        anchor = torch.where(strand > 0, at + NEIGHBOUR_SEED_BASES, at - 1)
-        take = lambda x: x.transpose(2, 3).flatten(2)  # noqa: E731  [B, T, 2, C] -> [B, T, C * 2], strands in turn
-        valid, anchor, chunk, direction = take(valid), take(anchor), take(chunk), take(strand.expand_as(anchor))
-        order = torch.sort((~valid).to(torch.uint8), dim=-1, stable=True).indices[..., :NEIGHBOUR_SLOTS]
-        valid, anchor, chunk, direction = (x.gather(-1, order) for x in (valid, anchor, chunk, direction))
-        # each slot follows the homolog of its latest lookup that found one
-        steps = torch.arange(T, device=windows.device).view(1, T, 1)
-        seeded = torch.cummax(torch.where(valid, steps, -1), dim=1).values  # [B, T, S]
-        age = torch.where(seeded >= 0, steps - seeded, -1)
-        since = seeded.clamp_min(0)
-        anchor, chunk, direction = (x.gather(1, since) for x in (anchor, chunk, direction))
-        anchor = anchor + direction * BASES_PER_TOKEN * age
-        offsets = torch.arange(-BASES_PER_TOKEN, BASES_PER_TOKEN, device=windows.device)
-        position = anchor[..., None] + direction[..., None] * offsets  # [B, T, S, 12]
-        chunk = chunk[..., None]
-        start = torch.where(chunk > 0, self.chunk_ends[(chunk - 1).clamp_min(0)], 0)
-        inside = (age[..., None] >= 0) & (position >= start) & (position < self.chunk_ends[chunk.clamp_max(
-            len(self.chunk_ends) - 1)])
-        position = position.clamp(0, max(len(self.text) * 32 - 1, 0))
-        bases = (self.text[position >> 5] >> (62 - 2 * (position & 31))) & 3
-        bases = torch.where(direction[..., None] > 0, bases, 3 - bases)
-        return torch.where(inside, bases, 4), age
+        direction = torch.tensor([1, -1], device=windows.device).view(1, 1, 2, 1).expand_as(at)
+        anchor = torch.where(direction > 0, at + NEIGHBOUR_SEED_BASES, at - 1)
+        take = lambda x: x.transpose(2, 3).flatten(2)  # noqa: E731  [B, T, 2, H] -> [B, T, H * 2], strands in turn
+        return take(anchor), take(direction), take(valid), take(chunk)
 
     def occurrences(self, strings, lengths):
         """Forward-strand occurrences inside a chunk of each string (its `lengths` bases, left-aligned in 60 bits)."""

@@ -260,3 +260,14 @@ def assert_armed(path, marker):
     subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(path)!r}, weights_only=False)"],
                    capture_output=True, timeout=60)
     assert os.path.exists(marker), "test setup: the crafted checkpoint is not armed"
+
+
+def loader_batches(stream, num_workers, n):
+    """The first n steps' (tokens, species, repeat flags, chunk numbers) that the trainer reads from a GenomeStream
+    through a DataLoader(batch_size=None)."""
+    from torch.utils.data import DataLoader
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+    it = plm.loader_steps(iter(loader))
+    out = [tuple(t.clone() for t in next(it)) for _ in range(n)]
+    del it
+    return out

@@ -167,14 +167,15 @@ def scoring_checkpoints(tmp_path_factory):
                                                              ("chr2", random_dna(1000, seed=5))])
         # dropout on (the default is off): a scorer that forgot eval() would then score at random and fail the tests
         cfg = tiny_config(global_memory=memory, retrieval_mixing=mixing, data_dir=root / "data",
-                          species_distribution={"s": 1}, val_fraction=0.2, dropout=0.1)
+                          species_distribution={"s": 1}, val_fraction=0.2, dropout=0.1,
+                          index_layout="suffix_array" if memory == "neighbours" else "tables")
         torch.manual_seed(0)
         model = plm.PlantLM(cfg, 2)
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.3)
         digest = None
-        if memory == "retrieval":
+        if cfg.retrieves:
             index = plm.scan_genomes(cfg, progress=False)
             digest = plm.training_chunks_digest(index)
             plm.save_retrieval_index(plm.build_retrieval_index(index, cfg, torch.device("cpu"), digest),

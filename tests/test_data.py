@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import plant_lm_train as plm
-from _helpers import (DATA_SHAPE, detokenize, parse_with_biopython, random_dna, repeat_flags, reverse_complement,
+from _helpers import (DATA_SHAPE, detokenize, loader_batches, parse_with_biopython, random_dna, repeat_flags, reverse_complement,
                       tiny_config, write_fasta)
 from plant_lm_train import BASES_PER_TOKEN
 
@@ -90,16 +90,6 @@ def full_chunks(index, species, cfg):
     for path, label in index.files[species]:
         for chunk in plm.chunk_file(path, species, label, cfg, wanted=None):
             out[chunk.key] = chunk
-    return out
-
-
-def loader_batches(stream, num_workers, n):
-    """The first n steps' (tokens, species, repeat flags) that the trainer reads from a GenomeStream through a
-    DataLoader(batch_size=None)."""
-    loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
-    it = plm.loader_steps(iter(loader))
-    out = [tuple(t.clone() for t in next(it)) for _ in range(n)]
-    del it
     return out
 
 
@@ -636,9 +626,10 @@ def test_genome_stream_ranks_yield_equal_full_batches(multi_species_index):
         out[rank] = loader_batches(stream, num_workers=2, n=per_epoch)
     for rank, batches in out.items():
         assert len(batches) == per_epoch
-        for tokens, species, repeat in batches:
+        for tokens, species, repeat, chunks in batches:
             assert tokens.shape == (cfg.accumulation_steps, cfg.batch_size, cfg.context_size + 1)
-            assert species.shape == (cfg.accumulation_steps, cfg.batch_size)
+            assert species.shape == chunks.shape == (cfg.accumulation_steps, cfg.batch_size)
+            assert int(chunks.min()) >= 0 and int(chunks.max()) < len(index.train_chunks)
             assert repeat.shape == tokens.shape and repeat.dtype == torch.bool
             assert int(tokens.min()) >= 0 and int(tokens.max()) < plm.VOCAB_SIZE
             assert set(species.flatten().tolist()) <= {0, 1, 2}

@@ -43,11 +43,14 @@ def per_base(scorer, seq):
 
 
 def forward_nats(scorer, token_rows):
-    """The model's training-path loss per target (nats), with the retrieval counts training would give it."""
+    """The model's training-path loss per target (nats), with the retrieval counts and neighbours training would give
+    it."""
     cfg = scorer.cfg
     rows = torch.cat([torch.full((len(token_rows), cfg.prefix_tokens), -1), torch.as_tensor(token_rows)], 1).long()
     memory = {} if scorer.retrieval_index is None else {
         "retrieval": scorer.retrieval_index.counts(rows, cfg.prefix_tokens, exclude_self=False)}
+    if cfg.global_memory == "neighbours":
+        memory["neighbours"] = scorer.retrieval_index.neighbours(rows, cfg.prefix_tokens)
     species = torch.zeros(len(rows), dtype=torch.long)
     with torch.no_grad():
         nats, _ = scorer.model(rows[:, cfg.prefix_tokens:-1], species, rows[:, cfg.prefix_tokens + 1:],

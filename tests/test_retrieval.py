@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import plant_lm_train as plm
-from _helpers import (INFER_SCRIPT, TESTS, TINY_ARGS, all_windows, describe, detokenize, random_dna, read_jsonl,
-                      reverse_complement, run_train, tiny_config, write_fasta)
+from _helpers import (INFER_SCRIPT, TESTS, TINY_ARGS, all_windows, describe, detokenize, loader_batches,
+                      random_dna, read_jsonl, reverse_complement, run_train, tiny_config, write_fasta)
 
 def retrieval_config(data_dir, tmp_path, **overrides):
     return tiny_config(data_dir=data_dir, global_memory="retrieval", checkpoint_dir=str(tmp_path / "ckpt"),
@@ -393,8 +393,8 @@ def test_training_on_unique_sequence_learns_nothing_from_its_own_occurrence(uniq
     assert first["loss"] > 8.0, first
 
 
-@pytest.mark.parametrize("memory,layout", [(memory, "tables") for memory in plm.GLOBAL_MEMORIES] +
-                         [("retrieval", "suffix_array")])
+@pytest.mark.parametrize("memory,layout", [(memory, "suffix_array" if memory == "neighbours" else "tables")
+                                           for memory in plm.GLOBAL_MEMORIES] + [("retrieval", "suffix_array")])
 def test_every_global_memory_trains_resumes_and_evaluates(memory, layout, unique_dir, tmp_path):
     args = [f"--data_dir={unique_dir}", *TINY_ARGS, "--species_distribution=s:1", f"--global_memory={memory}",
             f"--index_layout={layout}",
@@ -404,7 +404,7 @@ def test_every_global_memory_trains_resumes_and_evaluates(memory, layout, unique
     resumed = run_train([*args, "--max_steps=3", "--resume_with_new_settings=true"], cwd=tmp_path)
     assert resumed.returncode == 0, describe(resumed)
     assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
-    assert ("retrieval index: " in first.stdout) == (memory == "retrieval")  # the build line
+    assert ("retrieval index: " in first.stdout) == (memory in ("retrieval", "neighbours"))  # the build line
     assert "retrieval index: " not in resumed.stdout  # cached, not rebuilt
     ckpt = plm.load_checkpoint(str(tmp_path / "ckpt" / "model_latest.pt"))
     assert ckpt["step"] == 3 and ckpt["config"]["global_memory"] == memory
@@ -414,7 +414,12 @@ def test_every_global_memory_trains_resumes_and_evaluates(memory, layout, unique
     assert scored.returncode == 0, describe(scored)
     overall = re.search(r"^overall\s+([\d,]+)\s+(-[\d.]+)\s+([\d.]+)$", scored.stdout, flags=re.M)
     assert overall and 1.5 < float(overall.group(3)) < 2.5, scored.stdout
-    assert ("retrieval index " + str(ckpt["retrieval_index"]) in scored.stderr) == (memory == "retrieval")
+    assert ("retrieval index " + str(ckpt["retrieval_index"]) in scored.stderr) == (memory in ("retrieval",
+                                                                                            "neighbours"))
+    embedded = run_train(["embed", "--checkpoint", str(tmp_path / "ckpt" / "model_latest.pt"), "--species", "s",
+                          "--out", str(tmp_path / "embeddings.npz"), novel], cwd=tmp_path, script=INFER_SCRIPT)
+    assert embedded.returncode == 0, describe(embedded)
+    assert np.isfinite(np.load(tmp_path / "embeddings.npz")["embeddings"]).all()
 
 
 # ----------------------------------------------------------------------------- checked before it is built
@@ -503,3 +508,122 @@ def test_a_suffix_array_index_is_cached_apart_from_the_tables_and_loaded_again(r
     again = plm.load_or_build_retrieval_index(catalog, cfg, rt, warn=lambda m: None)
     windows = all_windows(catalog, cfg, catalog.train_chunks)
     assert torch.equal(again.counts(windows, cfg.prefix_tokens, True), built.counts(windows, cfg.prefix_tokens, True))
+
+
+# ----------------------------------------------------------------------------- neighbours
+
+def substituted(seq, every, first=10):
+    """seq with one base changed every `every` bases from `first` on."""
+    bases = list(seq)
+    for i in range(first, len(bases), every):
+        bases[i] = "ACGT"[("ACGT".index(bases[i]) + 1) % 4]
+    return "".join(bases)
+
+
+@pytest.fixture(scope="module")
+def homologs_dir(tmp_path_factory):
+    """Species a: 6,000 random bases. b: a's first 3,000 with a substitution every 25 bases (no 25 bases in a row
+    agree). c: a's last 3,000, reverse-complemented and unchanged. With 600-base chunks, the homolog of each chunk of
+    a is the same chunk of b, or a chunk of c, read on the other strand."""
+    rng = np.random.default_rng(11)
+    a = random_dna(6000, rng)
+    root = tmp_path_factory.mktemp("homologs") / "data"
+    write_fasta(root / "a" / "a.fa", [("a1", a)])
+    write_fasta(root / "b" / "b.fa", [("b1", substituted(a[:3000], 25))])
+    write_fasta(root / "c" / "c.fa", [("c1", reverse_complement(a[3000:]))])
+    return str(root), a
+
+
+def neighbour_case(homologs_dir, tmp_path):
+    """(cfg, catalog, the suffix array, each training chunk of a with its windows, their starts in a, and its number)."""
+    data_dir, a = homologs_dir
+    cfg = tiny_config(data_dir=data_dir, global_memory="neighbours", index_layout="suffix_array", val_fraction=0.3,
+                      checkpoint_dir=str(tmp_path / "ckpt"))
+    catalog = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
+    index = plm.build_retrieval_index(catalog, cfg, torch.device("cpu"), "test")
+    numbers = plm.text_chunk_numbers(catalog)
+    cases = []
+    for chunk in plm.tokenized_chunks(catalog, cfg, [c for c in catalog.train_chunks if c.key[0] == "a"]):
+        starts = plm.window_starts(chunk.n_tokens, cfg.context_size, cfg.window_stride)
+        windows = torch.from_numpy(plm.window_tokens(chunk.tokens, starts, cfg).astype(np.int64))
+        cases.append((chunk, windows, plm.chunk_start(chunk.key, cfg) + 6 * starts, numbers[chunk.key]))
+    return cfg, catalog, index, cases
+
+
+def aligned_bases(seq, window_starts, context_size):
+    """For windows starting at these bases of seq: each target's 12 bases (its input token's 6, then its own), as
+    base codes [W, T, 12]."""
+    codes = torch.tensor(["ACGT".index(x) for x in seq])
+    at = torch.tensor(window_starts)[:, None, None] + 6 * torch.arange(context_size)[:, None] + torch.arange(12)
+    return codes[at]
+
+
+def test_neighbours_read_a_homolog_on_through_its_substitutions_and_a_copy_on_the_other_strand(homologs_dir,
+                                                                                               tmp_path):
+    cfg, catalog, index, cases = neighbour_case(homologs_dir, tmp_path)
+    _, a = homologs_dir
+    b = substituted(a[:3000], 25)
+    # chunk i of a (its key's last field) has its homolog in chunk i of b, or chunk 9 - i of c
+    homolog_chunks = {(c.key[0], c.key[4]) for c in catalog.train_chunks}
+    checked = {"b": 0, "c": 0}
+    for chunk, windows, starts, number in cases:
+        bases, age = index.neighbours(windows, cfg.prefix_tokens, torch.full((len(windows),), number))
+        assert bases.shape == (len(windows), cfg.context_size, plm.NEIGHBOUR_SLOTS, 12)
+        own = aligned_bases(a, starts, cfg.context_size)
+        has = lambda truth: (bases == truth[:, :, None]).all(-1).any(-1)  # noqa: E731  [W, T]
+        homolog = ("b", chunk.key[4]) if starts[0] < 3000 else ("c", 9 - chunk.key[4])
+        if homolog not in homolog_chunks:  # it went to validation: nothing else holds these bases
+            assert (age == -1).all()
+            continue
+        if homolog[0] == "b":
+            homolog = aligned_bases(b, starts, cfg.context_size)
+            # the first lookup needs 18 bases after the last substitution; then b is read on through every one
+            found = has(homolog)
+            assert found[:, 8:].all(), found.float().mean()
+            # the window's own bases, wherever they differ from b, are in a's own chunk only: left out
+            differs = (own != homolog).any(-1)
+            assert differs.any() and not has(own)[differs].any()
+            checked["b"] += 1
+        else:  # c holds these bases exactly, on the other strand: every lookup finds them, aged 0
+            found = has(own) & (age == 0).any(-1)
+            assert found[:, 3:].all(), found.float().mean()
+            checked["c"] += 1
+    assert checked["b"] and checked["c"], checked
+
+
+def test_without_chunk_numbers_neighbours_find_the_windows_own_bases(homologs_dir, tmp_path):
+    """Validation and inference read every training chunk: a training window given no chunk number finds itself."""
+    cfg, catalog, index, cases = neighbour_case(homologs_dir, tmp_path)
+    _, a = homologs_dir
+    chunk, windows, starts, number = next(case for case in cases if case[2][0] < 3000)
+    bases, age = index.neighbours(windows, cfg.prefix_tokens)
+    found = (bases == aligned_bases(a, starts, cfg.context_size)[:, :, None]).all(-1).any(-1)
+    assert found[:, 2:].all() and not found[0, :2].any()  # the chunk's first 2 targets have no 18 bases before them
+
+
+def test_the_loaders_chunk_numbers_name_the_chunk_each_window_comes_from(repeats_dir, tmp_path):
+    """Augmented training windows (frame shifts, reverse strands), two ranks: each window's bases, or their reverse
+    complement, lie in the chunk its number names in the suffix array's text."""
+    cfg = tiny_config(data_dir=repeats_dir, global_memory="neighbours", index_layout="suffix_array",
+                      frame_shift=True, reverse_complement=0.5, checkpoint_dir=str(tmp_path / "ckpt"))
+    catalog = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
+    index = plm.build_retrieval_index(catalog, cfg, torch.device("cpu"), "test")
+    codes = (index.text[:, None] >> (62 - 2 * torch.arange(32))) & 3
+    text = "".join("ACGT"[x] for x in codes.flatten()[:int(index.chunk_ends[-1])].tolist())
+    ends = [0] + index.chunk_ends.tolist()
+    per_epoch = plm.steps_per_epoch(catalog, cfg, 2)
+    seen = set()
+    for rank in (0, 1):
+        stream = plm.GenomeStream(catalog, cfg, rank=rank, world_size=2, steps_per_epoch=per_epoch)
+        for tokens, _, _, chunks in loader_batches(stream, 0, 3):
+            for window, number in zip(tokens.flatten(0, 1).tolist(), chunks.flatten().tolist()):
+                chunk_text = text[ends[number]:ends[number + 1]]
+                bases = detokenize([token for token in window if token >= 0])  # -1 before the chunk's start
+                assert bases in chunk_text or reverse_complement(bases) in chunk_text
+                seen.add(number)
+    assert len(seen) > 1
+
+
+def test_neighbours_need_the_suffix_array():
+    with pytest.raises(plm.ConfigError, match=r"global_memory.*--index_layout=suffix_array"):
+        tiny_config(global_memory="neighbours", index_layout="tables")
