@@ -142,12 +142,15 @@ def window_base_log_probs(inference, rows):
     inputs, targets = rows[:, cfg.prefix_tokens:-1].clamp_min(0), rows[:, cfg.prefix_tokens + 1:]
     targets = torch.where(targets >= 0, targets, -100)  # padding: right of every real token, so it changes none
     species = torch.full((len(rows),), inference.species_id, device=inference.device)
-    logits, hidden = model(inputs, species, neighbours=window_neighbours(inference, rows))
+    neighbours = window_neighbours(inference, rows)
+    logits, hidden = model(inputs, species, neighbours=neighbours)
     log_p = prefix_log_probs(logits, targets, TARGET_PREFIXES)
     if inference.retrieval_index is not None:
         counts = inference.retrieval_index.counts(rows, cfg.prefix_tokens, exclude_self=False,
                                                target_bases=(0,) + TARGET_PREFIXES)
         log_p = model.mixed_log_probs(log_p, hidden, counts)
+    if neighbours is not None:
+        log_p = model.copied_log_probs(log_p, hidden, inputs, targets, TARGET_PREFIXES, *neighbours)
     return torch.diff(log_p, dim=-1, prepend=torch.zeros_like(log_p[..., :1])).double().cpu().numpy()
 
 

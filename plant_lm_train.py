@@ -1395,7 +1395,8 @@ class SuffixIndex:
         chunk = torch.searchsorted(self.chunk_ends, at, right=True)
         if chunks is not None:
             valid &= chunk != chunks.view(B, 1, 1, 1)
-        direction = torch.tensor([1, -1], device=windows.device).view(1, 1, 2, 1).expand_as(at)
+        direction = (1 - 2 * torch.arange(2, device=windows.device)).view(1, 1, 2, 1).expand_as(at)  # made on the
+        # device, as every tensor here: a captured step copies nothing from the host
         anchor = torch.where(direction > 0, at + NEIGHBOUR_SEED_BASES, at - 1)
         take = lambda x: x.transpose(2, 3).flatten(2)  # noqa: E731  [B, T, 2, H] -> [B, T, H * 2], strands in turn
         return take(anchor), take(direction), take(valid), take(chunk)
@@ -1825,6 +1826,22 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_mlp(x))
 
 
+def token_base_shifts(device):
+    """The shifts that read a 6-mer id's bases, first base highest (tokens[..., None] >> shifts & 3)."""
+    return 2 * torch.arange(BASES_PER_TOKEN - 1, -1, -1, device=device)
+
+
+def slot_features(tokens, bases, age):
+    """Each homolog slot's features [B, T, S, NEIGHBOUR_FEATURES] (bool) for input tokens [B, T] and
+    SuffixIndex.neighbours' bases and age: its 12 bases one-hot (none as a fifth letter), which of its 6 bases at
+    the input token agree with the token's own (is the homolog still in step), and its age (none, 0, 1, ..., 6+)."""
+    own = (tokens[..., None, None] >> token_base_shifts(tokens.device)) & 3  # [B, T, 1, 6]
+    letters = torch.arange(5, device=tokens.device)  # comparisons, not F.one_hot, which checks its input on the host
+    ages = torch.arange(-1, NEIGHBOUR_AGES - 1, device=tokens.device)
+    return torch.cat([(bases[..., None] == letters).flatten(-2), bases[..., :BASES_PER_TOKEN] == own,
+                      age.clamp_max(NEIGHBOUR_AGES - 2)[..., None] == ages], -1)
+
+
 def prefix_log_probs(logits, targets, target_bases):
     """log p(the target's first j bases) [B, T, len(target_bases)] under the logits [B, T, 4096], for each j in
     target_bases (1..6; -100 targets read as 0). A 6-mer id is its bases in base 4, first base highest, so the
@@ -1883,6 +1900,9 @@ class PlantLM(nn.Module):
         if cfg.global_memory == "neighbours":
             self.neighbour_features = nn.Linear(NEIGHBOUR_FEATURES, cfg.d_model)
             self.neighbour_copy = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+            # per slot, from its features and the final hidden state: its weight in the mixture, its substitution rate
+            self.copy_head = nn.Linear(NEIGHBOUR_FEATURES, 2)
+            self.copy_from_hidden = nn.Linear(cfg.d_model, 2, bias=False)
         self._window_biases = {}
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -1891,6 +1911,10 @@ class PlantLM(nn.Module):
         if cfg.retrieves:  # start from one pseudo-count per context (dirichlet), or g = 0.12 (gate)
             nn.init.zeros_(self.retrieval_head.weight)
             nn.init.constant_(self.retrieval_head.bias, 0.0 if cfg.retrieval_mixing == "dirichlet" else -2.0)
+        if cfg.global_memory == "neighbours":  # each slot starts at weight e^-4 against the model's 1, rate 0.12
+            nn.init.zeros_(self.copy_head.weight)
+            nn.init.zeros_(self.copy_from_hidden.weight)
+            self.copy_head.bias.data = torch.tensor([-4.0, -2.0])
 
     @staticmethod
     def _init_weights(module):
@@ -1931,6 +1955,8 @@ class PlantLM(nn.Module):
         log_p = prefix_log_probs(logits, targets, (BASES_PER_TOKEN,))
         if self.cfg.retrieves:
             log_p = self.mixed_log_probs(log_p, hidden, retrieval)
+        if self.cfg.global_memory == "neighbours":
+            log_p = self.copied_log_probs(log_p, hidden, tokens, targets, (BASES_PER_TOKEN,), *neighbours)
         nats = torch.where(targets != -100, -log_p[..., 0], 0.0)
         if reduction == "none":
             return nats, hidden.detach()
@@ -1938,18 +1964,34 @@ class PlantLM(nn.Module):
 
     def neighbour_input(self, tokens, bases, age):
         """What the homologs add to each position's input, summed over the slots (SuffixIndex.neighbours: bases
-        [B, T, S, 12], age [B, T, S]): their aligned bases (one-hot, with none as a fifth letter), which of their 6
-        bases at the input token agree with the token's own, and how many tokens ago their lookup found them,
-        through one linear map; and the token embedding of their 6 bases at the target through another, because the
-        tied output head then scores that 6-mer up, so that copying the homolog is one step for the model."""
-        shifts = 2 * torch.arange(BASES_PER_TOKEN - 1, -1, -1, device=tokens.device)  # first base highest
-        own = (tokens[..., None, None] >> shifts) & 3  # the input token's bases [B, T, 1, 6]
-        features = torch.cat([F.one_hot(bases, 5).flatten(-2), (bases[..., :BASES_PER_TOKEN] == own).long(),
-                               F.one_hot(age.clamp(-1, NEIGHBOUR_AGES - 2) + 1, NEIGHBOUR_AGES)], -1)
+        [B, T, S, 12], age [B, T, S]): their slot_features through one linear map, and the token embedding of their 6
+        bases at the target through another, because the tied output head then scores that 6-mer up, so that
+        copying the homolog is one step for the model."""
         target = bases[..., BASES_PER_TOKEN:]
-        copied = self.token_embedding((target.clamp_max(3) << shifts).sum(-1))
+        copied = self.token_embedding((target.clamp_max(3) << token_base_shifts(tokens.device)).sum(-1))
         copied = copied * (target < 4).all(-1, keepdim=True)
-        return (self.neighbour_features(features.to(copied.dtype)) + self.neighbour_copy(copied)).sum(2)
+        features = slot_features(tokens, bases, age).to(copied.dtype)
+        return (self.neighbour_features(features) + self.neighbour_copy(copied)).sum(2)
+
+    def copied_log_probs(self, log_p, hidden, tokens, targets, target_bases, bases, age):
+        """log_p [B, T, P] of the targets' first j bases (j in target_bases) mixed with one expert per homolog slot
+        that copies the slot's bases at the target, each base kept with probability 1 - r and changed to each other
+        base with r / 3: q(first j bases) = prod over them of (1 - r if the slot's base is the target's, else r / 3).
+        Each q sums to 1 over the 6-mers and over each base given the ones before, so the mixture scores base by
+        base exactly as the 6-mer does. The weights (a softmax over the model and the slots that have a homolog)
+        and each r come from the slot's features and the final hidden state: copy_head, copy_from_hidden."""
+        values = self.copy_head(slot_features(tokens, bases, age).float()) + \
+            self.copy_from_hidden(hidden.float())[:, :, None, :]  # [B, T, S, 2]
+        copied = bases[..., BASES_PER_TOKEN:]
+        present = (copied < 4).all(-1)
+        wanted = (targets.clamp_min(0)[..., None] >> token_base_shifts(targets.device)) & 3  # [B, T, 6]
+        rate = torch.sigmoid(values[..., 1:])
+        per_base = torch.where(copied == wanted[:, :, None, :], torch.log1p(-rate), torch.log(rate / 3))
+        cumulative = per_base.cumsum(-1)
+        q = torch.stack([cumulative[..., j - 1] for j in target_bases], -1)  # [B, T, S, P]
+        weights = torch.cat([torch.zeros_like(values[..., :1, 0]),
+                             torch.where(present, values[..., 0], -math.inf)], -1).log_softmax(-1)  # [B, T, 1 + S]
+        return torch.logsumexp(torch.cat([log_p[:, :, None], q], 2) + weights[..., None], 2)
 
     def mixed_log_probs(self, log_p, hidden, retrieval):
         """The LM's log-probabilities of the targets' first j bases, log_p [B, T, P] (prefix_log_probs), smoothed by

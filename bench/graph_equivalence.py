@@ -40,9 +40,9 @@ def main():
         species = torch.randint(0, 3, (cfg.accumulation_steps, cfg.batch_size), generator=g)
         batches.append((tokens.to(torch.int16), species, torch.zeros(tokens.shape, dtype=torch.bool)))
     retrieval_index = None
-    if cfg.global_memory == "retrieval" and cfg.index_layout == "suffix_array":
+    if cfg.retrieves and cfg.index_layout == "suffix_array":
         retrieval_index = plm.build_suffix_index([plm.token_bases(genome.numpy())], "synthetic").to(rt.device)
-    elif cfg.global_memory == "retrieval":
+    elif cfg.retrieves:
         bases = torch.from_numpy(plm.token_bases(genome.numpy())).to(rt.device)
         retrieval_index = plm.RetrievalIndex(*plm.key_tables(plm.longest_keys(bases, [len(bases)], plm.INDEX_KEY_BASES)),
                                           "synthetic").to(rt.device)
