@@ -1872,8 +1872,9 @@ class PlantLM(nn.Module):
     read from the final hidden state per position and context length. With gate, p <- (1 - g) p + g count(context,
     x) / count(context) for the longest context that occurs, g a learned gate of the hidden state (as kNN-LM).
     global_memory = neighbours: the same smoothing by counts, and each position reads the homologs that
-    SuffixIndex.neighbours found for it: their bases aligned to the input token and to the target, added to its input
-    (neighbour_input): a cross-attention whose alignment the index gives.
+    SuffixIndex.neighbours found for it, their bases aligned to the input token and to the target: added to its input
+    (neighbour_input, a cross-attention whose alignment the index gives), and as experts that copy them through
+    substitutions, mixed into the output (copied_log_probs).
     global_memory = buckets: a learned memory of 4096 rows, one per 6-mer, that the attention reads in every layer
     (BucketAttention); it gained nothing measurable over none and stays selectable.
     """

@@ -352,6 +352,44 @@ def test_the_gate_mixes_in_the_longest_context_that_occurs():
     assert torch.allclose(nats.double(), -expected.log(), atol=1e-5)
 
 
+def test_each_homolog_slot_is_an_expert_that_copies_its_bases_through_substitutions():
+    """The counts' gate, then a softmax over the model and each slot that has a homolog: a slot puts
+    (1 - r)^matches (r / 3)^mismatches on the target, r and the weights read from its features and the hidden state."""
+    _, _, tokens, species, counts = mixture_case("gate")
+    cfg = tiny_config(global_memory="neighbours", index_layout="suffix_array", dropout=0.0)
+    torch.manual_seed(0)
+    model = plm.PlantLM(cfg, 2).eval()
+    with torch.no_grad():
+        model.retrieval_head.weight.normal_(0, 0.5)
+        model.copy_head.weight.normal_(0, 0.5)
+        model.copy_from_hidden.weight.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(1)
+    targets = tokens[:, 1:]
+    target_bases = (targets[..., None] >> (2 * torch.arange(5, -1, -1))) & 3
+    # slot 0 holds the target, slot 1 the target with its base 2 changed, slot 2 random bases, slot 3 nothing
+    bases = torch.randint(0, 4, (3, cfg.context_size, plm.NEIGHBOUR_SLOTS, 12), generator=g)
+    bases[:, :, 0, 6:] = target_bases
+    bases[:, :, 1, 6:] = target_bases
+    bases[:, :, 1, 8] = (target_bases[..., 2] + 1) % 4
+    bases[:, :, 3] = 4
+    age = torch.randint(0, 20, (3, cfg.context_size, plm.NEIGHBOUR_SLOTS), generator=g)
+    age[:, :, 3] = -1
+    nats, _ = model(tokens[:, :-1], species, targets, retrieval=counts, neighbours=(bases, age), reduction="none")
+    logits, hidden = model(tokens[:, :-1], species, neighbours=(bases, age))
+    p_lm = torch.exp(model.mixed_log_probs(plm.prefix_log_probs(logits, targets, (6,)), hidden, counts))[..., 0]
+    values = (model.copy_head(plm.slot_features(tokens[:, :-1], bases, age).float()) +
+              model.copy_from_hidden(hidden)[:, :, None, :]).double()
+    r = torch.sigmoid(values[..., 1])
+    copies = torch.stack([(1 - r[..., 0]) ** 6, (1 - r[..., 1]) ** 5 * r[..., 1] / 3,
+                          torch.zeros_like(r[..., 2]), torch.zeros_like(r[..., 3])], -1)
+    matches = (bases[:, :, 2, 6:] == target_bases).sum(-1)
+    copies[..., 2] = (1 - r[..., 2]) ** matches * (r[..., 2] / 3) ** (6 - matches)
+    weights = torch.softmax(torch.cat([torch.zeros_like(values[..., :1, 0]), values[..., :3, 0]], -1), -1)
+    expected = weights[..., 0] * p_lm + (weights[..., 1:] * copies[..., :3]).sum(-1)
+    assert torch.allclose(nats.double(), -expected.log(), atol=1e-5)
+    assert (expected > p_lm).any() and (expected < p_lm).any()
+
+
 @pytest.mark.parametrize("mixing", ["dirichlet", "gate"])
 def test_padding_targets_are_ignored_by_the_mixture(mixing):
     cfg, model, tokens, species, counts = mixture_case(mixing)
