@@ -1319,8 +1319,8 @@ class SuffixIndex:
         found it, -1 for none).
 
         Before each target the last NEIGHBOUR_SEED_BASES bases are looked up on both strands, and of each strand's
-        range of the array NEIGHBOUR_HITS rows spread evenly over it are read (the first rows of a range would all
-        continue with the smallest bases). Every hit of the last NEIGHBOUR_LOOKBACK lookups is followed on, 6 bases
+        range of the array NEIGHBOUR_HITS + 1 rows spread evenly over it are read (the first rows of a range would
+        all continue with the smallest bases). Every hit of the last NEIGHBOUR_LOOKBACK lookups is followed on, 6 bases
         a token, to where it aligns with this target: a homolog found once is read on through the substitutions
         that stop the next lookups, and found again 18 bases after an indel. Hits that align to the same place are
         one homolog; the slots take the most recently found ones. chunks [B] (training): each window's chunk as its
@@ -1332,7 +1332,7 @@ class SuffixIndex:
         if not self.n:
             return (windows.new_full((B, T, NEIGHBOUR_SLOTS, 2 * BASES_PER_TOKEN), 4, dtype=torch.int64),
                     windows.new_full((B, T, NEIGHBOUR_SLOTS), -1, dtype=torch.int64))
-        anchor, direction, valid, chunk = self.seed_hits(windows, prefix, chunks)  # [B, T, H], H = 2 hits a strand
+        anchor, direction, valid, chunk = self.seed_hits(windows, prefix, chunks)  # [B, T, H], H = 2 strands' rows
         # every hit of the last NEIGHBOUR_LOOKBACK targets' lookups, carried to this target: [B, T, H * L]
         L = NEIGHBOUR_LOOKBACK
         lag = torch.arange(L, device=windows.device)
@@ -1340,7 +1340,7 @@ class SuffixIndex:
         anchor = (carried(anchor) + carried(direction) * BASES_PER_TOKEN * lag).flatten(2)
         valid, chunk, direction = (carried(x).flatten(2) for x in (valid.long(), chunk, direction))
         valid = valid.bool()
-        age = lag.repeat(2 * NEIGHBOUR_HITS)  # the flattened order: hit-major, lag-minor
+        age = lag.repeat(anchor.shape[-1] // L)  # the flattened order: hit-major, lag-minor
         # one homolog per (place, strand): of hits that align alike, the youngest; then the youngest homologs
         place = torch.where(valid, (anchor << 1 | (direction > 0)) << 7 | age, torch.iinfo(torch.int64).max)
         place, order = torch.sort(place, dim=-1)
@@ -1363,9 +1363,9 @@ class SuffixIndex:
         return torch.where(inside, bases, 4), age
 
     def seed_hits(self, windows, prefix, chunks):
-        """neighbours' lookups: for each target, NEIGHBOUR_HITS rows of each strand's range for the
+        """neighbours' lookups: for each target, NEIGHBOUR_HITS + 1 rows of each strand's range for the
         NEIGHBOUR_SEED_BASES bases before it, the strands in turn, as (anchor, direction, valid, chunk)
-        [B, T, 2 * hits]: the text position aligned with the target's first base (after the seed on the forward
+        [B, T, 2 * rows]: the text position aligned with the target's first base (after the seed on the forward
         strand; on the reverse, the seed's reverse complement starts at the hit, and the window's next base pairs
         with the base before it), which way the window's bases run there (1, -1), whether the row is a hit (outside
         the window's own chunk), and the hit's chunk."""
@@ -1387,9 +1387,12 @@ class SuffixIndex:
         lengths = torch.full_like(strings, NEIGHBOUR_SEED_BASES)
         first = self.suffixes_before(strings, lengths, at_most=False)  # [B, T, 2]: each strand's range of rows
         found = self.suffixes_before(strings, lengths, at_most=True) - first
-        pick = torch.arange(NEIGHBOUR_HITS, device=windows.device)
-        spread = found[..., None].clamp_min(NEIGHBOUR_HITS)  # a range of fewer rows is read from its start
-        rows = (first[..., None] + pick * spread // NEIGHBOUR_HITS).clamp_max(self.n - 1)  # [B, T, 2, H]
+        # one row more than NEIGHBOUR_HITS: in training a window's own occurrence is always in its range, and is
+        # left out below, so that training reads as many hits as validation
+        rows_read = NEIGHBOUR_HITS + 1
+        pick = torch.arange(rows_read, device=windows.device)
+        spread = found[..., None].clamp_min(rows_read)  # a range of fewer rows is read from its start
+        rows = (first[..., None] + pick * spread // rows_read).clamp_max(self.n - 1)  # [B, T, 2, rows_read]
         valid = (pick < found[..., None]) & known[..., None, None]
         at = (self.sa_high[rows].long() << 32) | (self.sa_low[rows].long() & 0xFFFFFFFF)
         chunk = torch.searchsorted(self.chunk_ends, at, right=True)
@@ -1915,7 +1918,8 @@ class PlantLM(nn.Module):
         if cfg.global_memory == "neighbours":  # each slot starts at weight e^-4 against the model's 1, rate 0.12
             nn.init.zeros_(self.copy_head.weight)
             nn.init.zeros_(self.copy_from_hidden.weight)
-            self.copy_head.bias.data = torch.tensor([-4.0, -2.0])
+            with torch.no_grad():
+                self.copy_head.bias.copy_(torch.tensor([-4.0, -2.0]))
 
     @staticmethod
     def _init_weights(module):
@@ -1981,13 +1985,14 @@ class PlantLM(nn.Module):
         Each q sums to 1 over the 6-mers and over each base given the ones before, so the mixture scores base by
         base exactly as the 6-mer does. The weights (a softmax over the model and the slots that have a homolog)
         and each r come from the slot's features and the final hidden state: copy_head, copy_from_hidden."""
-        values = self.copy_head(slot_features(tokens, bases, age).float()) + \
-            self.copy_from_hidden(hidden.float())[:, :, None, :]  # [B, T, S, 2]
+        # fp32 after the maps, as mixed_log_probs: under autocast a Linear returns bf16, whose sigmoid rounds to 1
+        values = (self.copy_head(slot_features(tokens, bases, age).to(hidden.dtype)) +
+                  self.copy_from_hidden(hidden)[:, :, None, :]).float()  # [B, T, S, 2]
         copied = bases[..., BASES_PER_TOKEN:]
         present = (copied < 4).all(-1)
         wanted = (targets.clamp_min(0)[..., None] >> token_base_shifts(targets.device)) & 3  # [B, T, 6]
-        rate = torch.sigmoid(values[..., 1:])
-        per_base = torch.where(copied == wanted[:, :, None, :], torch.log1p(-rate), torch.log(rate / 3))
+        rate = values[..., 1:]  # the substitution rate r = sigmoid(rate): log(1 - r) and log(r / 3) without rounding
+        per_base = torch.where(copied == wanted[:, :, None, :], F.logsigmoid(-rate), F.logsigmoid(rate) - math.log(3))
         cumulative = per_base.cumsum(-1)
         q = torch.stack([cumulative[..., j - 1] for j in target_bases], -1)  # [B, T, S, P]
         weights = torch.cat([torch.zeros_like(values[..., :1, 0]),
@@ -2321,7 +2326,7 @@ class Learner:
     scaler: torch.amp.GradScaler
     autocast_dtype: torch.dtype
     fixed_scale: float  # None with fp16 (the loss scale moves); 1.0 otherwise
-    retrieval_index: "RetrievalIndex" = None  # with global_memory = retrieval
+    retrieval_index: "RetrievalIndex" = None  # with global_memory = retrieval (or a SuffixIndex), or neighbours
     lr: torch.Tensor = None  # the learning rate on the device: every step reads it, so a captured step can too
     graph: "StepGraph" = None  # with Config.cuda_graphs on one CUDA process: what train_step replays
     # Bad-step accounting on the device, so that no step waits for the host: the current and the longest run of
@@ -2365,8 +2370,8 @@ def build_learner(cfg, rt, n_species, build_model=None):
 def train_step(learner, step_tokens, step_species, step_repeat, lr, step_chunks=None):
     """One optimizer step: forward and backward over the accumulation micro-batches, clip, optimizer, memory update,
     bad-step accounting. step_tokens [A, B, prefix + context + 1], step_species [A, B], step_repeat (the tokens'
-    repeat flags) and step_chunks [A, B] (each window's chunk, its number in the index's text) as the loader yields
-    them; without step_chunks, neighbours may come from a window's own chunk. Replays the learner's StepGraph when it has one, else runs
+    repeat flags) and step_chunks [A, B] (each window's chunk, its number in the index's text; needed with
+    global_memory = neighbours) as the loader yields them. Replays the learner's StepGraph when it has one, else runs
     step_on_device directly: the same work either way. Returns device tensors and never waits for the device."""
     learner.lr.fill_(lr)
     batch = (step_tokens, step_species, step_repeat) + (() if step_chunks is None else (step_chunks,))
@@ -2378,6 +2383,9 @@ def train_step(learner, step_tokens, step_species, step_repeat, lr, step_chunks=
 def step_on_device(learner, step_tokens, step_species, step_repeat, step_chunks=None):
     """train_step's work once its inputs are on the device: only device work, so that a CUDA graph can hold it."""
     cfg, rt, model = learner.cfg, learner.rt, learner.model
+    if cfg.global_memory == "neighbours" and step_chunks is None:  # else every window would copy its own bases
+        raise ValueError("global_memory = neighbours trains with each window's chunk number (step_chunks); -1 for "
+                         "windows from no training chunk")
     for group in learner.optimizer.param_groups:
         group["lr"] = learner.lr  # a resume's load_state_dict brings the saved value back: point at ours again
     step_tokens = step_tokens.long()
@@ -2698,7 +2706,8 @@ def validation_loss(model, tokens, species, repeat, cfg, rt, autocast_dtype, ret
                                                       batch.shape[1]), -1)])
             memory["retrieval"] = retrieval_index.counts(asked, cfg.prefix_tokens, exclude_self=False)[:len(rows)]
             if cfg.global_memory == "neighbours":
-                memory["neighbours"] = tuple(x[:len(rows)] for x in retrieval_index.neighbours(asked, cfg.prefix_tokens))
+                found = retrieval_index.neighbours(asked, cfg.prefix_tokens)
+                memory["neighbours"] = tuple(x[:len(rows)] for x in found)
         if not len(rows):
             continue
         with torch.autocast(rt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

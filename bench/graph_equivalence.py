@@ -46,6 +46,7 @@ def main():
         bases = torch.from_numpy(plm.token_bases(genome.numpy())).to(rt.device)
         retrieval_index = plm.RetrievalIndex(*plm.key_tables(plm.longest_keys(bases, [len(bases)], plm.INDEX_KEY_BASES)),
                                           "synthetic").to(rt.device)
+    no_chunk = torch.full((cfg.accumulation_steps, cfg.batch_size), -1)  # the windows are in no chunk of the index
     runs = {}
     for label, graphs in (("plain", False), ("plain_again", False), ("graphed", True)):
         torch.manual_seed(0)  # the same initial weights and the same dropout draws
@@ -53,7 +54,7 @@ def main():
         learner = plm.build_learner(dataclasses.replace(cfg, cuda_graphs=graphs), rt, 3)
         learner.retrieval_index = retrieval_index
         t0 = time.time()
-        losses = [plm.train_step(learner, *batch, plm.lr_at(step, cfg, args.steps)).loss
+        losses = [plm.train_step(learner, *batch, plm.lr_at(step, cfg, args.steps), step_chunks=no_chunk).loss
                   for step, batch in enumerate(batches)]
         torch.cuda.synchronize()
         runs[label] = {"params": {k: v.detach().clone().float() for k, v in learner.model.state_dict().items()

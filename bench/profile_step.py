@@ -3,7 +3,8 @@ loss, optimizer, memory and the rest, from torch.profiler.
 
     python bench/profile_step.py [--name=NAME] --batch_size=4096 --accumulation_steps=1 [--field=value ...]
         -> bench/results/NAME.json (default profile_bBATCH_MEMORY)
-    INDEX_ENTRIES=N: the synthetic retrieval index's size per context length
+    INDEX_ENTRIES=N: the synthetic retrieval index's size per context length (bases, with index_layout=suffix_array,
+    whose searches are gathers and compares: its kernels count as elementwise, not as "retrieval lookup")
 Synthetic tokens (the data pipeline is measured separately, as data_wait in the throughput runs); the step is
 plant_lm_train.train_step itself: compiled forward/backward over the accumulation micro-batches, clip, fused AdamW,
 memory observations and update. It is timed twice, replaying its CUDA graph (Config.cuda_graphs) and run eagerly;
@@ -44,15 +45,20 @@ def main():
     rt = plm.Runtime(0, 0, 1, torch.device("cuda"))
     learner = plm.build_learner(cfg, rt, 3)  # the trainer's model, compiled forward, fused AdamW, scaler, step graph
     model = learner.model
-    if cfg.global_memory == "retrieval":  # an index of the bundled genomes' size: what a lookup searches
-        learner.retrieval_index = synthetic_index(int(os.environ.get("INDEX_ENTRIES", 200_000_000)), rt.device)
+    entries = int(os.environ.get("INDEX_ENTRIES", 200_000_000))
+    if cfg.retrieves and cfg.index_layout == "suffix_array":  # random bases: the same searches, few hits
+        bases = torch.randint(0, 4, (entries,), dtype=torch.uint8).numpy()
+        learner.retrieval_index = plm.build_suffix_index([bases], "synthetic").to(rt.device)
+    elif cfg.retrieves:  # an index of the bundled genomes' size: what a lookup searches
+        learner.retrieval_index = synthetic_index(entries, rt.device)
     tokens = torch.randint(0, plm.VOCAB_SIZE, (cfg.accumulation_steps, cfg.batch_size, cfg.prefix_tokens + cfg.context_size + 1))
     species = torch.randint(0, 3, (cfg.accumulation_steps, cfg.batch_size))
     repeat = torch.zeros(tokens.shape, dtype=torch.bool)  # the repeat flags only weigh the loss: no cost of their own
+    chunks = torch.full(species.shape, -1)  # the windows are in no chunk of the index: neighbours leave nothing out
 
     def step(n):
         for _ in range(n):
-            plm.train_step(learner, tokens, species, repeat, cfg.learning_rate)  # the trainer's own step
+            plm.train_step(learner, tokens, species, repeat, cfg.learning_rate, chunks)  # the trainer's own step
 
     def seconds_per_step():
         step(5)  # warm-up: compilation, and with a StepGraph its eager steps and its capture

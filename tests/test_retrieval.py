@@ -390,6 +390,28 @@ def test_each_homolog_slot_is_an_expert_that_copies_its_bases_through_substituti
     assert (expected > p_lm).any() and (expected < p_lm).any()
 
 
+def test_the_homolog_experts_stay_finite_under_bf16_autocast():
+    """A substitution rate near 1 (its logit 8): a bf16 sigmoid rounds it to 1, and log(1 - r) was -inf, so the loss
+    was infinite and every gradient NaN, even where no slot matched."""
+    cfg = tiny_config(global_memory="neighbours", index_layout="suffix_array")
+    torch.manual_seed(0)
+    model = plm.PlantLM(cfg, 2)
+    with torch.no_grad():
+        model.copy_head.bias.copy_(torch.tensor([0.0, 8.0]))
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, plm.VOCAB_SIZE, (2, cfg.context_size + 1), generator=g)
+    targets = tokens[:, 1:]
+    bases = torch.zeros(2, cfg.context_size, plm.NEIGHBOUR_SLOTS, 12, dtype=torch.long)
+    bases[..., 6:] = (targets[..., None, None] >> (2 * torch.arange(5, -1, -1))) & 3  # every slot copies the target
+    age = torch.zeros(bases.shape[:-1], dtype=torch.long)
+    counts = torch.zeros(2, cfg.context_size, 3, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model(tokens[:, :-1], torch.tensor([0, 1]), targets, retrieval=counts, neighbours=(bases, age))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 @pytest.mark.parametrize("mixing", ["dirichlet", "gate"])
 def test_padding_targets_are_ignored_by_the_mixture(mixing):
     cfg, model, tokens, species, counts = mixture_case(mixing)
