@@ -2092,7 +2092,7 @@ def train(cfg, build_model=None, started=None):
         if run.saved_rng is not None:  # after iter(loader), which draws its base seed from the global torch RNG
             restore_rng_states(run.saved_rng, rt.device)
         clock.start_steps(run)
-        meter, bar, due = LogMeter(run), None, clock.poll(run)
+        meter, bar, due, result = LogMeter(run), None, clock.poll(run), None
         # the stops: every epoch (or max_steps) trained; max_minutes; validation no longer improving
         while run.step < run.total_steps and not due.out_of_time and not validation_stalled(run):
             bar = bar or epoch_progress_bar(run)
@@ -2128,7 +2128,7 @@ def train(cfg, build_model=None, started=None):
         elif (why := validation_stalled(run)) and run.step > clock.first_step:
             log.info(f"early stop at step {run.step}: {why}")
         stop_loader(run, batches)
-        finish_run(run, meter)
+        finish_run(run, meter, result)
     finally:
         log.close()
     if rt.distributed:
@@ -2145,12 +2145,13 @@ def stop_loader(run, batches):
     run.loader = None  # persistent workers: the DataLoader holds the last reference to its iterator
 
 
-def finish_run(run, meter):
-    """The run's last log line, validation and model_latest.pt (each unless this step already had it, or no step
-    was taken), then the closing lines: the best checkpoint beside the last figure, and where the wall time went."""
+def finish_run(run, meter, result):
+    """The run's last log line (result: the last step's), validation and model_latest.pt (each unless this step
+    already had it, or no step was taken), then the closing lines: the best checkpoint beside the last figure, and
+    where the wall time went."""
     if run.step > run.clock.first_step:  # else resumed at its end, or out of time before a step: nothing new to keep
         if meter.steps:
-            record = write_log_line(run, meter, None)
+            record = write_log_line(run, meter, result)
             if record["bad_step_streak"] >= run.cfg.max_bad_steps:
                 raise bad_steps_stop(run, record["bad_step_streak"])
         validating = run.validated_at != run.step
@@ -2523,7 +2524,7 @@ class LogMeter:
 
 
 def write_log_line(run, meter, result):
-    """One metrics record and log line for the steps since the last (result: the last step's, or None). Its timing
+    """One metrics record and log line for the steps since the last (result: the last step's). Its timing
     is the device's: it synchronizes first, so tokens/s counts finished work, not launches."""
     cfg, rt, learner = run.cfg, run.rt, run.learner
     synchronize(rt.device)
@@ -2545,7 +2546,7 @@ def write_log_line(run, meter, result):
         record["weighted_loss"] = weighted_sum / good_steps if good_steps else math.nan
     data_wait = run.clock.spent["data_wait"] - meter.data_wait_before
     record.update({"lr": lr_at(run.step - 1, cfg, run.total_steps),
-                   "grad_norm": math.nan if result is None else result.grad_norm.item(),
+                   "grad_norm": result.grad_norm.item(),
                    "step_ms": 1000 * seconds / meter.steps, "samples_per_s": samples_per_s,
                    "tokens_per_s": samples_per_s * cfg.context_size, "data_wait_frac": data_wait / seconds,
                    "skipped_steps": skipped, "bad_step_streak": worst, "host_rss_mb": host_rss_mb(),

@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import glob
 import gzip
+import math
 import os
 import re
 import signal
@@ -325,6 +326,17 @@ def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_to_resume_from(genome_d
     assert proc.returncode == 130, err[-3000:]
     assert f"interrupted: the same command resumes from {ckpt_dir / 'model_latest.pt'}" in err, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+
+
+def test_the_closing_log_line_between_log_every_steps_reports_the_last_steps_gradient_norm(genome_dir, tmp_path):
+    """3 steps with log_every 50: the only training record is the closing one, which once read grad_norm nan, a figure
+    that looks like a diverged run."""
+    log_dir = tmp_path / "logs"
+    proc = run_train(train_args(genome_dir, "--max_steps=3", "--log_every=50", f"--log_dir={log_dir}",
+                                f"--checkpoint_dir={tmp_path / 'ckpt'}"), cwd=tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    (record,) = [r for r in read_jsonl(log_dir) if "grad_norm" in r]
+    assert record["step"] == 3 and math.isfinite(record["grad_norm"]) and record["grad_norm"] > 0, record
 
 
 def test_rerunning_a_finished_run_says_there_is_nothing_to_train(genome_dir, tmp_path):
