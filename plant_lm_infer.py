@@ -26,7 +26,7 @@ import torch.nn as nn
 from plant_lm_train import (BASES_PER_TOKEN, BYTE_CODES, Config, ConfigError, DataError, FileStats, PlantLM,
                           RetrievalIndex, acgt_segments, check_looks_like_dna, checkpoint_config, chunk_file,
                           chunk_start, load_checkpoint, load_retrieval_index, open_genome, other_letters,
-                          prefix_log_probs, read_fasta, retrieval_index_path, token_bases, tokenize,
+                          prefix_log_probs, read_fasta, retrieval_index_path, slot_features, token_bases, tokenize,
                           write_atomically)
 
 # ----------------------------------------------------------------------------- scoring: windows, per-base log-probs
@@ -150,7 +150,8 @@ def window_base_log_probs(inference, rows):
                                                target_bases=(0,) + TARGET_PREFIXES)
         log_p = model.mixed_log_probs(log_p, hidden, counts)
     if neighbours is not None:
-        log_p = model.copied_log_probs(log_p, hidden, inputs, targets, TARGET_PREFIXES, *neighbours)
+        log_p = model.copied_log_probs(log_p, hidden, targets, TARGET_PREFIXES, neighbours[0],
+                                       slot_features(inputs, *neighbours))
     return torch.diff(log_p, dim=-1, prepend=torch.zeros_like(log_p[..., :1])).double().cpu().numpy()
 
 

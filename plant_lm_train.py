@@ -1945,8 +1945,9 @@ class PlantLM(nn.Module):
         `neighbours` is SuffixIndex.neighbours for them, required with global_memory = neighbours."""
         B, T = tokens.shape
         x = self.token_embedding(tokens) + self.species_embedding(species)[:, None, :]
-        if self.cfg.global_memory == "neighbours":
-            x = x + self.neighbour_input(tokens, *neighbours)
+        if self.cfg.global_memory == "neighbours":  # one set of slot features for the input and the experts
+            bases, features = neighbours[0], slot_features(tokens, *neighbours)
+            x = x + self.neighbour_input(bases, features)
         x = self.dropout(x)
         rotary = (self.rotary_cos[:T], self.rotary_sin[:T])
         window_bias = self.window_bias(T, tokens.device)
@@ -1961,32 +1962,32 @@ class PlantLM(nn.Module):
         if self.cfg.retrieves:
             log_p = self.mixed_log_probs(log_p, hidden, retrieval)
         if self.cfg.global_memory == "neighbours":
-            log_p = self.copied_log_probs(log_p, hidden, tokens, targets, (BASES_PER_TOKEN,), *neighbours)
+            log_p = self.copied_log_probs(log_p, hidden, targets, (BASES_PER_TOKEN,), bases, features)
         nats = torch.where(targets != -100, -log_p[..., 0], 0.0)
         if reduction == "none":
             return nats, hidden.detach()
         return nats.sum() / (targets != -100).sum().clamp_min(1), hidden.detach()
 
-    def neighbour_input(self, tokens, bases, age):
-        """What the homologs add to each position's input, summed over the slots (SuffixIndex.neighbours: bases
-        [B, T, S, 12], age [B, T, S]): their slot_features through one linear map, and the token embedding of their 6
-        bases at the target through another, because the tied output head then scores that 6-mer up, so that
-        copying the homolog is one step for the model."""
+    def neighbour_input(self, bases, features):
+        """What the homologs add to each position's input, summed over the slots (bases [B, T, S, 12] of
+        SuffixIndex.neighbours, and their slot_features): the features through one linear map, and the token
+        embedding of their 6 bases at the target through another, because the tied output head then scores that
+        6-mer up, so that copying the homolog is one step for the model."""
         target = bases[..., BASES_PER_TOKEN:]
-        copied = self.token_embedding((target.clamp_max(3) << token_base_shifts(tokens.device)).sum(-1))
+        copied = self.token_embedding((target.clamp_max(3) << token_base_shifts(bases.device)).sum(-1))
         copied = copied * (target < 4).all(-1, keepdim=True)
-        features = slot_features(tokens, bases, age).to(copied.dtype)
-        return (self.neighbour_features(features) + self.neighbour_copy(copied)).sum(2)
+        return (self.neighbour_features(features.to(copied.dtype)) + self.neighbour_copy(copied)).sum(2)
 
-    def copied_log_probs(self, log_p, hidden, tokens, targets, target_bases, bases, age):
+    def copied_log_probs(self, log_p, hidden, targets, target_bases, bases, features):
         """log_p [B, T, P] of the targets' first j bases (j in target_bases) mixed with one expert per homolog slot
         that copies the slot's bases at the target, each base kept with probability 1 - r and changed to each other
         base with r / 3: q(first j bases) = prod over them of (1 - r if the slot's base is the target's, else r / 3).
         Each q sums to 1 over the 6-mers and over each base given the ones before, so the mixture scores base by
         base exactly as the 6-mer does. The weights (a softmax over the model and the slots that have a homolog)
-        and each r come from the slot's features and the final hidden state: copy_head, copy_from_hidden."""
+        and each r come from the slot's features (slot_features) and the final hidden state: copy_head,
+        copy_from_hidden."""
         # fp32 after the maps, as mixed_log_probs: under autocast a Linear returns bf16, whose sigmoid rounds to 1
-        values = (self.copy_head(slot_features(tokens, bases, age).to(hidden.dtype)) +
+        values = (self.copy_head(features.to(hidden.dtype)) +
                   self.copy_from_hidden(hidden)[:, :, None, :]).float()  # [B, T, S, 2]
         copied = bases[..., BASES_PER_TOKEN:]
         present = (copied < 4).all(-1)
@@ -2408,8 +2409,7 @@ def step_on_device(learner, step_tokens, step_species, step_repeat, step_chunks=
         memory = {} if learner.retrieval_index is None else {  # leave-one-out: a window never retrieves itself
             "retrieval": learner.retrieval_index.counts(windows, cfg.prefix_tokens, exclude_self=True)}
         if cfg.global_memory == "neighbours":  # nor reads its own chunk
-            memory["neighbours"] = learner.retrieval_index.neighbours(
-                windows, cfg.prefix_tokens, None if step_chunks is None else step_chunks[micro])
+            memory["neighbours"] = learner.retrieval_index.neighbours(windows, cfg.prefix_tokens, step_chunks[micro])
         syncs_gradients = micro == cfg.accumulation_steps - 1
         # gradients are all-reduced only on the last micro-batch; no_sync must wrap the forward too
         with learner.wrapped.no_sync() if rt.distributed and not syncs_gradients else contextlib.nullcontext():
@@ -3037,13 +3037,11 @@ def write_atomically(path, payload, save=None, what="checkpoint"):
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-    except OSError as e:
+    except BaseException as e:  # an interrupt as well as a full disk: no partial file is left
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise OSError(e.errno, f"cannot write {what} {path}: {e.strerror or e}; the previous {what} is kept") from e
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"cannot write {what} {path}: {e.strerror or e}; the previous {what} is kept") from e
         raise
 
 
