@@ -1,7 +1,8 @@
 """Does a CUDA-graphed training step (Config.cuda_graphs) train exactly like the plain one? GPU only.
 
     python bench/graph_equivalence.py [--steps 20] [--field=value ...]   -> bench/results/graph_equivalence.json
-    (with --index_layout=suffix_array: graph_equivalence_suffix_array.json, the suffix array's lookups captured)
+    (with --index_layout=suffix_array: graph_equivalence_suffix_array.json, the suffix array's lookups captured;
+    another --global_memory adds its name: graph_equivalence_neighbours_suffix_array.json)
 Three learners from the same initial weights and the same RNG state, at the default Config in fp32 (compiled,
 retrieval memory, dropout 0.1) unless overridden, take the same --steps optimizer steps on the same batches: two
 plain (cuda_graphs=false: how far two identical plain runs already differ, the floor) and one graphed (two eager
@@ -71,7 +72,8 @@ def main():
               "graphed_vs_plain": compare(runs["graphed"]["params"], runs["plain"]["params"]),
               "plain_vs_plain": compare(runs["plain_again"]["params"], runs["plain"]["params"]),
               "runs": {k: {kk: vv for kk, vv in v.items() if kk != "params"} for k, v in runs.items()}}
-    suffix = "" if cfg.index_layout == "tables" else f"_{cfg.index_layout}"
+    suffix = "".join(f"_{v}" for v, default in ((cfg.global_memory, "retrieval"), (cfg.index_layout, "tables"))
+                     if v != default)
     write_result(os.path.join(RESULTS, f"graph_equivalence{suffix}.json"), result)
     print(json.dumps({k: result[k] for k in ("graphed_vs_plain", "plain_vs_plain")}, indent=1))
     print("losses plain  ", " ".join(f"{x:.6f}" for x in runs["plain"]["losses"][-5:]))
