@@ -118,12 +118,13 @@ class Config:
     local_attn_window: int = field(default=32, metadata=ARCHITECTURE)  # keys per query, its own position included
     n_buckets: int = field(default=VOCAB_SIZE, metadata=ARCHITECTURE)  # rows of the bucket memory, one per 6-mer
     global_context: int = 200_000  # tokens after which an observation's weight in the memory falls to 1/e
-    # retrieval | neighbours (retrieval, and the homologs' aligned bases as input) | buckets | none
-    global_memory: str = field(default="retrieval", metadata=ARCHITECTURE)
+    # neighbours (the counts, and the homologs' aligned bases) | retrieval (the counts) | buckets | none. On an H200
+    # neighbours reached 1.04 bits/base where retrieval reached 1.39, at equal steps and at equal wall time
+    global_memory: str = field(default="neighbours", metadata=ARCHITECTURE)
     retrieval_mixing: str = field(default="gate", metadata=ARCHITECTURE)  # gate | dirichlet (retrieval only)
-    # how the retrieval memory's counts are stored: tables (RetrievalIndex: 68-86 B/base, graph-tested on GPUs) or
-    # suffix_array (SuffixIndex: 5.3 B/base, any string length; not yet measured on a GPU)
-    index_layout: str = "tables"
+    # how the index is stored: suffix_array (SuffixIndex: 5.3 B/base, positions, any string length; neighbours needs
+    # it) or tables (RetrievalIndex: 68-86 B/base, counts of 12/18/24-base contexts only; the fastest retrieval)
+    index_layout: str = "suffix_array"
     # optimization
     batch_size: int = 16  # windows per micro-batch per rank
     accumulation_steps: int = 4
@@ -1475,7 +1476,7 @@ def load_or_build_retrieval_index(catalog, cfg, rt, warn=print):
     n_bases = sum(c.n_tokens for c in catalog.train_chunks) * BASES_PER_TOKEN
     problem = index_fit_problem(n_bases, os.path.getsize(path) if os.path.exists(path) else None,
                                 free_device_bytes(rt.device), available_host_bytes(),
-                                free_disk_bytes(cfg.checkpoint_dir), cfg.index_layout, slices)
+                                free_disk_bytes(cfg.checkpoint_dir), cfg.index_layout, slices, cfg.global_memory)
     if problem:  # every rank finds the same (one machine kind); a mixed cluster fails on the smallest GPU
         raise ConfigError(problem)
     if rt.is_main and not os.path.exists(path):
@@ -1493,11 +1494,12 @@ def load_or_build_retrieval_index(catalog, cfg, rt, warn=print):
     return load_retrieval_index(path, rt.device, rt.rank % slices, slices)
 
 
-def index_fit_problem(n_bases, cached_bytes, free_device, free_host, free_disk, layout, ranks):
+def index_fit_problem(n_bases, cached_bytes, free_device, free_host, free_disk, layout, ranks, memory="retrieval"):
     """Why the retrieval index (of index_layout `layout`) of n_bases of training sequence cannot be built or held
     here, as one line naming the figures and the ways out; None when it fits. cached_bytes: the size of the cached
     index, or None if it must be built. Tables are built on the device that holds them, and every rank holds them
-    whole; a suffix array is built on the host, and each of `ranks` holds 1/ranks of it (and all of its text)."""
+    whole; a suffix array is built on the host, and each of `ranks` holds 1/ranks of it (and all of its text).
+    memory: the global_memory that reads it (neighbours holds a suffix array whole on every rank: ranks = 1)."""
     gb = lambda n: f"{n / 1e9:,.1f} GB"  # noqa: E731
     held, building = ((INDEX_BYTES_PER_BASE, INDEX_BUILD_BYTES_PER_BASE) if layout == "tables" else
                       (SUFFIX_INDEX_BYTES_PER_BASE, SUFFIX_INDEX_BUILD_BYTES_PER_BASE))
@@ -1516,8 +1518,10 @@ def index_fit_problem(n_bases, cached_bytes, free_device, free_host, free_disk, 
     short = [f"{gb(need)} {where} ({gb(free)} free)" for where, need, free in needs if need > free]
     if not short:
         return None
-    ways = ("--index_layout=suffix_array (about 16 times smaller, and shared out over the GPUs), " if layout ==
-            "tables" else "more GPUs (each holds its share of a suffix array), ")
+    ways = {"tables": "--index_layout=suffix_array (about 16 times smaller, and shared out over the GPUs), ",
+            "suffix_array": "more GPUs (each holds its share of a suffix array), "}[layout]
+    if memory == "neighbours" and free_device is not None:  # more GPUs do not help: each holds the whole array
+        ways = "--global_memory=retrieval (the counts alone: its suffix array is shared out over the GPUs), "
     return (f"the retrieval index of {n_bases / 1e9:,.2f} Gbp of training sequence does not fit: it needs "
             f"{' and '.join(short)}, about {held} bytes per base held and {building} while it is built "
             f"(index_layout = {layout}). Ways out: {ways}--global_memory=none (no retrieval memory), fewer species "
@@ -3163,10 +3167,14 @@ def resume_path(cfg, warn=print):
     return None if cfg.resume == "none" else cfg.resume
 
 
+# What a checkpoint that predates a field ran with, where the field's default has changed since it was added
+FORMER_DEFAULTS = {"global_memory": "buckets", "index_layout": "tables"}
+
+
 def checkpoint_config(saved):
     """The Config a checkpoint was written with: a field it predates had its default value then."""
     names = {f.name for f in dataclasses.fields(Config)}
-    values = {k: v for k, v in saved.items() if k in names}
+    values = {**FORMER_DEFAULTS, **{k: v for k, v in saved.items() if k in names}}
     return Config(**values)
 
 

@@ -4,10 +4,10 @@
     (with --index_layout=suffix_array: graph_equivalence_suffix_array.json, the suffix array's lookups captured;
     another --global_memory adds its name: graph_equivalence_neighbours_suffix_array.json)
 Three learners from the same initial weights and the same RNG state, at the default Config in fp32 (compiled,
-retrieval memory, dropout 0.1) unless overridden, take the same --steps optimizer steps on the same batches: two
-plain (cuda_graphs=false: how far two identical plain runs already differ, the floor) and one graphed (two eager
-warm-up steps, then one captured graph replayed). Reports, over all parameters, the largest ‖a − b‖ / ‖b‖ and
-how many tensors are bitwise equal, and the step losses of each.
+the default memory over a synthetic index, dropout 0.1) unless overridden, take the same --steps optimizer steps
+on the same batches: two plain (cuda_graphs=false: how far two identical plain runs already differ, the floor)
+and one graphed (two eager warm-up steps, then one captured graph replayed). Reports, over all parameters, the
+largest ‖a − b‖ / ‖b‖ and how many tensors are bitwise equal, and the step losses of each.
 """
 
 import argparse

@@ -566,17 +566,23 @@ def test_init_is_gpt2_residual_projections_scaled_by_depth(default_model):
     residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)
     checked = {"residual": 0, "other": 0}
     for name, p in default_model.named_parameters():
-        if p.dim() < 2 or name.startswith("retrieval_head"):
+        if p.dim() < 2 or name.startswith(("retrieval_head", "copy_head", "copy_from_hidden")):
             continue
         kind = "residual" if name.endswith("proj.weight") else "other"
         want = residual_std if kind == "residual" else 0.02
         assert p.std().item() == pytest.approx(want, rel=0.1), name
         assert abs(p.mean().item()) < 0.1 * want, name
         checked[kind] += 1
-    assert checked == {"residual": 2 * cfg.n_layers, "other": 2 + 2 * cfg.n_layers}  # embeddings; qkv, fc
+    # embeddings; qkv, fc; the homolog slots' feature and copied-token maps
+    assert checked == {"residual": 2 * cfg.n_layers, "other": 2 + 2 * cfg.n_layers + 2}
     assert default_model.head.weight is default_model.token_embedding.weight  # tied
     head = default_model.retrieval_head  # starts at the same gate, 0.12, everywhere: weight 0, bias -2
     assert torch.equal(head.weight, torch.zeros_like(head.weight)) and torch.equal(head.bias, torch.full((3,), -2.0))
+    # every homolog slot starts at the same weight and substitution rate, whatever it reads: weights 0
+    copy_head, from_hidden = default_model.copy_head, default_model.copy_from_hidden
+    assert torch.equal(copy_head.weight, torch.zeros_like(copy_head.weight))
+    assert torch.equal(from_hidden.weight, torch.zeros_like(from_hidden.weight))
+    assert torch.equal(copy_head.bias, torch.tensor([-4.0, -2.0]))
     buckets = plm.PlantLM(plm.Config(global_memory="buckets"), 3)
     for block in buckets.blocks:
         assert torch.equal(block.attn.memory_gate, torch.zeros(cfg.n_heads))  # starts as a plain local model
@@ -592,7 +598,11 @@ def test_default_model_parameter_count_matches_hand_count(default_model):
     retrieval_head = d * 3 + 3  # one gate per context length (12, 18, 24 bases) from the final hidden state
     expected = embeddings + L * per_layer + 2 * d + retrieval_head  # + ln_final
     assert expected == 20_987_907
-    assert sum(p.numel() for p in default_model.parameters()) == expected
+    retrieval = plm.PlantLM(plm.Config(global_memory="retrieval"), S)
+    assert sum(p.numel() for p in retrieval.parameters()) == expected
+    F = plm.NEIGHBOUR_FEATURES  # per slot: features -> d (with bias), its copied token's embedding -> d, the copy
+    homologs = F * d + d + d * d + F * 2 + 2 + d * 2  # expert's weight and rate from the features and the hidden state
+    assert sum(p.numel() for p in default_model.parameters()) == expected + homologs == 21_289_625
     bucket_memory = L * (d * 2 * d + H)  # memory_kv, memory_gate in every layer
     buckets = plm.PlantLM(plm.Config(global_memory="buckets"), S)
     assert sum(p.numel() for p in buckets.parameters()) == expected - retrieval_head + bucket_memory == 24_132_144

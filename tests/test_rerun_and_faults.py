@@ -69,6 +69,18 @@ def test_a_field_the_checkpoint_predates_counts_as_its_default():
     plm.check_compatible(saved, plm.Config(), ["s"], ["s"], "ck.pt", warn=lambda m: None)
 
 
+def test_a_checkpoint_from_before_index_layout_reads_as_the_tables_it_was_trained_with():
+    former = plm.Config(global_memory="retrieval", index_layout="tables")
+    saved = dataclasses.asdict(former)
+    del saved["index_layout"]  # written before the field existed, when every index was tables
+    assert plm.checkpoint_config(saved).index_layout == "tables"
+    said = []
+    plm.check_compatible(saved, former, ["s"], ["s"], "ck.pt", warn=said.append)
+    assert said == []
+    with pytest.raises(plm.ConfigError, match="index_layout: checkpoint 'tables' vs now 'suffix_array'"):
+        plm.check_compatible(saved, plm.Config(global_memory="retrieval"), ["s"], ["s"], "ck.pt", warn=said.append)
+
+
 def test_rerun_with_an_edited_learning_rate_refuses_then_continues_with_the_flag(genome_dir, tmp_path):
     first = run_train(args(genome_dir, tmp_path, "--max_steps=2"), cwd=tmp_path)
     assert first.returncode == 0, describe(first)

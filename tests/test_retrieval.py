@@ -16,8 +16,8 @@ from _helpers import (INFER_SCRIPT, TESTS, TINY_ARGS, all_windows, describe, det
                       random_dna, read_jsonl, reverse_complement, run_train, tiny_config, write_fasta)
 
 def retrieval_config(data_dir, tmp_path, **overrides):
-    return tiny_config(data_dir=data_dir, global_memory="retrieval", checkpoint_dir=str(tmp_path / "ckpt"),
-                       **overrides)
+    return tiny_config(**{"data_dir": data_dir, "global_memory": "retrieval", "index_layout": "tables",
+                          "checkpoint_dir": str(tmp_path / "ckpt"), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -527,6 +527,14 @@ def test_a_suffix_array_fits_where_the_tables_do_not_and_is_built_on_the_host():
     problem = plm.index_fit_problem(int(10e9), None, 139 * GB, 128 * GB, 64 * GB, "suffix_array", 1)
     assert f"{10 * plm.SUFFIX_INDEX_BUILD_BYTES_PER_BASE:,.1f} GB in host memory (128.0 GB free)" in problem
     assert "GPU (" not in problem and "--index_layout" not in problem and "(index_layout = suffix_array)" in problem
+
+
+def test_a_neighbours_index_that_does_not_fit_names_the_sharded_counts_not_more_gpus():
+    """neighbours holds the whole suffix array on every GPU (ranks = 1): more GPUs would not help it, retrieval's
+    sharded counts would. 50 Gbp on 80 GB cards."""
+    problem = plm.index_fit_problem(int(50e9), None, 80 * GB, 560 * GB, 1000 * GB, "suffix_array", 1, "neighbours")
+    assert "--global_memory=retrieval" in problem and "more GPUs" not in problem
+    assert "more GPUs" in plm.index_fit_problem(int(50e9), None, 80 * GB, 560 * GB, 1000 * GB, "suffix_array", 8)
 
 
 @pytest.mark.parametrize("layout", plm.INDEX_LAYOUTS)
