@@ -5,8 +5,8 @@ plant_lm_infer.py uses the checkpoints it writes (eval, variants, embed). The mo
 
   Config            the dataclass users edit, and --field=value overrides
   data              FASTA streaming, tokenizing, chunks, the train/validation split, the data cache, the loader
-  retrieval memory  the index of (context, next 6-mer) counts over the training chunks
-  model             local attention, the bucket memory, PlantLM and its mixture with the retrieval counts
+  retrieval memory  the index of the training chunks (a suffix array, or count tables): counts and homologs
+  model             local attention, the bucket memory, PlantLM and its mixture with the counts and homologs
   training          train() and its loop, then what the loop calls: the optimizer step (and its CUDA graph), log
                     lines, validation and saves, the wall clock, set-up, checkpoint files, logs and RNG states
   entry point       main()
