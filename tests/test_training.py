@@ -258,14 +258,16 @@ def test_resume_two_processes_with_loader_workers_and_augmentation_at_an_odd_ste
     assert val and all(0 < r["val_bits_per_base_repeat"] != r["val_bits_per_base_nonrepeat"] > 0 for r in val)
 
 
-def test_resume_with_a_suffix_array_shared_out_over_the_ranks_is_bitwise_exact(data_dir, tmp_path):
-    """index_layout = suffix_array on 2 ranks: each holds half of the array and the counts cross the ranks in every
-    step and validation (15 windows in passes of 4: the ranks' last passes hold 3 and 4 rows, the lookups padded to
-    4); a run resumed at step 3 of 6 ends where the straight run does. (On 4 gloo ranks a resumed run differs from
-    the straight one by about 1e-8 with any memory, the tables' included, so 4 ranks are checked on the counts
-    alone, in tests/test_retrieval.py.)"""
+@pytest.mark.parametrize("memory", ["retrieval", "neighbours"])
+def test_resume_with_a_suffix_array_on_two_ranks_is_bitwise_exact(memory, data_dir, tmp_path):
+    """index_layout = suffix_array on 2 ranks. retrieval: each rank holds half of the array and the counts cross the
+    ranks in every step and validation (15 windows in passes of 4: the ranks' last passes hold 3 and 4 rows, the
+    lookups padded to 4). neighbours (the default): each rank holds all of it, and looks its own windows' homologs
+    up, leaving out each window's own chunk. A run resumed at step 3 of 6 ends where the straight run does. (On 4
+    gloo ranks a resumed run differs from the straight one by about 1e-8 with any memory, the tables' included, so
+    4 ranks are checked on the counts alone, in tests/test_retrieval.py.)"""
     _straight_then_resumed(data_dir, tmp_path, nproc=2, total=6, resume_at=3,
-                           extra=["--global_memory=retrieval", "--index_layout=suffix_array", "--dropout=0",
+                           extra=[f"--global_memory={memory}", "--index_layout=suffix_array", "--dropout=0",
                                   "--eval_windows=15", "--eval_batch_size=4"])
 
 
