@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 
 from plant_lm_train import (BASES_PER_TOKEN, BYTE_CODES, Config, ConfigError, DataError, FileStats, PlantLM,
-                          RetrievalIndex, acgt_segments, check_looks_like_dna, checkpoint_config, chunk_file,
-                          chunk_start, load_checkpoint, load_retrieval_index, open_genome, other_letters,
+                          RetrievalIndex, acgt_segments, check_looks_like_dna, checkpoint_config, chunk_digest,
+                          chunk_file, chunk_start, load_checkpoint, load_retrieval_index, open_genome, other_letters,
                           prefix_log_probs, read_fasta, retrieval_index_path, slot_features, token_bases, tokenize,
                           write_atomically)
 
@@ -42,6 +42,7 @@ class Inference:
     species_id: int
     device: torch.device
     retrieval_index: RetrievalIndex = None
+    training_chunks: dict = None  # with neighbours: {chunk_digest of a training chunk's bases: its number}
 
 
 def load_for_inference(checkpoint, species, device="auto", warn=print, scoring=True):
@@ -78,13 +79,18 @@ def load_for_inference(checkpoint, species, device="auto", warn=print, scoring=T
                               f"by a training run on the same data with --checkpoint_dir set to that folder")
         retrieval_index = load_retrieval_index(path, device)
         warn(f"memory: retrieval index {ckpt['retrieval_index']} ({path}), the training chunks of {', '.join(names)}")
-    return Inference(model.to(device).eval(), cfg, species_id, device, retrieval_index)
+    training_chunks = retrieval_index.chunk_numbers() if cfg.global_memory == "neighbours" else None
+    return Inference(model.to(device).eval(), cfg, species_id, device, retrieval_index, training_chunks)
 
 
-def score_pieces(inference, pieces, batch_size=64):
+def score_pieces(inference, pieces, batch_size=64, chunk_of=None):
     """Per-base log-likelihoods of DNA: for each (key, codes) of pieces (base codes 0..3), yields (key, codes,
     log_probs), log_probs [len(codes)] float64: ln p(base | the piece's bases before it), nan for the first 6 bases,
     which are context only (nothing predicts a piece's first 6-mer).
+
+    chunk_of(key, codes): the training chunk a piece lies in (training_chunk; -1: none), whose homologs are left out
+    as training leaves them out; by default the piece is one if it is a whole training chunk (eval's pieces are cut
+    as training cuts a genome).
 
     A piece is tokenized from its first base, and a last partial 6-mer is scored too: a base's probability is the
     probability of the 6-mer prefix it ends over the one before it, each a sum over the 6-mers that begin with it
@@ -93,10 +99,14 @@ def score_pieces(inference, pieces, batch_size=64):
     most context (covering_windows); windows of many pieces share a batch, and pieces come back in order."""
     cfg = inference.cfg
     width = cfg.prefix_tokens + cfg.context_size + 1
-    for key, codes, windows in windowed(pieces, lambda codes: scoring_windows(codes, cfg), width, batch_size,
-                                        lambda rows, _: window_base_log_probs(inference, rows)):
+    chunk_of = chunk_of or (lambda key, codes: training_chunk(inference, codes[:len(codes) - len(codes) %
+                                                                               BASES_PER_TOKEN]))
+    numbered = ((key, (codes, chunk_of(key, codes))) for key, codes in pieces)
+    for key, (codes, _), windows in windowed(
+            numbered, lambda piece: ((*window, piece[1]) for window in scoring_windows(piece[0], cfg)), width,
+            batch_size, lambda rows, windows: window_base_log_probs(inference, rows, [w[3] for w in windows])):
         log_probs = np.full(len(codes), np.nan)
-        for (_, start, owned), per_base in windows:
+        for (_, start, owned, _), per_base in windows:
             targets = np.flatnonzero(owned)  # the window's t-th target is the piece's token start + 1 + t
             at = BASES_PER_TOKEN * (start + 1 + targets)[:, None] + np.arange(BASES_PER_TOKEN)
             inside = at < len(codes)  # the last 6-mer may be partial
@@ -133,16 +143,22 @@ def covering_windows(n, span, stride):
     return windows
 
 
+def training_chunk(inference, bases):
+    """The number of the training chunk whose bases (codes 0..3) these are, or -1 (also without neighbours)."""
+    return -1 if inference.training_chunks is None else inference.training_chunks.get(chunk_digest(bases), -1)
+
+
 @torch.no_grad()
-def window_base_log_probs(inference, rows):
+def window_base_log_probs(inference, rows, chunks=None):
     """rows [B, prefix + T + 1] int64 token windows (-1 where there is none) -> [B, T, 6] float64 numpy: each target
-    base's ln p given everything before it, in fp32 on every device (so that CPU and GPU scores agree)."""
+    base's ln p given everything before it, in fp32 on every device (so that CPU and GPU scores agree). chunks:
+    each row's training chunk (-1: none), whose homologs are left out."""
     model, cfg = inference.model, inference.cfg
     rows = rows.to(inference.device)
     inputs, targets = rows[:, cfg.prefix_tokens:-1].clamp_min(0), rows[:, cfg.prefix_tokens + 1:]
     targets = torch.where(targets >= 0, targets, -100)  # padding: right of every real token, so it changes none
     species = torch.full((len(rows),), inference.species_id, device=inference.device)
-    neighbours = window_neighbours(inference, rows)
+    neighbours = window_neighbours(inference, rows, chunks)
     logits, hidden = model(inputs, species, neighbours=neighbours)
     log_p = prefix_log_probs(logits, targets, TARGET_PREFIXES)
     if inference.retrieval_index is not None:
@@ -155,12 +171,15 @@ def window_base_log_probs(inference, rows):
     return torch.diff(log_p, dim=-1, prepend=torch.zeros_like(log_p[..., :1])).double().cpu().numpy()
 
 
-def window_neighbours(inference, rows):
+def window_neighbours(inference, rows, chunks=None):
     """SuffixIndex.neighbours of rows [B, prefix + T + 1] as training reads them (None unless global_memory =
-    neighbours). Nothing is left out: the training chunks are the index, and what is scored is not one of them."""
+    neighbours): a row's homologs in its own training chunk (chunks: each row's number, -1 or None for none) are
+    left out, as training leaves them out, so that a training genome is not scored by copying itself."""
     if inference.cfg.global_memory != "neighbours":
         return None
-    return inference.retrieval_index.neighbours(rows, inference.cfg.prefix_tokens)
+    if chunks is not None:
+        chunks = torch.as_tensor(chunks, dtype=torch.int64, device=rows.device)
+    return inference.retrieval_index.neighbours(rows, inference.cfg.prefix_tokens, chunks)
 
 
 def windowed(pieces, windows_of, width, batch_size, score_batch):
@@ -534,7 +553,9 @@ def score_contig_snvs(inference, codes, alleles, batch_size, bar):
                     changed[variant] = 3 - base if reverse else base
                     yield (at, allele_number, number, variant), changed
 
-    for (at, allele_number, number, variant), _, log_probs in score_pieces(inference, pieces(), batch_size):
+    chunks = site_chunks(inference, codes, sites)
+    for (at, allele_number, number, variant), _, log_probs in score_pieces(
+            inference, pieces(), batch_size, chunk_of=lambda key, _: chunks[key[0]]):
         sums.setdefault((at, allele_number), np.zeros(len(strands[at])))[number] = np.nansum(log_probs[variant:])
         site_alleles = sites[at]
         if allele_number == len(site_alleles) and number == len(strands[at]) - 1:  # the site's last piece
@@ -545,6 +566,28 @@ def score_contig_snvs(inference, codes, alleles, batch_size, bar):
                 allele.llr = float(np.mean([difference[reverse == r].mean() for r in (False, True)
                                             if (reverse == r).any()]))
             bar.update(len(site_alleles))
+
+
+def site_chunks(inference, codes, sites):
+    """{site: the training chunk of the record's piece that holds it (training_chunk; -1: none)}, the record (codes:
+    BYTE_CODES) cut as training cuts it: a reference the model was trained on is not scored by copying itself."""
+    if inference.training_chunks is None:
+        return dict.fromkeys(sites, -1)
+    cuts = np.array(chunk_cuts(codes, inference.cfg), dtype=np.int64).reshape(-1, 2)
+    by_cut, chunks = {}, {}
+    for at in sites:
+        start, end = cuts[np.searchsorted(cuts[:, 0], at, side="right") - 1]
+        if start not in by_cut:
+            by_cut[start] = training_chunk(inference, codes[start:end - (end - start) % BASES_PER_TOKEN] & 3)
+        chunks[at] = by_cut[start]
+    return chunks
+
+
+def chunk_cuts(codes, cfg):
+    """(start, end) of the pieces training cuts a record into (codes: BYTE_CODES): its A/C/G/T runs, each cut every
+    chunk_size bases."""
+    return [(start, min(start + cfg.chunk_size, end)) for run_start, end in acgt_segments(codes).tolist()
+            for start in range(run_start, end, cfg.chunk_size)]
 
 
 def site_pieces(codes, at, cfg):
@@ -671,8 +714,7 @@ def embed_regions(inference, sequences, batch_size=64, per_token=False):
 
     def pieces():  # ((key, offset in the region, the region's last piece?), codes); an empty one for an empty region
         for key, codes in sequences:
-            cuts = [(start, min(start + cfg.chunk_size, end)) for run_start, end in acgt_segments(codes).tolist()
-                    for start in range(run_start, end, cfg.chunk_size)]
+            cuts = chunk_cuts(codes, cfg)
             for i, (start, end) in enumerate(cuts or [(0, 0)]):
                 yield (key, start, i == max(len(cuts), 1) - 1), codes[start:end]
 

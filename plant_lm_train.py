@@ -1405,6 +1405,18 @@ class SuffixIndex:
         take = lambda x: x.transpose(2, 3).flatten(2)  # noqa: E731  [B, T, 2, H] -> [B, T, H * 2], strands in turn
         return take(anchor), take(direction), take(valid), take(chunk)
 
+    def chunk_numbers(self):
+        """{chunk_digest of each chunk's bases: its number in the text}: how inference finds the training chunk it
+        scores, so that it leaves that chunk's homologs out as training does (read from the text on the host)."""
+        text, shifts = self.text.cpu().numpy().view(np.uint64), np.arange(62, -1, -2, dtype=np.uint64)
+        numbers, start = {}, 0
+        for number, end in enumerate(self.chunk_ends.tolist()):
+            words = text[start >> 5:(end + 31) >> 5]
+            bases = ((words[:, None] >> shifts) & np.uint64(3)).astype(np.uint8).ravel()
+            numbers[chunk_digest(bases[start & 31:(start & 31) + end - start])] = number
+            start = end
+        return numbers
+
     def occurrences(self, strings, lengths):
         """Forward-strand occurrences inside a chunk of each string (its `lengths` bases, left-aligned in 60 bits)."""
         if self.ranks == 1:
@@ -1589,6 +1601,11 @@ def text_chunk_numbers(catalog):
     files = {(name, label): i for name, pairs in catalog.files.items() for i, (_, label) in enumerate(pairs)}
     order = sorted(catalog.train_chunks, key=lambda c: (species[c.key[0]], files[c.key[0], c.key[1]], c.key[2:]))
     return {chunk.key: i for i, chunk in enumerate(order)}
+
+
+def chunk_digest(bases):
+    """A chunk's identity by its bases (uint8 codes 0..3, its tokens' bases): the same wherever the file lies."""
+    return hashlib.blake2b(np.ascontiguousarray(bases, dtype=np.uint8).tobytes(), digest_size=16).digest()
 
 
 def build_count_tables(bases, device, digest):

@@ -31,8 +31,9 @@ import plant_lm_train as plm  # noqa: E402
 # The tiny model and run shape every test starts from: d_model 32, one layer, 16-token context, 600-base chunks
 # (n_buckets stays 4096, one row per 6-mer).
 # global_memory = buckets: most tests check the bucket memory, or windows without the retrieval memory's prefix
-# tokens; tests/test_retrieval.py covers the default, retrieval, end to end. No augmentation: most tests compare
-# training windows with a chunk's frame-0 forward tokens; the augmentation tests (test_data.py) turn it on.
+# tokens; tests/test_retrieval.py covers retrieval and neighbours (the default) end to end. No augmentation: most
+# tests compare training windows with a chunk's frame-0 forward tokens; the augmentation tests (test_data.py) turn
+# it on.
 TINY = dict(d_model=32, n_layers=1, n_heads=2, context_size=16, local_attn_window=4, chunk_size=600, batch_size=4,
             accumulation_steps=2, eval_windows=16, num_workers=0, log_every=1, eval_every=2, global_memory="buckets",
             frame_shift=False, reverse_complement=0.0)

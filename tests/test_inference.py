@@ -163,8 +163,13 @@ def test_variant_llr_is_the_mean_over_frames_and_strands_of_two_full_sequence_sc
     """The subcommand's LLR equals, computed apart: the 6 regions with the variant at each offset of its 6-mer (half
     a context of 6-mers before it, a window in all), on both strands, each written as a FASTA record with the
     reference and with the ALT base, scored whole by eval, alt minus ref, averaged over the 12."""
-    checkpoint, genome = scoring_checkpoints[memory]
+    checkpoint, _ = scoring_checkpoints[memory]
     seq = genome_record(scoring_checkpoints)
+    # not the training genome: one base changed in the site's 600-base chunk (1,200 to 1,800) but outside its
+    # windows, so that the piece is no training chunk and neighbours leave nothing out
+    # (test_a_training_genome_is_scored_without_its_own_chunks_homologs)
+    seq = seq[:1210] + ("A" if seq[1210] != "A" else "C") + seq[1211:]
+    genome = write_fasta(tmp_path / "reference.fa", [("chr1", seq)])
     pos = 1500  # 1-based, far from every edge
     ref = seq[pos - 1]
     alt = "A" if ref != "A" else "G"
@@ -190,6 +195,41 @@ def test_variant_llr_is_the_mean_over_frames_and_strands_of_two_full_sequence_sc
     expected = np.mean([ll[f"{s}{f}_alt"] - ll[f"{s}{f}_ref"] for s in "fr" for f in range(6)])
     assert float(row["llr"]) == pytest.approx(expected, abs=2e-4)
     assert row["note"] == "." and abs(expected) > 1e-3  # a real difference, not two zeros
+
+
+def test_a_training_genome_is_scored_without_its_own_chunks_homologs(scoring_checkpoints):
+    """Training leaves each window's own chunk out of its neighbours; eval and variants find the training chunk a
+    piece is (by its bases, wherever the file lies) and leave it out too, so that a genome the model was trained on
+    is not scored by copying itself. Validation chunks and other sequence are in no chunk."""
+    scorer = inference(scoring_checkpoints, "neighbours")
+    cfg = scorer.cfg
+    catalog = plm.scan_genomes(cfg, warn=lambda m: None, progress=False)
+    numbers = plm.text_chunk_numbers(catalog)
+    train = list(plm.tokenized_chunks(catalog, cfg, catalog.train_chunks))
+    assert train and [infer.training_chunk(scorer, plm.token_bases(c.tokens)) for c in train] == \
+        [numbers[c.key] for c in train]
+    val = list(plm.tokenized_chunks(catalog, cfg, catalog.val_chunks))
+    assert val and all(infer.training_chunk(scorer, plm.token_bases(c.tokens)) == -1 for c in val)
+    assert infer.training_chunk(scorer, plm.token_bases(train[0].tokens)[6:]) == -1  # a part of a chunk: none
+    # chr2 is random DNA: its windows find themselves only, and with their chunk left out nothing
+    chunk = next(c for c in train if c.record_id == "chr2")
+    width = cfg.prefix_tokens + cfg.context_size + 1
+    rows = torch.from_numpy(np.stack([chunk.tokens[i:i + width].astype(np.int64)
+                                      for i in range(0, chunk.n_tokens - width, 8)]))
+    number = infer.training_chunk(scorer, plm.token_bases(chunk.tokens))
+    own = scorer.retrieval_index.neighbours(rows, cfg.prefix_tokens)[1]
+    left_out = infer.window_neighbours(scorer, rows, [number] * len(rows))[1]
+    assert torch.equal(left_out, scorer.retrieval_index.neighbours(rows, cfg.prefix_tokens,
+                                                                   torch.full((len(rows),), number))[1])
+    assert (own[..., 0] == 0).float().mean() > 0.9 and (left_out == -1).all()  # age 0: found by the last lookup
+    # eval's pieces (the genome cut as training cuts it) and variants' sites find the chunk
+    piece = np.concatenate([plm.token_bases(chunk.tokens), chunk.tail])
+    ((_, _, left), (_, _, kept)) = (*infer.score_pieces(scorer, [("x", piece)]),
+                                    *infer.score_pieces(scorer, [("x", piece)], chunk_of=lambda key, codes: -1))
+    assert not np.allclose(left[6:], kept[6:])
+    record = next(seq for name, seq in parse_with_biopython(scoring_checkpoints["neighbours"][1]) if name == "chr2")
+    start = plm.chunk_start(chunk.key, cfg)
+    assert infer.site_chunks(scorer, codes_of(record), [start, start + 300]) == {start: number, start + 300: number}
 
 
 def frames(pieces, reverse):
