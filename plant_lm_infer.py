@@ -99,8 +99,7 @@ def score_pieces(inference, pieces, batch_size=64, chunk_of=None):
     most context (covering_windows); windows of many pieces share a batch, and pieces come back in order."""
     cfg = inference.cfg
     width = cfg.prefix_tokens + cfg.context_size + 1
-    chunk_of = chunk_of or (lambda key, codes: training_chunk(inference, codes[:len(codes) - len(codes) %
-                                                                               BASES_PER_TOKEN]))
+    chunk_of = chunk_of or (lambda key, codes: training_chunk(inference, codes))
     numbered = ((key, (codes, chunk_of(key, codes))) for key, codes in pieces)
     for key, (codes, _), windows in windowed(
             numbered, lambda piece: ((*window, piece[1]) for window in scoring_windows(piece[0], cfg)), width,
@@ -143,9 +142,13 @@ def covering_windows(n, span, stride):
     return windows
 
 
-def training_chunk(inference, bases):
-    """The number of the training chunk whose bases (codes 0..3) these are, or -1 (also without neighbours)."""
-    return -1 if inference.training_chunks is None else inference.training_chunks.get(chunk_digest(bases), -1)
+def training_chunk(inference, codes):
+    """The number of the training chunk that this piece is (codes: BYTE_CODES or 0..3, cut as training cuts a
+    genome: a chunk holds its whole 6-mers, a tail of fewer bases is not in the index), or -1 (also without
+    neighbours)."""
+    if inference.training_chunks is None:
+        return -1
+    return inference.training_chunks.get(chunk_digest(codes[:len(codes) - len(codes) % BASES_PER_TOKEN] & 3), -1)
 
 
 @torch.no_grad()
@@ -578,7 +581,7 @@ def site_chunks(inference, codes, sites):
     for at in sites:
         start, end = cuts[np.searchsorted(cuts[:, 0], at, side="right") - 1]
         if start not in by_cut:
-            by_cut[start] = training_chunk(inference, codes[start:end - (end - start) % BASES_PER_TOKEN] & 3)
+            by_cut[start] = training_chunk(inference, codes[start:end])
         chunks[at] = by_cut[start]
     return chunks
 
