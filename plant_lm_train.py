@@ -1269,6 +1269,13 @@ class SuffixIndex:
         self.reverse_complement = torch.from_numpy(REVERSE_COMPLEMENT.astype(np.int64)).to(text.device)
         # every chunk's end: a block holds at most one, and it is the first end past its start (build_suffix_index)
         self.chunk_ends = torch.unique(block_ends)
+        self.halving = halve_ranges  # compile_lookups swaps in its compiled form
+
+    def compile_lookups(self):
+        """Compile a halving of the binary searches (on CUDA): a dozen elementwise kernels become one, 27 times
+        in each search, where eagerly they are most of a step's launches. Compiling the whole search instead
+        would take minutes (inductor's time grows with the unrolled loop)."""
+        self.halving = torch.compile(halve_ranges, dynamic=True)
 
     def to(self, device):
         return SuffixIndex(self.text.to(device), self.sa_low.to(device), self.sa_high.to(device),
@@ -1386,8 +1393,8 @@ class SuffixIndex:
         reverse = (reverse >> 2 * extra) << 2 * (SUFFIX_KEY_BASES - NEIGHBOUR_SEED_BASES)
         strings = torch.stack([forward, reverse], -1)
         lengths = torch.full_like(strings, NEIGHBOUR_SEED_BASES)
-        first = self.suffixes_before(strings, lengths, at_most=False)  # [B, T, 2]: each strand's range of rows
-        found = self.suffixes_before(strings, lengths, at_most=True) - first
+        first, end = suffix_ranges(self, strings, lengths)  # [B, T, 2]: each strand's range of rows
+        found = end - first
         # one row more than NEIGHBOUR_HITS: in training a window's own occurrence is always in its range, and is
         # left out below, so that training reads as many hits as validation
         rows_read = NEIGHBOUR_HITS + 1
@@ -1434,24 +1441,8 @@ class SuffixIndex:
         """occurrences() among this rank's rows of the array (none: more ranks than rows)."""
         if not self.n:
             return torch.zeros_like(strings)
-        return (self.suffixes_before(strings, lengths, at_most=True) -
-                self.suffixes_before(strings, lengths, at_most=False))
-
-    def suffixes_before(self, strings, lengths, at_most):
-        """How many suffixes sort before each string (at_most: before or at, i.e. begin with it), by a binary search
-        of fixed length, so that it runs without a host sync (a captured graph can hold it)."""
-        low = torch.zeros_like(strings)
-        high = torch.full_like(strings, self.n)
-        for _ in range(max(self.n, 1).bit_length()):
-            active = low < high
-            middle = (low + high) >> 1
-            bases, left = self.suffix(middle.clamp_max(self.n - 1))
-            shared = top_bases_mask(torch.minimum(left, lengths))
-            here, wanted = bases & shared, strings & shared
-            before = (here < wanted) | (here == wanted) & (at_most | (left < lengths))
-            low = torch.where(active & before, middle + 1, low)
-            high = torch.where(active & ~before, middle, high)
-        return low
+        first, end = suffix_ranges(self, strings, lengths)
+        return end - first
 
     def suffix(self, rows):
         """Rows of the suffix array -> suffix_keys of their positions."""
@@ -1459,6 +1450,31 @@ class SuffixIndex:
 
 
 KEY_MASK = (1 << 2 * SUFFIX_KEY_BASES) - 1
+
+
+def suffix_ranges(index, strings, lengths):
+    """The rows of a SuffixIndex's array (its rank's slice) that begin with each string (its `lengths` bases,
+    left-aligned in 60 bits), as (first, end): how many suffixes sort before it, and before or at it. Two binary
+    searches of fixed length, run together, so that they need no host sync (a captured graph can hold them)."""
+    shape, strings, lengths = strings.shape, strings.flatten(), lengths.flatten()
+    low = torch.zeros(2, len(strings), dtype=torch.int64, device=strings.device)
+    high = torch.full_like(low, index.n)
+    for _ in range(max(index.n, 1).bit_length()):
+        low, high = index.halving(index, low, high, strings, lengths)
+    return low[0].view(shape), low[1].view(shape)
+
+
+def halve_ranges(index, low, high, strings, lengths):
+    """One step of suffix_ranges' searches, low and high [2, N]: row 0 narrows to the first suffix that does not
+    sort before its string, row 1 to the first past those that begin with it."""
+    at_most = torch.arange(2, device=low.device).view(2, 1) == 1
+    active = low < high
+    middle = (low + high) >> 1
+    bases, left = index.suffix(middle.clamp_max(index.n - 1))
+    shared = top_bases_mask(torch.minimum(left, lengths))
+    here, wanted = bases & shared, strings & shared
+    before = (here < wanted) | (here == wanted) & (at_most | (left < lengths))
+    return torch.where(active & before, middle + 1, low), torch.where(active & ~before, middle, high)
 
 
 def suffix_keys(index, position):
@@ -2262,6 +2278,8 @@ def start_run(cfg, rt, log, build_model, clock):
             warn(f"removed {leftover}: the temporary file of a save that was interrupted")
     if cfg.retrieves:
         run.learner.retrieval_index = load_or_build_retrieval_index(catalog, cfg, rt, warn)
+        if cfg.compile and rt.device.type == "cuda" and isinstance(run.learner.retrieval_index, SuffixIndex):
+            run.learner.retrieval_index.compile_lookups()
     resume(run)
     report_start(run)
     log.start_wandb(cfg)

@@ -669,6 +669,22 @@ def test_without_chunk_numbers_neighbours_find_the_windows_own_bases(homologs_di
     assert found[:, 2:].all() and not found[0, :2].any()  # the chunk's first 2 targets have no 18 bases before them
 
 
+def test_compiled_lookups_count_and_find_what_the_eager_searches_do(homologs_dir, tmp_path):
+    """compile_lookups, which a CUDA run calls, here compiled on the CPU: the same counts and neighbours."""
+    cfg, catalog, index, cases = neighbour_case(homologs_dir, tmp_path)
+    windows = torch.cat([case[1] for case in cases])
+    chunks = torch.cat([torch.full((len(case[1]),), case[3]) for case in cases])
+    lookups = lambda: (index.counts(windows, cfg.prefix_tokens, exclude_self=True),  # noqa: E731
+                       *index.neighbours(windows, cfg.prefix_tokens, chunks))
+    eager = lookups()
+    index.compile_lookups()
+    assert index.halving is not plm.halve_ranges
+    compiled = lookups()
+    assert eager[0].sum() > 0 and (eager[2] >= 0).any()  # the homologs are found: the comparison means something
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+
+
 def test_the_loaders_chunk_numbers_name_the_chunk_each_window_comes_from(repeats_dir, tmp_path):
     """Augmented training windows (frame shifts, reverse strands), two ranks: each window's bases, or their reverse
     complement, lie in the chunk its number names in the suffix array's text."""
