@@ -1597,7 +1597,8 @@ def training_chunks_digest(catalog):
 
 def build_retrieval_index(catalog, cfg, device, digest):
     """The index of cfg.index_layout over the training chunks: tables built on `device`, a suffix array on the host
-    (load_retrieval_index moves it, or a rank's slice of it, to the device: no GPU holds more than its slice)."""
+    with its groups sorted on `device` where it has room (load_retrieval_index moves it, or a rank's slice of it, to
+    the device: no GPU holds more than its slice)."""
     keys, bases = [], []
     for chunk in tokenized_chunks(catalog, cfg, catalog.train_chunks):
         keys.append(chunk.key)
@@ -1606,7 +1607,7 @@ def build_retrieval_index(catalog, cfg, device, digest):
     if [numbers.get(key) for key in keys] != list(range(len(numbers))):  # what the loader tells neighbours
         raise RuntimeError("the training chunks were read in another order than text_chunk_numbers gives")
     if cfg.index_layout == "suffix_array":
-        return build_suffix_index(bases, digest, progress=True)
+        return build_suffix_index(bases, digest, progress=True, device=device)
     return build_count_tables(bases, device, digest)
 
 
@@ -1641,15 +1642,17 @@ def build_count_tables(bases, device, digest):
     return RetrievalIndex(keys, cumulative, digest)
 
 
-def build_suffix_index(bases, digest, progress=False):
+def build_suffix_index(bases, digest, progress=False, device=None):
     """SuffixIndex of the chunks (a list of arrays of 2-bit base codes, emptied here), built on the host a group of
-    positions at a time.
+    positions at a time, each group's keys made and sorted on `device` (a GPU sorts a crop genome's groups in
+    seconds where the host's cores take most of an hour) when it holds the 2-bit text and one group, else on the
+    host. The index is returned on the host.
 
     Each position's key is its next 30 bases with those past its chunk's end set to A, and its distance to that end
     (at most 30); (key, distance) order is the suffix order SuffixIndex describes. Positions are taken in
     SUFFIX_GROUPS groups by their key's first 3 bases, and each group is sorted apart and written to its rows, so
-    that the build holds the text, the array and one group: about 16 bytes a base at its peak, with the process's
-    own memory (SUFFIX_INDEX_BUILD_BYTES_PER_BASE)."""
+    that the build holds the text, the array and one group: about 16 bytes a base at its peak on the host, with the
+    process's own memory (SUFFIX_INDEX_BUILD_BYTES_PER_BASE)."""
     from tqdm import tqdm
     lengths = np.array([len(b) for b in bases], dtype=np.int64)
     text = np.concatenate(bases) if bases else np.zeros(0, dtype=np.uint8)
@@ -1678,18 +1681,34 @@ def build_suffix_index(bases, digest, progress=False):
         at = ends[lengths >= gap] - gap
         group[at] &= np.uint8(0x3F ^ ((1 << 2 * (3 - gap)) - 1))
     del text
+    device = suffix_sort_device(device, (index.text.numel() + index.block_ends.numel()) * 8,
+                                int(np.bincount(group, minlength=SUFFIX_GROUPS).max()))
+    sorter = SuffixIndex(index.text.to(device), index.sa_low[:0], index.sa_high[:0], index.block_ends.to(device),
+                         block_bits, digest)  # the text and block ends that suffix_keys reads, where it sorts
     row = 0
-    for code in tqdm(range(SUFFIX_GROUPS), desc="suffix array", unit="group", disable=not progress):
-        positions = torch.from_numpy(np.flatnonzero(group == code))
-        keys, left = suffix_keys(index, positions)
+    for code in tqdm(range(SUFFIX_GROUPS), desc=f"suffix array ({device.type})", unit="group", disable=not progress):
+        positions = torch.from_numpy(np.flatnonzero(group == code)).to(device)
+        keys, left = suffix_keys(sorter, positions)
         keys &= top_bases_mask(left)
         # within a group the first 3 bases are equal: the other 54 bits of the key and 5 of distance make one key
         order = torch.argsort(((keys & ((1 << 54) - 1)) << 5) | left)
-        positions = positions[order]
+        positions = positions[order].cpu()
         index.sa_low[row:row + len(positions)] = (positions & 0xFFFFFFFF).to(torch.int32)
         index.sa_high[row:row + len(positions)] = (positions >> 32).to(torch.uint8)
         row += len(positions)
     return index
+
+
+SUFFIX_SORT_BYTES_PER_POSITION = 64  # a group's positions, keys, distances and order on the device, with temporaries
+
+
+def suffix_sort_device(device, text_bytes, largest_group):
+    """Where build_suffix_index sorts its groups: `device` when it is a GPU with room for the text and block ends
+    (text_bytes) and the largest group, else the host (a small or busy card)."""
+    if device is None or device.type != "cuda":
+        return torch.device("cpu")
+    needs = text_bytes + largest_group * SUFFIX_SORT_BYTES_PER_POSITION
+    return device if needs < free_device_bytes(device) else torch.device("cpu")
 
 
 SUFFIX_GROUPS = 64  # the build's groups of positions: by their first 3 bases

@@ -529,6 +529,19 @@ def test_a_suffix_array_fits_where_the_tables_do_not_and_is_built_on_the_host():
     assert "GPU (" not in problem and "--index_layout" not in problem and "(index_layout = suffix_array)" in problem
 
 
+def test_a_suffix_array_is_sorted_on_a_gpu_with_room_for_a_group_and_on_the_host_without(monkeypatch):
+    """4.5 Gbp: the text and block ends (1.2 GB) and the largest group (about 70 M positions, 4.5 GB) fit an H200,
+    not a card with 4 GB free; without a GPU the host sorts."""
+    gpu = torch.device("cuda", 0)
+    text_bytes, largest = int(1.2 * GB), int(4.5e9) // plm.SUFFIX_GROUPS
+    monkeypatch.setattr(plm, "free_device_bytes", lambda device: 139 * GB)
+    assert plm.suffix_sort_device(gpu, text_bytes, largest) == gpu
+    monkeypatch.setattr(plm, "free_device_bytes", lambda device: 4 * GB)
+    assert plm.suffix_sort_device(gpu, text_bytes, largest) == torch.device("cpu")
+    assert plm.suffix_sort_device(torch.device("cpu"), text_bytes, largest) == torch.device("cpu")
+    assert plm.suffix_sort_device(None, text_bytes, largest) == torch.device("cpu")
+
+
 def test_a_neighbours_index_that_does_not_fit_names_the_sharded_counts_not_more_gpus():
     """neighbours holds the whole suffix array on every GPU (ranks = 1): more GPUs would not help it, retrieval's
     sharded counts would. 50 Gbp on 80 GB cards."""
