@@ -1644,9 +1644,9 @@ def build_count_tables(bases, device, digest):
 
 def build_suffix_index(bases, digest, progress=False, device=None):
     """SuffixIndex of the chunks (a list of arrays of 2-bit base codes, emptied here), built on the host a group of
-    positions at a time, each group's keys made and sorted on `device` (a GPU sorts a crop genome's groups in
-    seconds where the host's cores take most of an hour) when it holds the 2-bit text and one group, else on the
-    host. The index is returned on the host.
+    positions at a time, each group's keys made and sorted on `device` when it holds the 2-bit text and one group
+    (at crop scale a few host cores take most of an hour over them), else on the host. The index is returned on
+    the host.
 
     Each position's key is its next 30 bases with those past its chunk's end set to A, and its distance to that end
     (at most 30); (key, distance) order is the suffix order SuffixIndex describes. Positions are taken in
