@@ -2296,9 +2296,8 @@ def start_run(cfg, rt, log, build_model, clock):
         for leftover in remove_stale_temporaries(cfg.checkpoint_dir):
             warn(f"removed {leftover}: the temporary file of a save that was interrupted")
     if cfg.retrieves:
-        run.learner.retrieval_index = load_or_build_retrieval_index(catalog, cfg, rt, warn)
-        if cfg.compile and rt.device.type == "cuda" and isinstance(run.learner.retrieval_index, SuffixIndex):
-            run.learner.retrieval_index.compile_lookups()
+        run.learner.retrieval_index = with_compiled_lookups(load_or_build_retrieval_index(catalog, cfg, rt, warn),
+                                                            cfg, rt.device)
     resume(run)
     report_start(run)
     log.start_wandb(cfg)
@@ -2307,6 +2306,13 @@ def start_run(cfg, rt, log, build_model, clock):
                             pin_memory=rt.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
                             prefetch_factor=4 if cfg.num_workers else None)
     return run
+
+
+def with_compiled_lookups(index, cfg, device):
+    """The index, its suffix array's searches compiled where the model is compiled (cfg.compile on CUDA)."""
+    if cfg.compile and device.type == "cuda" and isinstance(index, SuffixIndex):
+        index.compile_lookups()
+    return index
 
 
 def resume(run):

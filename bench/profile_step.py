@@ -4,7 +4,8 @@ loss, optimizer, memory and the rest, from torch.profiler.
     python bench/profile_step.py [--name=NAME] --batch_size=4096 --accumulation_steps=1 [--field=value ...]
         -> bench/results/NAME.json (default profile_bBATCH_MEMORY)
     INDEX_ENTRIES=N: the synthetic retrieval index's size per context length (bases, with index_layout=suffix_array,
-    whose searches are gathers and compares: its kernels count as elementwise, not as "retrieval lookup")
+    whose searches are gathers and compares: its kernels count as elementwise, not as "retrieval lookup"; the
+    lookups are also timed alone, per step: lookup_ms_per_step)
 Synthetic tokens (the data pipeline is measured separately, as data_wait in the throughput runs); the step is
 plant_lm_train.train_step itself: compiled forward/backward over the accumulation micro-batches, clip, fused AdamW,
 memory observations and update. It is timed twice, replaying its CUDA graph (Config.cuda_graphs) and run eagerly;
@@ -48,7 +49,8 @@ def main():
     entries = int(os.environ.get("INDEX_ENTRIES", 200_000_000))
     if cfg.retrieves and cfg.index_layout == "suffix_array":  # random bases: the same searches, few hits
         bases = torch.randint(0, 4, (entries,), dtype=torch.uint8).numpy()
-        learner.retrieval_index = plm.build_suffix_index([bases], "synthetic").to(rt.device)
+        learner.retrieval_index = plm.with_compiled_lookups(plm.build_suffix_index([bases], "synthetic").to(rt.device),
+                                                            cfg, rt.device)  # as start_run does
     elif cfg.retrieves:  # an index of the bundled genomes' size: what a lookup searches
         learner.retrieval_index = synthetic_index(entries, rt.device)
     tokens = torch.randint(0, plm.VOCAB_SIZE, (cfg.accumulation_steps, cfg.batch_size, cfg.prefix_tokens + cfg.context_size + 1))
@@ -85,6 +87,8 @@ def main():
         group = next(name for name, keys in GROUPS if any(k in lower for k in keys))
         totals[group] += us / 5
     kernel_total = sum(totals.values())
+    lookups = lookup_seconds(learner.retrieval_index, tokens[0].to(rt.device), cfg, chunks[0].to(rt.device)) \
+        if cfg.retrieves else {}
     n_tokens = cfg.batch_size * cfg.accumulation_steps * cfg.context_size
     flops = model.flops_per_step(n_tokens, cfg.accumulation_steps)
     timed = {"eager": eager, **({"graphed": graphed} if graphed else {})}
@@ -94,6 +98,7 @@ def main():
               "tokens_per_s": {k: n_tokens / s for k, s in timed.items()},
               "mfu_989": {k: flops / s / 989e12 for k, s in timed.items()},
               "gpu_kernel_ms_per_step": kernel_total / 1000,
+              "lookup_ms_per_step": {k: v * cfg.accumulation_steps * 1000 for k, v in lookups.items()},
               "share": {k: v / kernel_total for k, v in totals.items()},
               "top_kernels_ms": [(k, us / 1000) for k, us in sorted(kernels, key=lambda x: -x[1])[:25]]}
     name = name or f"profile_b{cfg.batch_size}_{cfg.global_memory}"
@@ -103,6 +108,26 @@ def main():
         print(f"{ms:8.3f} ms  {k[:110]}")
     for group, share in result["share"].items():
         print(f"{share * kernel_total / 1000:8.2f} ms {share:6.1%}  {group}")
+    for lookup, ms in result["lookup_ms_per_step"].items():
+        print(f"{ms:8.2f} ms  {lookup}, alone (eager step: {timed['eager'] * 1000:.2f} ms)")
+
+
+def lookup_seconds(index, windows, cfg, chunks, reps=10):
+    """Seconds of one micro-batch's lookups, each alone (mean of reps after one warm-up call): the counts, and with
+    global_memory = neighbours the homolog search."""
+    calls = {"counts": lambda: index.counts(windows, cfg.prefix_tokens, exclude_self=True)}
+    if cfg.global_memory == "neighbours":
+        calls["neighbours"] = lambda: index.neighbours(windows, cfg.prefix_tokens, chunks)
+    seconds = {}
+    for name, call in calls.items():
+        call()
+        plm.synchronize(windows.device)
+        started = time.time()
+        for _ in range(reps):
+            call()
+        plm.synchronize(windows.device)
+        seconds[name] = (time.time() - started) / reps
+    return seconds
 
 
 def synthetic_index(entries, device):

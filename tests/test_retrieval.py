@@ -4,6 +4,7 @@ every global_memory value trains, resumes and evaluates.
 """
 
 import collections
+import dataclasses
 import os
 import re
 
@@ -690,6 +691,10 @@ def test_compiled_lookups_count_and_find_what_the_eager_searches_do(homologs_dir
     lookups = lambda: (index.counts(windows, cfg.prefix_tokens, exclude_self=True),  # noqa: E731
                        *index.neighbours(windows, cfg.prefix_tokens, chunks))
     eager = lookups()
+    # training compiles them only where it compiles the model: with compile on, on CUDA
+    assert plm.with_compiled_lookups(index, cfg, torch.device("cpu")).halving is plm.halve_ranges
+    off = dataclasses.replace(cfg, compile=False)
+    assert plm.with_compiled_lookups(index, off, torch.device("cuda")).halving is plm.halve_ranges
     index.compile_lookups()
     assert index.halving is not plm.halve_ranges
     compiled = lookups()
