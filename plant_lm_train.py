@@ -2180,8 +2180,7 @@ def train(cfg, build_model=None, started=None):
         if bar is not None:
             bar.close()
         if due.out_of_time:
-            log.info(f"max_minutes = {cfg.max_minutes} reached at step {run.step}: stopping with time left for the "
-                     f"last validation and checkpoint")
+            log.info(out_of_time_line(cfg, run.step, clock.deadline - time.time(), clock.finish_estimate(run)))
         elif (why := validation_stalled(run)) and run.step > clock.first_step:
             log.info(f"early stop at step {run.step}: {why}")
         stop_loader(run, batches)
@@ -2192,6 +2191,17 @@ def train(cfg, build_model=None, started=None):
         dist.barrier()
         dist.destroy_process_group()
     return run.val_loss
+
+
+def out_of_time_line(cfg, step, seconds_left, seconds_to_finish):
+    """The log line of a run that max_minutes stops, honest about a budget too small for its last validation and
+    save (start-up and one validation on a CPU can outlast a few minutes)."""
+    line = f"max_minutes = {cfg.max_minutes} reached at step {step}: stopping"
+    if seconds_to_finish <= seconds_left:
+        return f"{line} with time left for the last validation and checkpoint"
+    return (f"{line}; the last validation and checkpoint (about {seconds_to_finish:.0f} s) will run about "
+            f"{seconds_to_finish - max(seconds_left, 0):.0f} s past it: the budget holds less than start-up and one "
+            f"validation (a smaller --eval_windows, now {cfg.eval_windows}, validates faster)")
 
 
 def stop_loader(run, batches):

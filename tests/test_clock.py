@@ -218,3 +218,14 @@ def test_a_validation_due_at_the_end_is_left_to_the_finish_when_both_do_not_fit(
     fake_time.now = clock.deadline - 40
     due = clock.poll(run)
     assert not due.out_of_time and due.validation
+
+
+def test_a_budget_too_small_for_the_last_validation_says_how_far_past_it_the_run_goes():
+    """On a CPU, start-up and one validation can outlast a few minutes: the stop line then says so, with the way out,
+    instead of claiming time left."""
+    cfg = plm.Config(max_minutes=3, eval_windows=4096)
+    assert plm.out_of_time_line(cfg, 4, 60.0, 40.0).endswith("with time left for the last validation and checkpoint")
+    over = plm.out_of_time_line(cfg, 4, 120.0, 165.0)
+    assert "time left" not in over
+    assert "about 165 s" in over and "about 45 s past it" in over and "--eval_windows, now 4096" in over
+    assert "about 165 s past it" in plm.out_of_time_line(cfg, 4, -3.0, 165.0)  # the deadline already behind
