@@ -147,7 +147,7 @@ class Config:
     # Wall-clock minutes of the whole invocation, from run.sh's start (start-up, validation and saves included); the
     # run stops early enough that its last validation and model_latest.pt fit inside (0 = no limit)
     max_minutes: float = field(default=0.0, metadata=RUNTIME)
-    compile: bool = field(default=True, metadata=RUNTIME)  # torch.compile on CUDA (the CPU always runs eager)
+    compile: bool = field(default=True, metadata=RUNTIME)  # torch.compile on CUDA: the model, the searches' halving
     compile_mode: str = field(default="default", metadata=RUNTIME)  # default | max-autotune | max-autotune-no-cudagraphs
     # replay each optimizer step as one CUDA graph (StepGraph) on a single CUDA process; DDP and the CPU run eagerly
     cuda_graphs: bool = field(default=True, metadata=RUNTIME)
