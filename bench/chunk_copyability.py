@@ -38,7 +38,7 @@ def copyable(index, cfg, windows, chunk):
     seen = (counts[:, :, -1, 0] > 0).float().mean().item()
     numbers = None if chunk is None else torch.full((len(windows),), chunk)
     bases, age = index.neighbours(windows, prefix, numbers)
-    target = (windows[:, prefix + 1:].clamp_min(0)[..., None] >> torch.arange(10, -1, -2)) & 3
+    target = (windows[:, prefix + 1:].clamp_min(0)[..., None] >> plm.token_base_shifts(windows.device)) & 3
     exact = (bases[..., 6:] == target[:, :, None]).all(-1).any(-1).float().mean().item()
     return seen, (age >= 0).any(-1).float().mean().item(), exact
 
@@ -54,7 +54,7 @@ def strings_24(codes):
 
 def shared_strings(val_chunks):
     """[(chunk a, chunk b, share of a's 24-base strings, every 7th, that occur in b on either strand)]."""
-    codes = {c.key: ((c.tokens.astype(np.int64)[:, None] >> np.arange(10, -1, -2)) & 3).ravel() for c in val_chunks}
+    codes = {c.key: plm.token_bases(c.tokens).astype(np.int64) for c in val_chunks}
     held = {key: set(strings_24(b).tolist()) | set(strings_24((3 - b)[::-1]).tolist()) for key, b in codes.items()}
     return [(a, b, float(np.mean([x in held[b] for x in strings_24(codes[a])[::7].tolist()])))
             for a in codes for b in codes if a != b]

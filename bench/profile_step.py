@@ -62,13 +62,8 @@ def main():
         for _ in range(n):
             plm.train_step(learner, tokens, species, repeat, cfg.learning_rate, chunks)  # the trainer's own step
 
-    def seconds_per_step():
-        step(5)  # warm-up: compilation, and with a StepGraph its eager steps and its capture
-        torch.cuda.synchronize()
-        t0 = time.time()
-        step(20)
-        torch.cuda.synchronize()
-        return (time.time() - t0) / 20
+    def seconds_per_step():  # the warm-up compiles, and with a StepGraph runs its eager steps and its capture
+        return mean_seconds(lambda: step(1), rt.device, warm_up=5, reps=20)
 
     graphed = seconds_per_step() if learner.graph is not None else None
     learner.graph = None  # from here on, the plain step
@@ -118,16 +113,19 @@ def lookup_seconds(index, windows, cfg, chunks, reps=10):
     calls = {"counts": lambda: index.counts(windows, cfg.prefix_tokens, exclude_self=True)}
     if cfg.global_memory == "neighbours":
         calls["neighbours"] = lambda: index.neighbours(windows, cfg.prefix_tokens, chunks)
-    seconds = {}
-    for name, call in calls.items():
+    return {name: mean_seconds(call, windows.device, warm_up=1, reps=reps) for name, call in calls.items()}
+
+
+def mean_seconds(call, device, warm_up, reps):
+    """Mean wall seconds of call() over reps calls after warm_up calls, the device's queued work included."""
+    for _ in range(warm_up):
         call()
-        plm.synchronize(windows.device)
-        started = time.time()
-        for _ in range(reps):
-            call()
-        plm.synchronize(windows.device)
-        seconds[name] = (time.time() - started) / reps
-    return seconds
+    plm.synchronize(device)
+    started = time.time()
+    for _ in range(reps):
+        call()
+    plm.synchronize(device)
+    return (time.time() - started) / reps
 
 
 def synthetic_index(entries, device):

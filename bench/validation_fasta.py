@@ -8,8 +8,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import plant_lm_train as plm  # noqa: E402
 
@@ -27,7 +25,7 @@ def main():
         raise SystemExit(f"error: no validation chunk of {args.species!r}; species: {', '.join(catalog.species)}")
     with open(args.out, "w") as f:
         for chunk in plm.tokenized_chunks(catalog, cfg, chunks):
-            codes = ((chunk.tokens.astype(np.int64)[:, None] >> np.arange(10, -1, -2)) & 3).ravel()
+            codes = plm.token_bases(chunk.tokens)
             sequence = "".join("ACGT"[c] for c in codes)
             f.write(f">{args.species}_record{chunk.key[2]}_{plm.chunk_start(chunk.key, cfg)}\n")
             f.writelines(sequence[i:i + 80] + "\n" for i in range(0, len(sequence), 80))
