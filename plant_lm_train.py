@@ -1294,6 +1294,23 @@ class SuffixIndex:
     def counts(self, windows, prefix, exclude_self, target_bases=(0, BASES_PER_TOKEN)):
         """As RetrievalIndex.counts: [B, T, O, len(target_bases)] float32 counts of each context followed by the
         target's first j bases, on both strands, leave-one-out in training (exclude_self)."""
+        return self.counted_ranges(windows, prefix, exclude_self, target_bases)[0]
+
+    @torch.no_grad()
+    def counts_and_neighbours(self, windows, prefix, exclude_self, chunks=None, target_bases=(0, BASES_PER_TOKEN)):
+        """(counts(), neighbours()) from one set of searches: neighbours' seeds, the NEIGHBOUR_SEED_BASES bases
+        before each target on both strands, are the counts' contexts of that length, whose ranges the counts
+        have already found (2 of the 14 searches a target asks for in training)."""
+        if NEIGHBOUR_SEED_BASES not in SEED_CONTEXTS or 0 not in target_bases:
+            raise ValueError(f"the neighbours' {NEIGHBOUR_SEED_BASES}-base seed is not among the counts' contexts")
+        counts, first, end = self.counted_ranges(windows, prefix, exclude_self, target_bases)
+        seed = SEED_CONTEXTS.index(NEIGHBOUR_SEED_BASES), list(target_bases).index(0)
+        return counts, self.neighbours(windows, prefix, chunks, (first[:, :, seed[0], seed[1]],
+                                                                 end[:, :, seed[0], seed[1]]))
+
+    def counted_ranges(self, windows, prefix, exclude_self, target_bases):
+        """counts(), and with one rank the rows of the array where each of its strings begins (first, end
+        [B, T, O, J, 2]: both strands; None with several ranks, whose slices' rows are not the array's)."""
         B, T = windows.shape[0], windows.shape[1] - prefix - 1
         strings, lengths, known, owns = [], [], [], []
         for k in RETRIEVAL_CONTEXT_TOKENS:
@@ -1312,14 +1329,20 @@ class SuffixIndex:
                 lengths += [torch.full_like(forward, n)] * 2  # made on the device: a captured step copies nothing
             owns.append(1 + (flipped == grams).all(-1).long())  # a palindrome also sits on the other strand
         strings, lengths = torch.stack(strings, -1), torch.stack(lengths, -1)  # [B, T, 2 * O * J]
-        found = self.occurrences(strings.flatten(), lengths.flatten()).view(B, T, len(known), len(target_bases), 2)
+        shape = B, T, len(known), len(target_bases), 2
+        if self.ranks == 1:
+            first, end = (x.view(shape) for x in self.rows_of(strings, lengths))
+            found = end - first
+        else:
+            first = end = None
+            found = self.occurrences(strings.flatten(), lengths.flatten()).view(shape)
         found = found.sum(-1)
         if exclude_self:
             found = (found - torch.stack(owns, 2)[..., None]).clamp_min(0)
-        return (found * torch.stack(known, 2)[..., None]).float()
+        return (found * torch.stack(known, 2)[..., None]).float(), first, end
 
     @torch.no_grad()
-    def neighbours(self, windows, prefix, chunks=None):
+    def neighbours(self, windows, prefix, chunks=None, seed_ranges=None):
         """global_memory = neighbours: for each of the T targets of windows [B, prefix + T + 1] (-1 where there is
         no token), NEIGHBOUR_SLOTS homologs from the training chunks, as (bases [B, T, S, 12] int64: each slot's 6
         bases aligned to the input token, then the 6 aligned to the target, in the window's strand, 4 where the slot
@@ -1332,15 +1355,17 @@ class SuffixIndex:
         a token, to where it aligns with this target: a homolog found once is read on through the substitutions
         that stop the next lookups, and found again 18 bases after an indel. Hits that align to the same place are
         one homolog; the slots take the most recently found ones. chunks [B] (training): each window's chunk as its
-        number in the text (-1: none); hits there are left out, so that training sees what validation sees. Every
-        rank needs the whole array (no collectives)."""
+        number in the text (-1: none); hits there are left out, so that training sees what validation sees.
+        seed_ranges: the seeds' rows when a search has found them already (counts_and_neighbours). Every rank needs
+        the whole array (no collectives)."""
         if self.ranks != 1:
             raise ValueError("SuffixIndex.neighbours reads positions from the whole array, not a rank's slice")
         B, T = windows.shape[0], windows.shape[1] - prefix - 1
         if not self.n:
             return (windows.new_full((B, T, NEIGHBOUR_SLOTS, 2 * BASES_PER_TOKEN), 4, dtype=torch.int64),
                     windows.new_full((B, T, NEIGHBOUR_SLOTS), -1, dtype=torch.int64))
-        anchor, direction, valid, chunk = self.seed_hits(windows, prefix, chunks)  # [B, T, H], H = 2 strands' rows
+        anchor, direction, valid, chunk = self.seed_hits(windows, prefix, chunks, seed_ranges)  # [B, T, H]: H = 2
+        # strands' rows
         # every hit of the last NEIGHBOUR_LOOKBACK targets' lookups, carried to this target: [B, T, H * L]
         L = NEIGHBOUR_LOOKBACK
         lag = torch.arange(L, device=windows.device)
@@ -1370,7 +1395,7 @@ class SuffixIndex:
         bases = torch.where(direction[..., None] > 0, bases, 3 - bases)
         return torch.where(inside, bases, 4), age
 
-    def seed_hits(self, windows, prefix, chunks):
+    def seed_hits(self, windows, prefix, chunks, seed_ranges=None):
         """neighbours' lookups: for each target, NEIGHBOUR_HITS + 1 rows of each strand's range for the
         NEIGHBOUR_SEED_BASES bases before it, the strands in turn, as (anchor, direction, valid, chunk)
         [B, T, 2 * rows]: the text position aligned with the target's first base (after the seed on the forward
@@ -1381,20 +1406,8 @@ class SuffixIndex:
         k = -(-NEIGHBOUR_SEED_BASES // BASES_PER_TOKEN)  # tokens that hold the seed
         context = windows.unfold(1, k, 1)[:, prefix + 1 - k:prefix + 1 - k + T].long()  # the k tokens before each
         known = (context >= 0).all(-1)
-        context = context.clamp_min(0)
-        flipped = self.reverse_complement[context.flip(-1)]
-        forward, reverse = torch.zeros_like(context[..., 0]), torch.zeros_like(context[..., 0])
-        for i in range(k):
-            forward = (forward << 12) | context[..., i]
-            reverse = (reverse << 12) | flipped[..., i]
-        # the seed: the last NEIGHBOUR_SEED_BASES bases, and their reverse complement, left-aligned
-        extra = k * BASES_PER_TOKEN - NEIGHBOUR_SEED_BASES
-        forward = (forward & ((1 << 2 * NEIGHBOUR_SEED_BASES) - 1)) << 2 * (SUFFIX_KEY_BASES - NEIGHBOUR_SEED_BASES)
-        reverse = (reverse >> 2 * extra) << 2 * (SUFFIX_KEY_BASES - NEIGHBOUR_SEED_BASES)
-        strings = torch.stack([forward, reverse], -1)
-        lengths = torch.full_like(strings, NEIGHBOUR_SEED_BASES)
-        first, end = suffix_ranges(self, strings, lengths)  # [B, T, 2]: each strand's range of rows
-        found = end - first
+        first, end = seed_ranges or suffix_ranges(self, *seed_strings(self, context.clamp_min(0)))  # [B, T, 2]:
+        found = end - first  # each strand's range of rows
         # one row more than NEIGHBOUR_HITS: in training a window's own occurrence is always in its range, and is
         # left out below, so that training reads as many hits as validation
         rows_read = NEIGHBOUR_HITS + 1
@@ -1425,9 +1438,8 @@ class SuffixIndex:
         return numbers
 
     def occurrences(self, strings, lengths):
-        """Forward-strand occurrences inside a chunk of each string (its `lengths` bases, left-aligned in 60 bits)."""
-        if self.ranks == 1:
-            return self.in_slice(strings, lengths)
+        """Forward-strand occurrences inside a chunk of each string (its `lengths` bases, left-aligned in 60 bits),
+        summed over the ranks' slices."""
         asked = torch.stack([strings, lengths])  # the same shape on every rank (the class's contract)
         everyone = [torch.empty_like(asked) for _ in range(self.ranks)]
         dist.all_gather(everyone, asked)
@@ -1438,11 +1450,15 @@ class SuffixIndex:
         return found[mine:mine + len(strings)]
 
     def in_slice(self, strings, lengths):
-        """occurrences() among this rank's rows of the array (none: more ranks than rows)."""
-        if not self.n:
-            return torch.zeros_like(strings)
-        first, end = suffix_ranges(self, strings, lengths)
+        """occurrences() among this rank's rows of the array."""
+        first, end = self.rows_of(strings, lengths)
         return end - first
+
+    def rows_of(self, strings, lengths):
+        """suffix_ranges in this rank's rows of the array (none: more ranks than rows)."""
+        if not self.n:
+            return torch.zeros_like(strings), torch.zeros_like(strings)
+        return suffix_ranges(self, strings, lengths)
 
     def suffix(self, rows):
         """Rows of the suffix array -> suffix_keys of their positions."""
@@ -1450,6 +1466,22 @@ class SuffixIndex:
 
 
 KEY_MASK = (1 << 2 * SUFFIX_KEY_BASES) - 1
+SEED_CONTEXTS = tuple(BASES_PER_TOKEN * k for k in RETRIEVAL_CONTEXT_TOKENS)  # the counts' context lengths, in bases
+
+
+def seed_strings(index, context):
+    """The k tokens before each target [B, T, k] -> neighbours' seeds, (strings, lengths) [B, T, 2]: the last
+    NEIGHBOUR_SEED_BASES bases, and their reverse complement, left-aligned as suffix_ranges reads them."""
+    flipped = index.reverse_complement[context.flip(-1)]
+    forward, reverse = torch.zeros_like(context[..., 0]), torch.zeros_like(context[..., 0])
+    for i in range(context.shape[-1]):
+        forward = (forward << 12) | context[..., i]
+        reverse = (reverse << 12) | flipped[..., i]
+    extra = context.shape[-1] * BASES_PER_TOKEN - NEIGHBOUR_SEED_BASES
+    forward = (forward & ((1 << 2 * NEIGHBOUR_SEED_BASES) - 1)) << 2 * (SUFFIX_KEY_BASES - NEIGHBOUR_SEED_BASES)
+    reverse = (reverse >> 2 * extra) << 2 * (SUFFIX_KEY_BASES - NEIGHBOUR_SEED_BASES)
+    strings = torch.stack([forward, reverse], -1)
+    return strings, torch.full_like(strings, NEIGHBOUR_SEED_BASES)
 
 
 def suffix_ranges(index, strings, lengths):
@@ -2480,10 +2512,9 @@ def step_on_device(learner, step_tokens, step_species, step_repeat, step_chunks=
         windows = step_tokens[micro]
         inputs, targets = windows[:, cfg.prefix_tokens:-1], windows[:, cfg.prefix_tokens + 1:]
         weights = step_weights[micro, :, cfg.prefix_tokens + 1:]
-        memory = {} if learner.retrieval_index is None else {  # leave-one-out: a window never retrieves itself
-            "retrieval": learner.retrieval_index.counts(windows, cfg.prefix_tokens, exclude_self=True)}
-        if cfg.global_memory == "neighbours":  # nor reads its own chunk
-            memory["neighbours"] = learner.retrieval_index.neighbours(windows, cfg.prefix_tokens, step_chunks[micro])
+        chunks = None if step_chunks is None else step_chunks[micro]
+        memory = memory_inputs(learner.retrieval_index, cfg, windows, True, chunks)  # leave-one-out: a window never
+        # counts itself, nor reads its own chunk
         syncs_gradients = micro == cfg.accumulation_steps - 1
         # gradients are all-reduced only on the last micro-batch; no_sync must wrap the forward too
         with learner.wrapped.no_sync() if rt.distributed and not syncs_gradients else contextlib.nullcontext():
@@ -2513,6 +2544,17 @@ def step_on_device(learner, step_tokens, step_species, step_repeat, step_chunks=
             pending.wait()
         model.update_bucket_memory(torch.where(finite, observations, 0.0))  # a skipped step teaches it nothing
     return StepResult(step_loss, step_weighted, grad_norm, finite)
+
+
+def memory_inputs(retrieval_index, cfg, windows, exclude_self, chunks=None):
+    """The model's memory arguments for windows: the retrieval counts, and with global_memory = neighbours the
+    homologs, their seeds found by the counts' own search (SuffixIndex.counts_and_neighbours)."""
+    if retrieval_index is None:
+        return {}
+    if cfg.global_memory == "neighbours":
+        counts, found = retrieval_index.counts_and_neighbours(windows, cfg.prefix_tokens, exclude_self, chunks)
+        return {"retrieval": counts, "neighbours": found}
+    return {"retrieval": retrieval_index.counts(windows, cfg.prefix_tokens, exclude_self)}
 
 
 class StepGraph:
@@ -2779,10 +2821,9 @@ def validation_loss(model, tokens, species, repeat, cfg, rt, autocast_dtype, ret
         if retrieval_index is not None:  # as many windows as every other rank looks up in this pass: -1 rows pad
             asked = torch.cat([batch, batch.new_full((min(cfg.eval_batch_size, most_rows - start) - len(rows),
                                                       batch.shape[1]), -1)])
-            memory["retrieval"] = retrieval_index.counts(asked, cfg.prefix_tokens, exclude_self=False)[:len(rows)]
-            if cfg.global_memory == "neighbours":
-                found = retrieval_index.neighbours(asked, cfg.prefix_tokens)
-                memory["neighbours"] = tuple(x[:len(rows)] for x in found)
+            memory = memory_inputs(retrieval_index, cfg, asked, False)
+            memory = {name: value[:len(rows)] if name == "retrieval" else tuple(x[:len(rows)] for x in value)
+                      for name, value in memory.items()}
         if not len(rows):
             continue
         with torch.autocast(rt.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

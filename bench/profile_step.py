@@ -109,10 +109,12 @@ def main():
 
 def lookup_seconds(index, windows, cfg, chunks, reps=10):
     """Seconds of one micro-batch's lookups, each alone (mean of reps after one warm-up call): the counts, and with
-    global_memory = neighbours the homolog search."""
+    global_memory = neighbours the homolog search with its own seed search, and the two as the step runs them
+    (counts_and_neighbours: one search)."""
     calls = {"counts": lambda: index.counts(windows, cfg.prefix_tokens, exclude_self=True)}
     if cfg.global_memory == "neighbours":
         calls["neighbours"] = lambda: index.neighbours(windows, cfg.prefix_tokens, chunks)
+        calls["counts_and_neighbours"] = lambda: index.counts_and_neighbours(windows, cfg.prefix_tokens, True, chunks)
     return {name: mean_seconds(call, windows.device, warm_up=1, reps=reps) for name, call in calls.items()}
 
 

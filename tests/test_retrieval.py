@@ -703,6 +703,28 @@ def test_compiled_lookups_count_and_find_what_the_eager_searches_do(homologs_dir
         assert torch.equal(a, b)
 
 
+def test_counts_and_neighbours_from_one_search_equal_the_two_lookups_apart(homologs_dir, tmp_path):
+    """The neighbours' 18-base seeds are the counts' 18-base contexts: searched once, with the same results, in
+    training (leave-one-out, chunk numbers) and in validation (neither)."""
+    cfg, catalog, index, cases = neighbour_case(homologs_dir, tmp_path)
+    windows = torch.cat([case[1] for case in cases])
+    chunks = torch.cat([torch.full((len(case[1]),), case[3]) for case in cases])
+    searched = []  # how many strings each search step narrows
+    index.halving = lambda *args: searched.append(args[1].shape[1]) or plm.halve_ranges(*args)
+    for exclude_self, numbers in ((True, chunks), (False, None)):
+        searched.clear()
+        apart = (index.counts(windows, cfg.prefix_tokens, exclude_self),
+                 index.neighbours(windows, cfg.prefix_tokens, numbers))
+        strings_apart = sum(searched)
+        searched.clear()
+        together = index.counts_and_neighbours(windows, cfg.prefix_tokens, exclude_self, numbers)
+        assert torch.equal(apart[0], together[0])
+        assert all(torch.equal(x, y) for x, y in zip(apart[1], together[1]))
+        assert (together[1][1] >= 0).any() and together[0].sum() > 0  # the homologs are found
+        targets = windows.shape[0] * cfg.context_size
+        assert strings_apart == sum(searched) * 14 // 12 and sum(searched) % (12 * targets) == 0
+
+
 def test_the_loaders_chunk_numbers_name_the_chunk_each_window_comes_from(repeats_dir, tmp_path):
     """Augmented training windows (frame shifts, reverse strands), two ranks: each window's bases, or their reverse
     complement, lie in the chunk its number names in the suffix array's text."""
