@@ -161,17 +161,27 @@ def window_base_log_probs(inference, rows, chunks=None):
     inputs, targets = rows[:, cfg.prefix_tokens:-1].clamp_min(0), rows[:, cfg.prefix_tokens + 1:]
     targets = torch.where(targets >= 0, targets, -100)  # padding: right of every real token, so it changes none
     species = torch.full((len(rows),), inference.species_id, device=inference.device)
-    neighbours = window_neighbours(inference, rows, chunks)
+    counts, neighbours = window_memory(inference, rows, chunks)
     logits, hidden = model(inputs, species, neighbours=neighbours)
     log_p = prefix_log_probs(logits, targets, TARGET_PREFIXES)
-    if inference.retrieval_index is not None:
-        counts = inference.retrieval_index.counts(rows, cfg.prefix_tokens, exclude_self=False,
-                                               target_bases=(0,) + TARGET_PREFIXES)
+    if counts is not None:
         log_p = model.mixed_log_probs(log_p, hidden, counts)
     if neighbours is not None:
         log_p = model.copied_log_probs(log_p, hidden, targets, TARGET_PREFIXES, neighbours[0],
                                        slot_features(inputs, *neighbours))
     return torch.diff(log_p, dim=-1, prepend=torch.zeros_like(log_p[..., :1])).double().cpu().numpy()
+
+
+def window_memory(inference, rows, chunks=None):
+    """(counts of every target prefix, neighbours) of rows as the model scores them, each None where the model has
+    no such memory; with neighbours both come from one search (SuffixIndex.counts_and_neighbours), as in training."""
+    index, cfg = inference.retrieval_index, inference.cfg
+    if index is None:
+        return None, None
+    if cfg.global_memory != "neighbours":
+        return index.counts(rows, cfg.prefix_tokens, exclude_self=False, target_bases=(0,) + TARGET_PREFIXES), None
+    return index.counts_and_neighbours(rows, cfg.prefix_tokens, False, chunk_numbers(chunks, rows.device),
+                                       target_bases=(0,) + TARGET_PREFIXES)
 
 
 def window_neighbours(inference, rows, chunks=None):
@@ -180,9 +190,12 @@ def window_neighbours(inference, rows, chunks=None):
     left out, as training leaves them out, so that a training genome is not scored by copying itself."""
     if inference.cfg.global_memory != "neighbours":
         return None
-    if chunks is not None:
-        chunks = torch.as_tensor(chunks, dtype=torch.int64, device=rows.device)
-    return inference.retrieval_index.neighbours(rows, inference.cfg.prefix_tokens, chunks)
+    return inference.retrieval_index.neighbours(rows, inference.cfg.prefix_tokens, chunk_numbers(chunks, rows.device))
+
+
+def chunk_numbers(chunks, device):
+    """Rows' training chunk numbers (a list, a tensor or None) as neighbours() reads them."""
+    return None if chunks is None else torch.as_tensor(chunks, dtype=torch.int64, device=device)
 
 
 def windowed(pieces, windows_of, width, batch_size, score_batch):
