@@ -25,9 +25,9 @@ import torch.nn as nn
 
 from plant_lm_train import (BASES_PER_TOKEN, BYTE_CODES, Config, ConfigError, DataError, FileStats, PlantLM,
                           RetrievalIndex, acgt_segments, check_looks_like_dna, checkpoint_config, chunk_digest,
-                          chunk_file, chunk_start, load_checkpoint, load_retrieval_index, open_genome, other_letters,
-                          prefix_log_probs, read_fasta, retrieval_index_path, slot_features, token_bases, tokenize,
-                          write_atomically)
+                          chunk_file, chunk_start, load_checkpoint, load_retrieval_index, memory_inputs, open_genome,
+                          other_letters, prefix_log_probs, read_fasta, retrieval_index_path, slot_features, token_bases,
+                          tokenize, write_atomically)
 
 # ----------------------------------------------------------------------------- scoring: windows, per-base log-probs
 
@@ -161,27 +161,18 @@ def window_base_log_probs(inference, rows, chunks=None):
     inputs, targets = rows[:, cfg.prefix_tokens:-1].clamp_min(0), rows[:, cfg.prefix_tokens + 1:]
     targets = torch.where(targets >= 0, targets, -100)  # padding: right of every real token, so it changes none
     species = torch.full((len(rows),), inference.species_id, device=inference.device)
-    counts, neighbours = window_memory(inference, rows, chunks)
+    # the counts of every target prefix, and the neighbours from the same search, as training reads them
+    memory = memory_inputs(inference.retrieval_index, cfg, rows, False, chunk_numbers(chunks, rows.device),
+                           target_bases=(0,) + TARGET_PREFIXES)
+    neighbours = memory.get("neighbours")
     logits, hidden = model(inputs, species, neighbours=neighbours)
     log_p = prefix_log_probs(logits, targets, TARGET_PREFIXES)
-    if counts is not None:
-        log_p = model.mixed_log_probs(log_p, hidden, counts)
+    if "retrieval" in memory:
+        log_p = model.mixed_log_probs(log_p, hidden, memory["retrieval"])
     if neighbours is not None:
         log_p = model.copied_log_probs(log_p, hidden, targets, TARGET_PREFIXES, neighbours[0],
                                        slot_features(inputs, *neighbours))
     return torch.diff(log_p, dim=-1, prepend=torch.zeros_like(log_p[..., :1])).double().cpu().numpy()
-
-
-def window_memory(inference, rows, chunks=None):
-    """(counts of every target prefix, neighbours) of rows as the model scores them, each None where the model has
-    no such memory; with neighbours both come from one search (SuffixIndex.counts_and_neighbours), as in training."""
-    index, cfg = inference.retrieval_index, inference.cfg
-    if index is None:
-        return None, None
-    if cfg.global_memory != "neighbours":
-        return index.counts(rows, cfg.prefix_tokens, exclude_self=False, target_bases=(0,) + TARGET_PREFIXES), None
-    return index.counts_and_neighbours(rows, cfg.prefix_tokens, False, chunk_numbers(chunks, rows.device),
-                                       target_bases=(0,) + TARGET_PREFIXES)
 
 
 def window_neighbours(inference, rows, chunks=None):

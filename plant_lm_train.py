@@ -1301,10 +1301,8 @@ class SuffixIndex:
         """(counts(), neighbours()) from one set of searches: neighbours' seeds, the NEIGHBOUR_SEED_BASES bases
         before each target on both strands, are the counts' contexts of that length, whose ranges the counts
         have already found (2 of the 14 searches a target asks for in training)."""
-        if NEIGHBOUR_SEED_BASES not in SEED_CONTEXTS or 0 not in target_bases:
-            raise ValueError(f"the neighbours' {NEIGHBOUR_SEED_BASES}-base seed is not among the counts' contexts")
         counts, first, end = self.counted_ranges(windows, prefix, exclude_self, target_bases)
-        seed = SEED_CONTEXTS.index(NEIGHBOUR_SEED_BASES), list(target_bases).index(0)
+        seed = COUNT_CONTEXT_BASES.index(NEIGHBOUR_SEED_BASES), list(target_bases).index(0)  # the bare contexts
         return counts, self.neighbours(windows, prefix, chunks, (first[:, :, seed[0], seed[1]],
                                                                  end[:, :, seed[0], seed[1]]))
 
@@ -1364,8 +1362,8 @@ class SuffixIndex:
         if not self.n:
             return (windows.new_full((B, T, NEIGHBOUR_SLOTS, 2 * BASES_PER_TOKEN), 4, dtype=torch.int64),
                     windows.new_full((B, T, NEIGHBOUR_SLOTS), -1, dtype=torch.int64))
-        anchor, direction, valid, chunk = self.seed_hits(windows, prefix, chunks, seed_ranges)  # [B, T, H]: H = 2
-        # strands' rows
+        # [B, T, H]: H = 2 strands' rows
+        anchor, direction, valid, chunk = self.seed_hits(windows, prefix, chunks, seed_ranges)
         # every hit of the last NEIGHBOUR_LOOKBACK targets' lookups, carried to this target: [B, T, H * L]
         L = NEIGHBOUR_LOOKBACK
         lag = torch.arange(L, device=windows.device)
@@ -1469,7 +1467,8 @@ class SuffixIndex:
 
 
 KEY_MASK = (1 << 2 * SUFFIX_KEY_BASES) - 1
-SEED_CONTEXTS = tuple(BASES_PER_TOKEN * k for k in RETRIEVAL_CONTEXT_TOKENS)  # the counts' context lengths, in bases
+COUNT_CONTEXT_BASES = tuple(BASES_PER_TOKEN * k for k in RETRIEVAL_CONTEXT_TOKENS)
+assert NEIGHBOUR_SEED_BASES in COUNT_CONTEXT_BASES, "counts_and_neighbours takes the seeds from the counts' search"
 
 
 def seed_strings(index, context):
@@ -2549,15 +2548,16 @@ def step_on_device(learner, step_tokens, step_species, step_repeat, step_chunks=
     return StepResult(step_loss, step_weighted, grad_norm, finite)
 
 
-def memory_inputs(retrieval_index, cfg, windows, exclude_self, chunks=None):
-    """The model's memory arguments for windows: the retrieval counts, and with global_memory = neighbours the
-    homologs, their seeds found by the counts' own search (SuffixIndex.counts_and_neighbours)."""
+def memory_inputs(retrieval_index, cfg, windows, exclude_self, chunks=None, target_bases=(0, BASES_PER_TOKEN)):
+    """The model's memory arguments for windows: the retrieval counts (of target_bases), and with global_memory =
+    neighbours the homologs, their seeds found by the counts' own search (SuffixIndex.counts_and_neighbours)."""
     if retrieval_index is None:
         return {}
     if cfg.global_memory == "neighbours":
-        counts, found = retrieval_index.counts_and_neighbours(windows, cfg.prefix_tokens, exclude_self, chunks)
+        counts, found = retrieval_index.counts_and_neighbours(windows, cfg.prefix_tokens, exclude_self, chunks,
+                                                              target_bases)
         return {"retrieval": counts, "neighbours": found}
-    return {"retrieval": retrieval_index.counts(windows, cfg.prefix_tokens, exclude_self)}
+    return {"retrieval": retrieval_index.counts(windows, cfg.prefix_tokens, exclude_self, target_bases)}
 
 
 class StepGraph:
