@@ -1715,33 +1715,44 @@ def build_suffix_index(bases, digest, progress=False, device=None):
         at = ends[lengths >= gap] - gap
         group[at] &= np.uint8(0x3F ^ ((1 << 2 * (3 - gap)) - 1))
     del text
-    device = suffix_sort_device(device, (index.text.numel() + index.block_ends.numel()) * 8,
+    device = suffix_sort_device(device, (index.text.numel() + index.block_ends.numel()) * 8 + group.nbytes,
                                 int(np.bincount(group, minlength=SUFFIX_GROUPS).max()))
     sorter = SuffixIndex(index.text.to(device), index.sa_low[:0], index.sa_high[:0], index.block_ends.to(device),
                          block_bits, digest)  # the text and block ends that suffix_keys reads, where it sorts
+    # the 64 scans for each group's positions, there too: on the host they were the build's largest cost at crop scale
+    scanned = group if device.type == "cpu" else torch.from_numpy(group).to(device)
     row = 0
     for code in tqdm(range(SUFFIX_GROUPS), desc=f"suffix array ({device.type})", unit="group", disable=not progress):
-        positions = torch.from_numpy(np.flatnonzero(group == code)).to(device)
+        positions = group_positions(scanned, code)
         keys, left = suffix_keys(sorter, positions)
         keys &= top_bases_mask(left)
         # within a group the first 3 bases are equal: the other 54 bits of the key and 5 of distance make one key
         order = torch.argsort(((keys & ((1 << 54) - 1)) << 5) | left)
-        positions = positions[order].cpu()
-        index.sa_low[row:row + len(positions)] = (positions & 0xFFFFFFFF).to(torch.int32)
-        index.sa_high[row:row + len(positions)] = (positions >> 32).to(torch.uint8)
+        positions = positions[order]  # split into the array's 5 bytes where sorted: 5 bytes a row, not 8, cross over
+        index.sa_low[row:row + len(positions)] = (positions & 0xFFFFFFFF).to(torch.int32).cpu()
+        index.sa_high[row:row + len(positions)] = (positions >> 32).to(torch.uint8).cpu()
         row += len(positions)
     return index
+
+
+def group_positions(group, code):
+    """The positions whose group (first 3 bases) is `code`, in order, as int64 where `group` lies: a host array (numpy
+    scans it about 3 times as fast as torch on a CPU) or a tensor on the sorting GPU."""
+    if isinstance(group, np.ndarray):
+        return torch.from_numpy(np.flatnonzero(group == code))
+    return torch.nonzero(group == code).flatten()
 
 
 SUFFIX_SORT_BYTES_PER_POSITION = 64  # a group's positions, keys, distances and order on the device, with temporaries
 
 
-def suffix_sort_device(device, text_bytes, largest_group):
-    """Where build_suffix_index sorts its groups: `device` when it is a GPU with room for the text and block ends
-    (text_bytes) and the largest group, else the host (a small or busy card)."""
+def suffix_sort_device(device, resident_bytes, largest_group):
+    """Where build_suffix_index scans and sorts its groups: `device` when it is a GPU with room for what the build
+    keeps there (resident_bytes: the text, block ends and each position's group) and the largest group, else the
+    host (a small or busy card)."""
     if device is None or device.type != "cuda":
         return torch.device("cpu")
-    needs = text_bytes + largest_group * SUFFIX_SORT_BYTES_PER_POSITION
+    needs = resident_bytes + largest_group * SUFFIX_SORT_BYTES_PER_POSITION
     return device if needs < free_device_bytes(device) else torch.device("cpu")
 
 

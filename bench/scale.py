@@ -1,4 +1,4 @@
-"""A crop-sized data set, and what Plant LM's start-up, loader and retrieval index do with it (issue 15).
+"""A crop-sized data set, and what Plant LM's start-up, loader and retrieval index do with it.
 
     python bench/scale.py --gbp 2 --index-gbp 0.2   -> bench/results/scale.json (rewritten after every stage)
 
@@ -20,6 +20,10 @@
    has the build time and size) and warm; then that index's size, bytes per base and counts() calls/s on a batch.
    --index-layout picks the layout; with suffix_array (about 5.3 bytes a base) --index-gbp 0 measures the index of
    the --gbp set itself: python bench/scale.py --gbp 4.5 --index-gbp 0 --index-layout suffix_array
+6. default (only when --stages names it): step 3 with the default Config as it is (today `neighbours` over a
+   suffix array) on the --gbp set, cold (scans, builds the index) and warm, with the last step's tokens/s and GPU
+   memory: python bench/scale.py --gbp 4.5 --stages default --steps 300
+--stages picks steps 2-6 (default: scan,none,loader,retrieval); the generated data are kept under --out and reused.
 Trainer arguments after the script's own (e.g. --d_model=128 --n_layers=2 on a CPU) go to every run.sh call.
 """
 
@@ -30,6 +34,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -260,6 +265,7 @@ class MemoryWatch:
 
 
 MARKS = {"retrieval_index": "retrieval index: ", "config": "config: ", "first_step": "step 1 "}
+STAGES = ("scan", "none", "loader", "retrieval", "default")
 
 
 def time_run_sh(data_dir, ckpt, logs, steps, trainer_args, timeout):
@@ -269,9 +275,11 @@ def time_run_sh(data_dir, ckpt, logs, steps, trainer_args, timeout):
     command = ["bash", os.path.join(REPO, "run.sh"), f"--max_steps={steps}", "--log_every=1", "--checkpoint_every=0",
                "--resume=none", f"--checkpoint_dir={ckpt}", f"--log_dir={logs}", *trainer_args]
     started = time.time()
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a session of its own, so that the timeout ends torchrun and the trainer too, not only bash
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     watch, seen, tail = MemoryWatch(proc.pid), {}, []
-    timer = threading.Timer(timeout, proc.kill)
+    timer = threading.Timer(timeout, kill_session, (proc.pid,))
     timer.start()
     for line in proc.stdout:
         tail = (tail + [line.rstrip()])[-20:]
@@ -280,6 +288,8 @@ def time_run_sh(data_dir, ckpt, logs, steps, trainer_args, timeout):
                 seen[mark] = round(time.time() - started, 2)
                 if mark == "retrieval_index":  # its build time and size
                     seen["retrieval_index_line"] = line.strip()
+        if line.startswith("step ") and "tokens_per_s" in line:  # the last one: tokens/s and GPU memory at the end
+            seen["last_step_line"] = line.strip()
     proc.wait()
     timer.cancel()
     marks = {k if k.endswith("_line") else f"to_{k}_s": v for k, v in seen.items()}
@@ -288,6 +298,14 @@ def time_run_sh(data_dir, ckpt, logs, steps, trainer_args, timeout):
     if proc.returncode:
         result["output_tail"] = tail
     return result
+
+
+def kill_session(pid):
+    """SIGKILL every process of the session `pid` leads (run.sh, torchrun, the trainer and its workers)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:  # ended just before the timer fired
+        pass
 
 
 # ----------------------------------------------------------------------------- loader
@@ -376,7 +394,12 @@ def main():
     parser.add_argument("--loader-s", type=float, default=20, help="seconds of each loader measurement")
     parser.add_argument("--run-timeout-s", type=float, default=300, help="a run.sh call is killed after this")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stages", default="scan,none,loader,retrieval",
+                        help=f"which of {','.join(STAGES)} to run after generating the data (kept if there already)")
     args, trainer_args = parser.parse_known_args()
+    stages = set(args.stages.split(","))
+    if stages - set(STAGES):
+        parser.error(f"--stages: {','.join(sorted(stages - set(STAGES)))} not among {','.join(STAGES)}")
     import torch
     results = {"meta": {"device": "cuda" if torch.cuda.is_available() else "cpu",  # named in retrieval: no CUDA
                         # context before the generator's pool forks
@@ -394,34 +417,45 @@ def main():
     index_dir = os.path.join(args.out, "index_data") if args.index_gbp else big
     save("generate", {"data": generate(big, args.gbp, args.divergence, args.seed, args.processes),
                       "index_data": generate(index_dir, args.index_gbp, args.divergence, args.seed + 1,
-                                             args.processes) if args.index_gbp else "the --gbp set"})
+                                             args.processes) if args.index_gbp and "retrieval" in stages
+                      else "the --gbp set"})
     SOURCES = None
     cfg = plm.Config(data_dir=big).check()
-    index, scanned = scan_stage(cfg, os.path.join(args.out, "scan_cache"))
-    save("scan", scanned)
+    if stages & {"scan", "loader"}:  # the loader stage measures the scan's catalog
+        index, scanned = scan_stage(cfg, os.path.join(args.out, "scan_cache"))
+        save("scan", scanned)
 
     runs = {}
 
-    def time_runs(label, data_dir, ckpt, memory):
+    def time_runs(label, data_dir, ckpt, memory_args):
         shutil.rmtree(ckpt, ignore_errors=True)
         for start in ("cold", "warm"):  # cold: no data cache (nor retrieval index) in checkpoint_dir yet
             runs[f"{label}_{start}"] = time_run_sh(data_dir, ckpt, os.path.join(args.out, "logs"), args.steps,
-                                                   [f"--global_memory={memory}", f"--index_layout={args.index_layout}",
-                                                    *trainer_args], args.run_timeout_s)
+                                                   [*memory_args, *trainer_args], args.run_timeout_s)
             save("first_step", runs)
-    time_runs("none", big, os.path.join(args.out, "ckpt_none"), "none")
 
-    loader = {"one_worker_sampler": [sampler_rate(index, cfg, n, args.loader_s) for n in (4, 32)]}
+    if "default" in stages:  # the default Config as it is (its memory and index layout) on the --gbp set
+        time_runs("default", big, os.path.join(args.out, "ckpt_default"), [])
+    if "none" in stages:
+        time_runs("none", big, os.path.join(args.out, "ckpt_none"), ["--global_memory=none"])
+    if "loader" in stages:
+        loader_stage(index, cfg, args.loader_s, save)
+    if "retrieval" in stages:
+        ckpt = os.path.join(args.out, "ckpt_retrieval")
+        time_runs("retrieval_on_index_data", index_dir, ckpt,
+                  ["--global_memory=retrieval", f"--index_layout={args.index_layout}"])
+        save("retrieval", retrieval_stage(index_dir, ckpt, args.loader_s, args.index_layout))
+
+
+def loader_stage(index, cfg, seconds, save):
+    """Step 4: one worker's EpochSampler on 4 and 32 shards; a 4-worker DataLoader on the bundled and the big set."""
+    loader = {"one_worker_sampler": [sampler_rate(index, cfg, n, seconds) for n in (4, 32)]}
     save("loader", loader)
     bundled_cfg = plm.Config(data_dir=os.path.join(REPO, "data")).check()
     bundled = plm.scan_genomes(bundled_cfg, warn=lambda m: None, progress=False)
     for label, (i, c) in (("bundled", (bundled, bundled_cfg)), ("scaled", (index, cfg))):
-        loader[f"dataloader_{label}"] = loader_rate(i, c, args.loader_s, workers=4)
+        loader[f"dataloader_{label}"] = loader_rate(i, c, seconds, workers=4)
         save("loader", loader)
-
-    ckpt = os.path.join(args.out, "ckpt_retrieval")
-    time_runs("retrieval_on_index_data", index_dir, ckpt, "retrieval")
-    save("retrieval", retrieval_stage(index_dir, ckpt, args.loader_s, args.index_layout))
 
 
 if __name__ == "__main__":
