@@ -1715,7 +1715,7 @@ def build_suffix_index(bases, digest, progress=False, device=None):
         at = ends[lengths >= gap] - gap
         group[at] &= np.uint8(0x3F ^ ((1 << 2 * (3 - gap)) - 1))
     del text
-    device = suffix_sort_device(device, (index.text.numel() + index.block_ends.numel()) * 8 + group.nbytes,
+    device = suffix_sort_device(device, (index.text.numel() + index.block_ends.numel()) * 8 + 2 * group.nbytes,
                                 int(np.bincount(group, minlength=SUFFIX_GROUPS).max()))
     sorter = SuffixIndex(index.text.to(device), index.sa_low[:0], index.sa_high[:0], index.block_ends.to(device),
                          block_bits, digest)  # the text and block ends that suffix_keys reads, where it sorts
@@ -1748,8 +1748,8 @@ SUFFIX_SORT_BYTES_PER_POSITION = 64  # a group's positions, keys, distances and 
 
 def suffix_sort_device(device, resident_bytes, largest_group):
     """Where build_suffix_index scans and sorts its groups: `device` when it is a GPU with room for what the build
-    keeps there (resident_bytes: the text, block ends and each position's group) and the largest group, else the
-    host (a small or busy card)."""
+    keeps there (resident_bytes: the text, block ends, each position's group and a scan's mask) and the largest
+    group, else the host (a small or busy card)."""
     if device is None or device.type != "cuda":
         return torch.device("cpu")
     needs = resident_bytes + largest_group * SUFFIX_SORT_BYTES_PER_POSITION

@@ -531,13 +531,13 @@ def test_a_suffix_array_fits_where_the_tables_do_not_and_is_built_on_the_host():
 
 
 def test_a_suffix_array_is_sorted_on_a_gpu_with_room_for_a_group_and_on_the_host_without(monkeypatch):
-    """4.5 Gbp: the text and block ends (1.2 GB), each position's group (4.5 GB) and the largest group (about 70 M
-    positions, 4.5 GB) fit an H200, not a card with 8 GB free; without a GPU the host sorts."""
+    """4.5 Gbp: the text and block ends (1.2 GB), each position's group and a scan's mask (9 GB) and the largest
+    group (about 70 M positions, 4.5 GB) fit an H200, not a card with 12 GB free; without a GPU the host sorts."""
     gpu = torch.device("cuda", 0)
-    resident, largest = int(1.2 * GB) + int(4.5e9), int(4.5e9) // plm.SUFFIX_GROUPS
+    resident, largest = int(1.2 * GB) + 2 * int(4.5e9), int(4.5e9) // plm.SUFFIX_GROUPS
     monkeypatch.setattr(plm, "free_device_bytes", lambda device: 139 * GB)
     assert plm.suffix_sort_device(gpu, resident, largest) == gpu
-    monkeypatch.setattr(plm, "free_device_bytes", lambda device: 8 * GB)
+    monkeypatch.setattr(plm, "free_device_bytes", lambda device: 12 * GB)
     assert plm.suffix_sort_device(gpu, resident, largest) == torch.device("cpu")
     assert plm.suffix_sort_device(torch.device("cpu"), resident, largest) == torch.device("cpu")
     assert plm.suffix_sort_device(None, resident, largest) == torch.device("cpu")
@@ -545,13 +545,13 @@ def test_a_suffix_array_is_sorted_on_a_gpu_with_room_for_a_group_and_on_the_host
 
 def test_the_build_counts_the_groups_it_scans_on_the_gpu_in_what_the_gpu_must_hold(monkeypatch):
     """The build moves each position's group (a byte a base) to the sorting GPU for its 64 scans: the room it asks
-    for holds the group beside the 2-bit text and the block ends."""
+    for holds the group and one scan's mask (another byte a base) beside the 2-bit text and the block ends."""
     asked = []
     monkeypatch.setattr(plm, "suffix_sort_device", lambda device, *needs: asked.append(needs) or torch.device("cpu"))
     bases = [np.random.default_rng(0).integers(0, 4, n, dtype=np.uint8) for n in (5000, 3000)]
     index = plm.build_suffix_index(bases, "d", device=torch.device("cpu"))
     (resident, largest), = asked
-    assert resident == (index.text.numel() + index.block_ends.numel()) * 8 + 8000
+    assert resident == (index.text.numel() + index.block_ends.numel()) * 8 + 2 * 8000
     assert 8000 / plm.SUFFIX_GROUPS < largest < 8000
 
 
