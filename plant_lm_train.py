@@ -1715,7 +1715,8 @@ def build_suffix_index(bases, digest, progress=False, device=None):
         at = ends[lengths >= gap] - gap
         group[at] &= np.uint8(0x3F ^ ((1 << 2 * (3 - gap)) - 1))
     del text
-    device = suffix_sort_device(device, (index.text.numel() + index.block_ends.numel()) * 8 + 2 * group.nbytes,
+    device = suffix_sort_device(device, (index.text.numel() + index.block_ends.numel()) * 8 + group.nbytes
+                                + min(group.nbytes, GROUP_SCAN_SLICE),
                                 int(np.bincount(group, minlength=SUFFIX_GROUPS).max()))
     sorter = SuffixIndex(index.text.to(device), index.sa_low[:0], index.sa_high[:0], index.block_ends.to(device),
                          block_bits, digest)  # the text and block ends that suffix_keys reads, where it sorts
@@ -1727,7 +1728,8 @@ def build_suffix_index(bases, digest, progress=False, device=None):
         keys, left = suffix_keys(sorter, positions)
         keys &= top_bases_mask(left)
         # within a group the first 3 bases are equal: the other 54 bits of the key and 5 of distance make one key
-        order = torch.argsort(((keys & ((1 << 54) - 1)) << 5) | left)
+        # stable: equal 30-base suffixes keep their text order, so a GPU build and a host build give the same rows
+        order = torch.argsort(((keys & ((1 << 54) - 1)) << 5) | left, stable=True)
         positions = positions[order]  # split into the array's 5 bytes where sorted: 5 bytes a row, not 8, cross over
         index.sa_low[row:row + len(positions)] = (positions & 0xFFFFFFFF).to(torch.int32).cpu()
         index.sa_high[row:row + len(positions)] = (positions >> 32).to(torch.uint8).cpu()
@@ -1737,19 +1739,25 @@ def build_suffix_index(bases, digest, progress=False, device=None):
 
 def group_positions(group, code):
     """The positions whose group (first 3 bases) is `code`, in order, as int64 where `group` lies: a host array (numpy
-    scans it about 3 times as fast as torch on a CPU) or a tensor on the sorting GPU."""
+    scans it about 3 times as fast as torch on a CPU) or a tensor on the sorting GPU, scanned GROUP_SCAN_SLICE
+    positions at a time (CUDA's nonzero takes at most 2**31 - 1 elements before torch 2.6; a slice's mask is
+    what the scan holds)."""
     if isinstance(group, np.ndarray):
         return torch.from_numpy(np.flatnonzero(group == code))
-    return torch.nonzero(group == code).flatten()
+    slices = [torch.nonzero(group[start:start + GROUP_SCAN_SLICE] == code).flatten() + start
+              for start in range(0, len(group), GROUP_SCAN_SLICE)]
+    return torch.cat(slices) if slices else torch.zeros(0, dtype=torch.int64, device=group.device)
 
 
-SUFFIX_SORT_BYTES_PER_POSITION = 64  # a group's positions, keys, distances and order on the device, with temporaries
+GROUP_SCAN_SLICE = 1 << 30  # positions a group scan on the GPU compares at once
+SUFFIX_SORT_BYTES_PER_POSITION = 96  # a group's positions, keys, distances and order on the device, with temporaries
+# (suffix_keys' temporaries measured at about 88 bytes a position with the positions, on the CPU)
 
 
 def suffix_sort_device(device, resident_bytes, largest_group):
     """Where build_suffix_index scans and sorts its groups: `device` when it is a GPU with room for what the build
-    keeps there (resident_bytes: the text, block ends, each position's group and a scan's mask) and the largest
-    group, else the host (a small or busy card)."""
+    keeps there (resident_bytes: the text, block ends, each position's group and a scan slice's mask) and the
+    largest group, else the host (a small or busy card)."""
     if device is None or device.type != "cuda":
         return torch.device("cpu")
     needs = resident_bytes + largest_group * SUFFIX_SORT_BYTES_PER_POSITION

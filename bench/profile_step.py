@@ -48,8 +48,8 @@ def main():
     model = learner.model
     entries = int(os.environ.get("INDEX_ENTRIES", 200_000_000))
     if cfg.retrieves and cfg.index_layout == "suffix_array":  # random bases: the same searches, few hits
-        bases = torch.randint(0, 4, (entries,), dtype=torch.uint8).numpy()
-        built = plm.build_suffix_index([bases], "synthetic", device=rt.device)  # sorted on the GPU: crop sizes too
+        bases = [torch.randint(0, 4, (entries,), dtype=torch.uint8).numpy()]  # the build empties the list: one copy
+        built = plm.build_suffix_index(bases, "synthetic", device=rt.device)  # sorted on the GPU: crop sizes too
         learner.retrieval_index = plm.with_compiled_lookups(built.to(rt.device), cfg, rt.device)  # as start_run does
     elif cfg.retrieves:  # an index of the bundled genomes' size: what a lookup searches
         learner.retrieval_index = synthetic_index(entries, rt.device)

@@ -22,7 +22,7 @@
    the --gbp set itself: python bench/scale.py --gbp 4.5 --index-gbp 0 --index-layout suffix_array
 6. default (only when --stages names it): step 3 with the default Config as it is (today `neighbours` over a
    suffix array) on the --gbp set, cold (scans, builds the index) and warm, with the last step's tokens/s and GPU
-   memory: python bench/scale.py --gbp 4.5 --stages default --steps 300
+   memory: python bench/scale.py --gbp 4.5 --index-gbp 0 --stages default --steps 300 --run-timeout-s 900
 --stages picks steps 2-6 (default: scan,none,loader,retrieval); the generated data are kept under --out and reused.
 Trainer arguments after the script's own (e.g. --d_model=128 --n_layers=2 on a CPU) go to every run.sh call.
 """
@@ -275,11 +275,9 @@ def time_run_sh(data_dir, ckpt, logs, steps, trainer_args, timeout):
     command = ["bash", os.path.join(REPO, "run.sh"), f"--max_steps={steps}", "--log_every=1", "--checkpoint_every=0",
                "--resume=none", f"--checkpoint_dir={ckpt}", f"--log_dir={logs}", *trainer_args]
     started = time.time()
-    # a session of its own, so that the timeout ends torchrun and the trainer too, not only bash
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     watch, seen, tail = MemoryWatch(proc.pid), {}, []
-    timer = threading.Timer(timeout, kill_session, (proc.pid,))
+    timer = threading.Timer(timeout, kill_tree, (proc.pid,))
     timer.start()
     for line in proc.stdout:
         tail = (tail + [line.rstrip()])[-20:]
@@ -300,12 +298,14 @@ def time_run_sh(data_dir, ckpt, logs, steps, trainer_args, timeout):
     return result
 
 
-def kill_session(pid):
-    """SIGKILL every process of the session `pid` leads (run.sh, torchrun, the trainer and its workers)."""
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:  # ended just before the timer fired
-        pass
+def kill_tree(pid):
+    """SIGKILL `pid` and every process below it, the deepest first: run.sh puts torchrun in a process group of its
+    own and torchrun each trainer in a session of its own, so neither bash's group nor its session holds them."""
+    for each in [*reversed(descendants(pid)), pid]:
+        try:
+            os.kill(each, signal.SIGKILL)
+        except ProcessLookupError:  # ended meanwhile
+            pass
 
 
 # ----------------------------------------------------------------------------- loader
@@ -418,7 +418,7 @@ def main():
     save("generate", {"data": generate(big, args.gbp, args.divergence, args.seed, args.processes),
                       "index_data": generate(index_dir, args.index_gbp, args.divergence, args.seed + 1,
                                              args.processes) if args.index_gbp and "retrieval" in stages
-                      else "the --gbp set"})
+                      else "the --gbp set" if "retrieval" in stages else "not needed"})
     SOURCES = None
     cfg = plm.Config(data_dir=big).check()
     if stages & {"scan", "loader"}:  # the loader stage measures the scan's catalog
