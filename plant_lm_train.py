@@ -1416,7 +1416,7 @@ class SuffixIndex:
         spread = found[..., None].clamp_min(rows_read)  # a range of fewer rows is read from its start
         rows = (first[..., None] + pick * spread // rows_read).clamp_max(self.n - 1)  # [B, T, 2, rows_read]
         valid = (pick < found[..., None]) & known[..., None, None]
-        at = (self.sa_high[rows].long() << 32) | (self.sa_low[rows].long() & 0xFFFFFFFF)
+        at = self.positions(rows)
         chunk = torch.searchsorted(self.chunk_ends, at, right=True)
         if chunks is not None:
             valid &= chunk != chunks.view(B, 1, 1, 1)
@@ -1461,9 +1461,13 @@ class SuffixIndex:
             return torch.zeros_like(strings), torch.zeros_like(strings)
         return suffix_ranges(self, strings, lengths)
 
+    def positions(self, rows):
+        """Rows of the suffix array -> their text positions (int64), from the 40 bits stored as 32 + 8."""
+        return (self.sa_high[rows].long() << 32) | (self.sa_low[rows].long() & 0xFFFFFFFF)
+
     def suffix(self, rows):
         """Rows of the suffix array -> suffix_keys of their positions."""
-        return suffix_keys(self, (self.sa_high[rows].long() << 32) | (self.sa_low[rows].long() & 0xFFFFFFFF))
+        return suffix_keys(self, self.positions(rows))
 
 
 KEY_MASK = (1 << 2 * SUFFIX_KEY_BASES) - 1

@@ -415,10 +415,10 @@ def main():
     SOURCES = load_sources(os.path.join(REPO, "data"))
     big = os.path.join(args.out, "data")
     index_dir = os.path.join(args.out, "index_data") if args.index_gbp else big
-    save("generate", {"data": generate(big, args.gbp, args.divergence, args.seed, args.processes),
-                      "index_data": generate(index_dir, args.index_gbp, args.divergence, args.seed + 1,
-                                             args.processes) if args.index_gbp and "retrieval" in stages
-                      else "the --gbp set" if "retrieval" in stages else "not needed"})
+    data = generate(big, args.gbp, args.divergence, args.seed, args.processes)
+    index_data = "not needed" if "retrieval" not in stages else "the --gbp set" if not args.index_gbp else \
+        generate(index_dir, args.index_gbp, args.divergence, args.seed + 1, args.processes)
+    save("generate", {"data": data, "index_data": index_data})
     SOURCES = None
     cfg = plm.Config(data_dir=big).check()
     if stages & {"scan", "loader"}:  # the loader stage measures the scan's catalog

@@ -577,7 +577,7 @@ def test_equal_suffixes_keep_their_text_order_in_the_array():
     repeat = rng.integers(0, 4, 40, dtype=np.uint8)
     chunk = np.concatenate([np.concatenate([repeat, rng.integers(0, 4, 7, dtype=np.uint8)]) for _ in range(300)])
     index = plm.build_suffix_index([chunk, chunk.copy()], "d")
-    positions = (index.sa_low.long() & 0xFFFFFFFF) | (index.sa_high.long() << 32)
+    positions = index.positions(torch.arange(index.n))
     keys, left = plm.suffix_keys(index, positions)
     keys &= plm.top_bases_mask(left)
     tied = (keys[1:] == keys[:-1]) & (left[1:] == left[:-1])
