@@ -6,6 +6,8 @@ loss, optimizer, memory and the rest, from torch.profiler.
     INDEX_ENTRIES=N: the synthetic retrieval index's size per context length (bases, with index_layout=suffix_array,
     whose searches are gathers and compares: its kernels count as elementwise, not as "retrieval lookup"; the
     lookups are also timed alone, per step: lookup_ms_per_step). INDEX_ENTRIES=4380000000 is the spec's 4.5 Gbp.
+    INDEX_FILE=PATH: instead, a retrieval index that run.sh cached (e.g. of bench/scale.py's 4.5 Gbp set, whose
+    suffix array takes minutes to build): the real genomes' index, searched with the same random windows.
 Synthetic tokens (the data pipeline is measured separately, as data_wait in the throughput runs); the step is
 plant_lm_train.train_step itself: compiled forward/backward over the accumulation micro-batches, clip, fused AdamW,
 memory observations and update. It is timed twice, replaying its CUDA graph (Config.cuda_graphs) and run eagerly;
@@ -47,7 +49,10 @@ def main():
     learner = plm.build_learner(cfg, rt, 3)  # the trainer's model, compiled forward, fused AdamW, scaler, step graph
     model = learner.model
     entries = int(os.environ.get("INDEX_ENTRIES", 200_000_000))
-    if cfg.retrieves and cfg.index_layout == "suffix_array":  # random bases: the same searches, few hits
+    if cfg.retrieves and os.environ.get("INDEX_FILE"):
+        cached = plm.load_retrieval_index(os.environ["INDEX_FILE"], rt.device)
+        learner.retrieval_index = plm.with_compiled_lookups(cached, cfg, rt.device)  # as start_run does
+    elif cfg.retrieves and cfg.index_layout == "suffix_array":  # random bases: the same searches, few hits
         bases = [torch.randint(0, 4, (entries,), dtype=torch.uint8).numpy()]  # the build empties the list: one copy
         built = plm.build_suffix_index(bases, "synthetic", device=rt.device)  # sorted on the GPU: crop sizes too
         learner.retrieval_index = plm.with_compiled_lookups(built.to(rt.device), cfg, rt.device)  # as start_run does
@@ -87,7 +92,8 @@ def main():
     n_tokens = cfg.batch_size * cfg.accumulation_steps * cfg.context_size
     flops = model.flops_per_step(n_tokens, cfg.accumulation_steps)
     timed = {"eager": eager, **({"graphed": graphed} if graphed else {})}
-    result = {**gpu_header(), "batch_size": cfg.batch_size, "global_memory": cfg.global_memory,
+    index = os.environ.get("INDEX_FILE") or f"synthetic, {entries:,} entries" if cfg.retrieves else "none"
+    result = {**gpu_header(), "index": index, "batch_size": cfg.batch_size, "global_memory": cfg.global_memory,
               "accumulation_steps": cfg.accumulation_steps, "dropout": cfg.dropout,
               "seconds_per_step_mean_of_20": timed,
               "tokens_per_s": {k: n_tokens / s for k, s in timed.items()},
