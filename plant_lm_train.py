@@ -1210,8 +1210,11 @@ class RetrievalIndex:
         each count is a difference of two cumulative counts.
 
         exclude_self (training): a training window is in the index, so its own occurrence is taken out of every
-        count (leave-one-out), twice where the string is its own reverse complement and so also sits on the
-        other strand at the same place. Overlapping windows hold the same occurrence, so they drop out with it.
+        count (leave-one-out), twice where context and target together are their own reverse complement and so
+        also sit on the other strand at the same place (as then do the context and each prefix of the target: the
+        same occurrences leave every count). A context that alone is its own reverse complement keeps its reading
+        on the other strand: one more in its count, never in a count with the target. Overlapping windows hold
+        the same occurrence, so they drop out with it.
         """
         B, T = windows.shape[0], windows.shape[1] - prefix - 1
         per_length = []

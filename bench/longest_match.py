@@ -21,20 +21,19 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import plant_lm_train as plm  # noqa: E402
 from _results import RESULTS, write_result  # noqa: E402
+from train_variant import LONGEST_CONTEXT_BASES, context_and_target, context_target_strings  # noqa: E402
 
-CONTEXT_BASES = 24  # SUFFIX_KEY_BASES less the 6-base target
 MEMORY_LENGTHS = (0,) + plm.COUNT_CONTEXT_BASES  # the 6-mer frequencies and the counts memory's 12/18/24
 LEVELS = {"memory_lengths": lambda L, longest: fixed(L, longest, MEMORY_LENGTHS),  # each target's chain, by L
           "memory_lengths_and_longest_match": lambda L, longest: fixed(L, longest, MEMORY_LENGTHS) | (longest == L),
           "longest_match_alone": lambda L, longest: fixed(L, longest, (0,)) | (longest == L),
           "longest_memory_length_alone": lambda L, longest: fixed(L, longest, (0,)) | (longest_memory(longest) == L),
-          "every_length": lambda L, longest: fixed(L, longest, range(CONTEXT_BASES + 1))}
+          "every_length": lambda L, longest: fixed(L, longest, range(LONGEST_CONTEXT_BASES + 1))}
 ALPHAS = tuple(2.0 ** e for e in range(-1, 15))  # 0.5 .. 16384
 
 
@@ -42,25 +41,12 @@ def context_strings(index, windows, prefix):
     """For each target of windows [B, prefix + T + 1]: (strings, lengths) [B, T, 25, 2 (context, context + target),
     2 (strands)] for L = 0..24 bases of context, left-aligned as suffix_ranges reads them, and how many bases of
     context lie in the chunk [B, T]."""
-    k = CONTEXT_BASES // plm.BASES_PER_TOKEN
-    grams, _ = plm.context_grams(windows, prefix, k)  # [B, T, 5]: 4 context tokens and the target
-    T = grams.shape[1]
-    before = windows.unfold(1, k, 1)[:, prefix + 1 - k:prefix + 1 - k + T]  # the 4 tokens before each target
-    in_chunk = (before >= 0).flip(-1).long().cumprod(-1).sum(-1) * plm.BASES_PER_TOKEN  # valid bases, from the target back
-    flipped = index.reverse_complement[grams.flip(-1)]
-    forward, reverse = torch.zeros_like(grams[..., 0]), torch.zeros_like(grams[..., 0])
-    for i in range(k + 1):  # 30 bases each: context then target; reverse complement: rc(target) then rc(context)
-        forward = (forward << 12) | grams[..., i]
-        reverse = (reverse << 12) | flipped[..., i]
-    strings, lengths = [], []
-    for L in range(CONTEXT_BASES + 1):
-        tail = (forward << 2 * (CONTEXT_BASES - L)) & plm.KEY_MASK  # the last L + 6 bases: context_L + target
-        context = tail & plm.top_bases_mask(L)
-        rc_whole = reverse & plm.top_bases_mask(L + plm.BASES_PER_TOKEN)
-        rc_context = ((reverse << 2 * plm.BASES_PER_TOKEN) & plm.KEY_MASK) & plm.top_bases_mask(L)
-        strings.append(torch.stack([torch.stack([context, rc_context], -1), torch.stack([tail, rc_whole], -1)], -2))
-        lengths.append(torch.tensor([[L, L], [L + plm.BASES_PER_TOKEN] * 2]).expand(*tail.shape, 2, 2))
-    return torch.stack(strings, 2), torch.stack(lengths, 2), in_chunk
+    forward, reverse, inside = context_and_target(index, windows, prefix)
+    with_target = (0, plm.BASES_PER_TOKEN)
+    strings = torch.stack([torch.stack([context_target_strings(forward, reverse, L, j) for j in with_target], -2)
+                           for L in range(LONGEST_CONTEXT_BASES + 1)], 2)
+    lengths = torch.arange(LONGEST_CONTEXT_BASES + 1)[:, None] + torch.tensor(with_target)  # [25, 2]
+    return strings, lengths[..., None].expand(strings.shape), inside
 
 
 def fixed(L, longest, lengths):
@@ -111,39 +97,38 @@ def main():
         found = found.flatten(0, 1)
         context_counts.append(found[..., 0].double())
         whole_counts.append(found[..., 1].double())
-        usable.append((torch.arange(CONTEXT_BASES + 1) <= in_chunk.flatten()[:, None]).double())
+        usable.append((torch.arange(LONGEST_CONTEXT_BASES + 1) <= in_chunk.flatten()[:, None]).double())
         print(f"[{time.time() - started:5.0f} s] searched {start + len(strings)} windows", flush=True)
     context_counts, whole_counts, usable = (torch.cat(x) for x in (context_counts, whole_counts, usable))
     target_species = species.repeat_interleave(cfg.context_size)
 
     seen = (context_counts > 0) & (usable > 0)
-    longest = torch.where(seen, torch.arange(CONTEXT_BASES + 1), 0).amax(1)  # the longest context that occurs
+    longest = torch.where(seen, torch.arange(LONGEST_CONTEXT_BASES + 1), 0).amax(1)  # the longest that occurs
     sets = {}
     for name, takes in LEVELS.items():
-        levels = torch.stack([takes(L, longest) for L in range(CONTEXT_BASES + 1)], 1) & (usable > 0)
+        levels = torch.stack([takes(L, longest) for L in range(LONGEST_CONTEXT_BASES + 1)], 1) & (usable > 0)
         by_alpha = {a: chain_bits(context_counts, whole_counts, levels, a).mean().item() for a in ALPHAS}
         alpha = min(by_alpha, key=by_alpha.get)
         bits = chain_bits(context_counts, whole_counts, levels, alpha)
         sets[name] = {"alpha": alpha, "bits_per_base": by_alpha[alpha], "by_alpha": by_alpha,
                       "by_species": {s: bits[target_species == i].mean().item() for i, s in enumerate(catalog.species)}}
-    full = usable[:, CONTEXT_BASES] > 0
+    full = usable[:, LONGEST_CONTEXT_BASES] > 0  # targets with 24 bases of context in their chunk
+    matches = {"mean": longest.double().mean().item(),
+               "histogram": torch.bincount(longest, minlength=LONGEST_CONTEXT_BASES + 1).tolist(),
+               "share_at_24_of_targets_with_24_bases_of_context":
+                   (longest[full] == LONGEST_CONTEXT_BASES).double().mean().item(),
+               "share_whole_target_seen_after_24":
+                   (whole_counts[full, LONGEST_CONTEXT_BASES] > 0).double().mean().item()}
     result = {"command": " ".join(sys.argv), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "device": "cpu", "cpus": os.cpu_count(), "statistic": "one run", "windows": len(windows),
               "targets": len(longest), "index_positions": index.n, "predictors": sets,
-              "longest_match_bases": {"mean": longest.double().mean().item(),
-                                      "histogram": torch.bincount(longest, minlength=CONTEXT_BASES + 1).tolist(),
-                                      "share_at_24_of_targets_with_24_bases_of_context":
-                                          (longest[full] == CONTEXT_BASES).double().mean().item(),
-                                      "share_whole_target_seen_after_24": ((whole_counts[:, CONTEXT_BASES] > 0)
-                                                                          & full).double().sum().item() / full.sum().item()},
-              "seconds": round(time.time() - started, 1)}
+              "longest_match_bases": matches, "seconds": round(time.time() - started, 1)}
     write_result(args.out, result, announce=True)
     for name, s in sets.items():
         print(f"{name:34s} alpha {s['alpha']:5g}  {s['bits_per_base']:.4f} bits/base  "
               + "  ".join(f"{k} {v:.4f}" for k, v in s["by_species"].items()))
-    print(f"longest match: mean {result['longest_match_bases']['mean']:.1f} bases; at 24 bases for "
-          f"{result['longest_match_bases']['share_at_24_of_targets_with_24_bases_of_context']:.1%} of targets with "
-          f"24 bases of context")
+    print(f"longest match: mean {matches['mean']:.1f} bases; at 24 bases for "
+          f"{matches['share_at_24_of_targets_with_24_bases_of_context']:.1%} of targets with 24 bases of context")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ def main():
     entries = int(os.environ.get("INDEX_ENTRIES", 200_000_000))
     if cfg.retrieves and os.environ.get("INDEX_FILE"):
         cached = plm.load_retrieval_index(os.environ["INDEX_FILE"], rt.device)
+        if cfg.global_memory == "neighbours" and not isinstance(cached, plm.SuffixIndex):
+            raise SystemExit(f"error: {os.environ['INDEX_FILE']}: global_memory = neighbours reads a suffix array")
         learner.retrieval_index = plm.with_compiled_lookups(cached, cfg, rt.device)  # as start_run does
     elif cfg.retrieves and cfg.index_layout == "suffix_array":  # random bases: the same searches, few hits
         bases = [torch.randint(0, 4, (entries,), dtype=torch.uint8).numpy()]  # the build empties the list: one copy
@@ -58,7 +60,8 @@ def main():
         learner.retrieval_index = plm.with_compiled_lookups(built.to(rt.device), cfg, rt.device)  # as start_run does
     elif cfg.retrieves:  # an index of the bundled genomes' size: what a lookup searches
         learner.retrieval_index = synthetic_index(entries, rt.device)
-    tokens = torch.randint(0, plm.VOCAB_SIZE, (cfg.accumulation_steps, cfg.batch_size, cfg.prefix_tokens + cfg.context_size + 1))
+    tokens = torch.randint(0, plm.VOCAB_SIZE,
+                           (cfg.accumulation_steps, cfg.batch_size, cfg.prefix_tokens + cfg.context_size + 1))
     species = torch.randint(0, 3, (cfg.accumulation_steps, cfg.batch_size))
     repeat = torch.zeros(tokens.shape, dtype=torch.bool)  # the repeat flags only weigh the loss: no cost of their own
     chunks = torch.full(species.shape, -1)  # the windows are in no chunk of the index: neighbours leave nothing out
@@ -92,7 +95,7 @@ def main():
     n_tokens = cfg.batch_size * cfg.accumulation_steps * cfg.context_size
     flops = model.flops_per_step(n_tokens, cfg.accumulation_steps)
     timed = {"eager": eager, **({"graphed": graphed} if graphed else {})}
-    index = os.environ.get("INDEX_FILE") or f"synthetic, {entries:,} entries" if cfg.retrieves else "none"
+    index = (os.environ.get("INDEX_FILE") or f"synthetic, {entries:,} entries") if cfg.retrieves else "none"
     result = {**gpu_header(), "index": index, "batch_size": cfg.batch_size, "global_memory": cfg.global_memory,
               "accumulation_steps": cfg.accumulation_steps, "dropout": cfg.dropout,
               "seconds_per_step_mean_of_20": timed,
@@ -123,10 +126,11 @@ def lookup_seconds(index, windows, cfg, chunks, reps=10):
         calls["neighbours"] = lambda: index.neighbours(windows, cfg.prefix_tokens, chunks)
         calls["counts_and_neighbours"] = lambda: index.counts_and_neighbours(windows, cfg.prefix_tokens, True, chunks)
     seconds = {name: mean_seconds(call, windows.device, warm_up=1, reps=reps) for name, call in calls.items()}
+    as_the_step_runs = next(reversed(calls))
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # warmed up above: compiled, and its allocations cached
-        calls[next(reversed(calls))]()
-    seconds[f"{next(reversed(calls))}_graphed"] = mean_seconds(graph.replay, windows.device, warm_up=1, reps=reps)
+    with torch.cuda.graph(graph):  # warmed up above, so compiled; the graph allocates from a pool of its own
+        calls[as_the_step_runs]()
+    seconds[f"{as_the_step_runs}_graphed"] = mean_seconds(graph.replay, windows.device, warm_up=1, reps=reps)
     return seconds
 
 

@@ -50,7 +50,8 @@ def main(argv):
         plm.SuffixIndex.counted_ranges = with_longest_match
         plm.train(cfg, build_model=LongestMatchLM)
     else:
-        raise SystemExit(f"error: --model must be plant, gpt2, plant_longest_match or one of {sorted(NEIGHBOUR_UNITS)}, got {model!r}")
+        raise SystemExit(f"error: --model must be plant, gpt2, plant_longest_match or one of "
+                         f"{sorted(NEIGHBOUR_UNITS)}, got {model!r}")
 
 
 class NeighbourTokens(plm.PlantLM):
@@ -66,9 +67,9 @@ class NeighbourBases(plm.PlantLM):
 
 
 class LongestMatchLM(plm.PlantLM):
-    """PlantLM with a fourth gate value for the fourth context, the longest match (PlantLM.mixed_log_probs takes
-    as many context lengths as retrieval_head has values, and gates the longest that occurs: here nearly always the
-    longest match)."""
+    """PlantLM with a fourth gate value for the fourth context, the longest match. PlantLM.mixed_log_probs takes as
+    many context lengths as retrieval_head has values and gates the longest that occurs: here always the fourth,
+    since a context of 0 bases always occurs, so the longest match replaces 12/18/24 in the mixture."""
 
     def __init__(self, cfg, n_species):
         super().__init__(cfg, n_species)
@@ -77,31 +78,22 @@ class LongestMatchLM(plm.PlantLM):
         torch.nn.init.constant_(self.retrieval_head.bias, -2.0)  # as PlantLM's gates: g = 0.12 at the start
 
 
-LONGEST_CONTEXT_BASES = 24  # SUFFIX_KEY_BASES less a 6-base target
+LONGEST_CONTEXT_BASES = plm.SUFFIX_KEY_BASES - plm.BASES_PER_TOKEN  # 24: the sort's 30 bases less a target
 
 
 def longest_match_counts(index, windows, prefix, exclude_self, target_bases):
     """[B, T, 1, J] float counts, on both strands, of each target's longest match followed by the target's first j
     bases (j in target_bases): the longest L of 0..24 bases before the target, inside its chunk, whose context
-    occurs (less the window's own occurrence in training, as SuffixIndex.counted_ranges leaves it out)."""
-    k = LONGEST_CONTEXT_BASES // plm.BASES_PER_TOKEN
-    grams, _ = plm.context_grams(windows, prefix, k)  # [B, T, 5]: 4 context tokens and the target
-    T = grams.shape[1]
-    before = windows.unfold(1, k, 1)[:, prefix + 1 - k:prefix + 1 - k + T]
-    inside = (before >= 0).flip(-1).long().cumprod(-1).sum(-1) * plm.BASES_PER_TOKEN  # context bases in the chunk
-    flipped = index.reverse_complement[grams.flip(-1)]
-    forward, reverse = torch.zeros_like(grams[..., 0]), torch.zeros_like(grams[..., 0])
-    for i in range(k + 1):  # 30 bases: the context, then the target; and its reverse complement
-        forward = (forward << 12) | grams[..., i]
-        reverse = (reverse << 12) | flipped[..., i]
+    occurs, found by a binary search over L. In training each string's own occurrence is left out, twice for a
+    string that is its own reverse complement; a count then need not fall with L near a palindrome, and the
+    search can stop short of the longest there."""
+    forward, reverse, inside = context_and_target(index, windows, prefix)
 
     def found(L, j):  # occurrences of the last L context bases and the target's first j, on both strands
-        n = L + j
-        strings = torch.stack([((forward << 2 * (LONGEST_CONTEXT_BASES - L)) & plm.KEY_MASK) & plm.top_bases_mask(n),
-                               ((reverse << 2 * (plm.BASES_PER_TOKEN - j)) & plm.KEY_MASK) & plm.top_bases_mask(n)], -1)
-        first, end = index.rows_of(strings, torch.stack([n, n], -1))
+        strings = context_target_strings(forward, reverse, L, j)
+        first, end = index.rows_of(strings, (L + j)[..., None].expand_as(strings))
         hits = (end - first).sum(-1)
-        if exclude_self:  # a palindrome's own occurrence also sits on the other strand
+        if exclude_self:
             hits = (hits - 1 - (strings[..., 0] == strings[..., 1]).long()).clamp_min(0)
         return hits
 
@@ -111,6 +103,30 @@ def longest_match_counts(index, windows, prefix, exclude_self, target_bases):
         occurs = found(middle, torch.zeros_like(middle)) > 0
         low, high = torch.where(occurs, middle, low), torch.where(occurs, high, middle - 1)
     return torch.stack([found(low, torch.full_like(low, j)) for j in target_bases], -1)[:, :, None].float()
+
+
+def context_and_target(index, windows, prefix):
+    """For each target of windows [B, prefix + T + 1]: the 24 bases before it and its own 6 as one 30-base string
+    (int64, first base highest), that string's reverse complement, and how many of the 24 lie in its chunk [B, T]."""
+    k = LONGEST_CONTEXT_BASES // plm.BASES_PER_TOKEN
+    grams, _ = plm.context_grams(windows, prefix, k)  # [B, T, 5]: 4 context tokens and the target (-1 read as 0)
+    T = grams.shape[1]
+    before = windows.unfold(1, k, 1)[:, prefix + 1 - k:prefix + 1 - k + T]
+    inside = (before >= 0).flip(-1).long().cumprod(-1).sum(-1) * plm.BASES_PER_TOKEN  # from the target back
+    flipped = index.reverse_complement[grams.flip(-1)]
+    forward, reverse = torch.zeros_like(grams[..., 0]), torch.zeros_like(grams[..., 0])
+    for i in range(k + 1):
+        forward = (forward << 12) | grams[..., i]
+        reverse = (reverse << 12) | flipped[..., i]
+    return forward, reverse, inside
+
+
+def context_target_strings(forward, reverse, L, j):
+    """The last L context bases and the target's first j, and that string's reverse complement, [..., 2] as
+    suffix_ranges reads them (left-aligned; L and j ints or tensors shaped as forward)."""
+    n = L + j
+    return torch.stack([((forward << 2 * (LONGEST_CONTEXT_BASES - L)) & plm.KEY_MASK) & plm.top_bases_mask(n),
+                        ((reverse << 2 * (plm.BASES_PER_TOKEN - j)) & plm.KEY_MASK) & plm.top_bases_mask(n)], -1)
 
 
 NEIGHBOUR_UNITS = {"plant_neighbour_tokens": NeighbourTokens, "plant_neighbour_bases": NeighbourBases}
