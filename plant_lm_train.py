@@ -1220,9 +1220,7 @@ class RetrievalIndex:
         per_length = []
         for k, keys, cumulative in zip(RETRIEVAL_CONTEXT_TOKENS, self.keys, self.cumulative):
             grams, known = context_grams(windows, prefix, k)
-            key = torch.zeros(B, T, dtype=torch.int64, device=windows.device)
-            for i in range(k + 1):
-                key = (key << 12) | grams[..., i]
+            key = packed_tokens(grams)
             bounds = []  # per j, the range of keys that begin with the context and the target's first j bases
             for j in target_bases:
                 free = 2 * (BASES_PER_TOKEN - j)  # the bits of the target's bases past the first j
@@ -1235,6 +1233,14 @@ class RetrievalIndex:
                 found = (found - own[..., None]).clamp_min(0)
             per_length.append(found * known[..., None])
         return torch.stack(per_length, 2).float()
+
+
+def packed_tokens(tokens):
+    """Tokens [..., m] (int64, m <= 5) -> their 6m bases as one int64, 2 bits a base, the first base highest."""
+    packed = torch.zeros_like(tokens[..., 0])
+    for i in range(tokens.shape[-1]):
+        packed = (packed << 12) | tokens[..., i]
+    return packed
 
 
 def context_grams(windows, prefix, k):
@@ -1317,11 +1323,8 @@ class SuffixIndex:
         for k in RETRIEVAL_CONTEXT_TOKENS:
             grams, in_chunk = context_grams(windows, prefix, k)
             known.append(in_chunk)
-            forward, reverse = torch.zeros_like(grams[..., 0]), torch.zeros_like(grams[..., 0])
             flipped = self.reverse_complement[grams.flip(-1)]  # the reverse strand's tokens, in its order
-            for i in range(k + 1):
-                forward = (forward << 12) | grams[..., i]
-                reverse = (reverse << 12) | flipped[..., i]
+            forward, reverse = packed_tokens(grams), packed_tokens(flipped)
             whole = 6 * (k + 1)  # bases of context and target; left-align both strings in SUFFIX_KEY_BASES
             forward, reverse = forward << 2 * (SUFFIX_KEY_BASES - whole), reverse << 2 * (SUFFIX_KEY_BASES - whole)
             for j in target_bases:  # the context and the target's first j bases, and its reverse complement:
@@ -1481,11 +1484,7 @@ assert NEIGHBOUR_SEED_BASES in COUNT_CONTEXT_BASES, "counts_and_neighbours takes
 def seed_strings(index, context):
     """The k tokens before each target [B, T, k] -> neighbours' seeds, (strings, lengths) [B, T, 2]: the last
     NEIGHBOUR_SEED_BASES bases, and their reverse complement, left-aligned as suffix_ranges reads them."""
-    flipped = index.reverse_complement[context.flip(-1)]
-    forward, reverse = torch.zeros_like(context[..., 0]), torch.zeros_like(context[..., 0])
-    for i in range(context.shape[-1]):
-        forward = (forward << 12) | context[..., i]
-        reverse = (reverse << 12) | flipped[..., i]
+    forward, reverse = packed_tokens(context), packed_tokens(index.reverse_complement[context.flip(-1)])
     extra = context.shape[-1] * BASES_PER_TOKEN - NEIGHBOUR_SEED_BASES
     forward = (forward & ((1 << 2 * NEIGHBOUR_SEED_BASES) - 1)) << 2 * (SUFFIX_KEY_BASES - NEIGHBOUR_SEED_BASES)
     reverse = (reverse >> 2 * extra) << 2 * (SUFFIX_KEY_BASES - NEIGHBOUR_SEED_BASES)

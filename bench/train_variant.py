@@ -113,12 +113,7 @@ def context_and_target(index, windows, prefix):
     T = grams.shape[1]
     before = windows.unfold(1, k, 1)[:, prefix + 1 - k:prefix + 1 - k + T]
     inside = (before >= 0).flip(-1).long().cumprod(-1).sum(-1) * plm.BASES_PER_TOKEN  # from the target back
-    flipped = index.reverse_complement[grams.flip(-1)]
-    forward, reverse = torch.zeros_like(grams[..., 0]), torch.zeros_like(grams[..., 0])
-    for i in range(k + 1):
-        forward = (forward << 12) | grams[..., i]
-        reverse = (reverse << 12) | flipped[..., i]
-    return forward, reverse, inside
+    return plm.packed_tokens(grams), plm.packed_tokens(index.reverse_complement[grams.flip(-1)]), inside
 
 
 def context_target_strings(forward, reverse, L, j):
